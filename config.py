@@ -1,0 +1,238 @@
+"""Typed training configuration: yaml in, dataclasses out, dotted command-line overrides.
+
+Every key of rnn_args.yaml is a field below; an unknown key or a value of the wrong type is
+rejected with a message naming the key. Overrides use dotted keys and yaml values:
+
+    python train_model.py --config_path rnn_args.yaml --set dataset.batch_size=8 --set use_amp=false
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    type: str = "triple"  # 'baseline' (GRUDecoder) or 'triple' (TripleGRUDecoder)
+    n_input_features: int = 512
+    n_units: int = 768
+    n_classes: int = 41
+    rnn_dropout: float = 0.4
+    input_dropout: float = 0.2
+    n_layers: int = 5  # depth of the baseline GRU
+    patch_size: int = 14
+    patch_stride: int = 4
+    n_noise_layers: int = 2
+    n_clean_layers: int = 3
+    n_noisy_layers: int = 2
+    noise_hidden_size: int = 0  # 0: noise GRU as wide as the patched input (the design)
+
+
+@dataclass
+class AdversarialConfig:
+    enabled: bool = True
+    grl_lambda: float = 0.5
+    noisy_loss_weight: float = 0.2
+    noise_l2_weight: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TransformsConfig:
+    white_noise_std: float = 1.0
+    constant_offset_std: float = 0.2
+    random_walk_std: float = 0.0
+    random_walk_axis: int = -1
+    static_gain_std: float = 0.0
+    random_cut: int = 3
+    smooth_data: bool = True
+    smooth_kernel_size: int = 100
+    smooth_kernel_std: float = 2.0
+    jitter_max: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    dataset_dir: str = "data/hdf5_data_final"
+    sessions: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    days_per_batch: int = 4
+    must_include_days: list[int] = field(default_factory=list)
+    num_dataloader_workers: int = 0
+    loader_seed: int = 1
+    val_batch_size: int = 64
+    feature_subset: list[int] | None = None
+    bad_trials: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    on_bad_trial: str = "error"  # 'error' or 'skip'
+    max_seq_elements: int = 500
+    static_shapes: bool = False
+    time_buckets: list[int] = field(default_factory=list)
+    data_transforms: TransformsConfig = field(default_factory=TransformsConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    lr_max: float = 0.005
+    lr_min: float = 0.0001
+    lr_decay_steps: int = 120_000
+    lr_warmup_steps: int = 1_000
+    lr_max_day: float = 0.005
+    lr_min_day: float = 0.0001
+    lr_decay_steps_day: int = 120_000
+    lr_warmup_steps_day: int = 1_000
+    beta0: float = 0.9
+    beta1: float = 0.999
+    epsilon: float = 0.1
+    weight_decay: float = 0.001
+    weight_decay_day: float = 0.0
+    grad_norm_clip_value: float = 10.0
+    lr_scheduler_type: str = "cosine"  # 'cosine' or 'linear'
+
+
+@dataclass
+class Config:
+    output_dir: str = "trained_models/triple_gru"
+    seed: int = 10
+    num_training_batches: int = 120_000
+    batches_per_train_log: int = 200
+    batches_per_val_step: int = 2_000
+    save_best_checkpoint: bool = True
+    save_final_model: bool = True
+    early_stopping: bool = False
+    early_stopping_val_steps: int = 20
+    use_tpu: bool = False
+    num_tpu_cores: int = 8
+    gradient_accumulation_steps: int = 1
+    use_amp: bool = True
+    init_from_checkpoint: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+_CHOICES = {
+    "model.type": ("baseline", "triple"),
+    "dataset.on_bad_trial": ("error", "skip"),
+    "optimizer.lr_scheduler_type": ("cosine", "linear"),
+}
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation` where lossless (int -> float), else raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _check_value(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[-1]
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}': expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_check_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {
+            _check_value(k, key_type, f"{key}.{k}"): _check_value(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(annotation, value, prefix=f"{key}.")
+    # bool is an int subclass in Python; a yaml 'true' must not pass for a number, nor 1 for a flag.
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # PyYAML reads '1e-3' (no dot) as a string; it is still plainly a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"config key '{key}': expected {annotation.__name__}, got {value!r}")
+    choices = _CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}': must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        names = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        raise ConfigError(f"unknown config key(s): {names}")
+    kwargs = {name: _check_value(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Build a Config from a nested dict; missing keys take the dataclass defaults."""
+    return _build(Config, values or {})
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(values: dict, overrides: typing.Iterable[str]) -> dict:
+    """Set dotted keys (`dataset.batch_size=8`) in a nested dict; values are parsed as yaml."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' is not of the form key=value")
+        dotted, raw = override.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node, cls = values, Config
+        for part in parents:
+            hints = typing.get_type_hints(cls)
+            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+                raise ConfigError(f"unknown config key '{dotted}' in override")
+            node, cls = node.setdefault(part, {}), hints[part]
+        if leaf not in typing.get_type_hints(cls):
+            raise ConfigError(f"unknown config key '{dotted}' in override")
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a yaml config, apply dotted overrides, and check every key and type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid yaml ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return config_from_dict(apply_overrides(values, overrides))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
