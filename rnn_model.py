@@ -1,0 +1,427 @@
+"""GRU phoneme decoders for intracortical speech: the published baseline and a triple-GRU variant.
+
+`GRUDecoder` is parameter-for-parameter compatible with the published baseline (Card et al.
+2024): same constructor arguments, parameter names, shapes, initialisation and forward pass, so
+its checkpoints load with `load_state_dict_compat`. `TripleGRUDecoder` separates a noise
+estimate from the speech signal: a noise model, a clean-speech decoder of (input - noise) and a
+noisy-speech decoder fed the noise through gradient reversal.
+
+Both run under bf16 autocast (GRU recurrences stay in float32) and on torch_xla.
+
+Used as a library: `from rnn_model import build_model, GRUDecoder, TripleGRUDecoder`.
+Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def n_patches(n_time_steps: Tensor | int, patch_size: int, patch_stride: int) -> Tensor | int:
+    """Number of patches (output frames) for inputs of `n_time_steps` bins; T when patching is off.
+
+    Trials shorter than one patch have 0 patches rather than a negative count.
+    """
+    if patch_size == 0:
+        return n_time_steps
+    count = (n_time_steps - patch_size) // patch_stride + 1
+    if isinstance(count, Tensor):
+        return count.clamp_min(0)
+    return max(count, 0)
+
+
+def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
+    """Concatenate `patch_size` consecutive bins every `patch_stride` bins (0 disables patching).
+
+    x: (B, T, D). Returns (B, T', P*D) with time within a patch outer and features inner, the
+    layout the published baseline's first GRU layer was trained on.
+    """
+    if patch_size == 0:
+        return x
+    batch_size = x.shape[0]
+    patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
+    patches = patches.permute(0, 1, 3, 2)  # (B, T', D, P) -> (B, T', P, D)
+    return patches.reshape(batch_size, patches.shape[1], -1)  # (B, T', P, D) -> (B, T', P*D)
+
+
+def _select_day_affine(x: Tensor, day_idx: Tensor, day_weights: nn.ParameterList, day_biases: nn.ParameterList) -> Tensor:
+    """x @ W[day] + b[day] per trial, batched: stack every day, pick rows by day_idx, one bmm."""
+    weights = torch.stack(tuple(day_weights))  # n_days x (D, D) -> (n_days, D, D)
+    biases = torch.stack(tuple(day_biases))  # n_days x (1, D) -> (n_days, 1, D)
+    day_idx = day_idx.to(device=weights.device, dtype=torch.long)
+    weights = weights.index_select(0, day_idx)  # (n_days, D, D) -> (B, D, D)
+    biases = biases.index_select(0, day_idx)  # (n_days, 1, D) -> (B, 1, D)
+    # Inputs may arrive in bf16 outside autocast; bmm needs matching dtypes.
+    return torch.bmm(x.to(weights.dtype), weights) + biases  # (B, T, D) @ (B, D, D) -> (B, T, D)
+
+
+def _new_day_parameters(neural_dim: int, n_days: int) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """Identity weights and zero biases, so every day starts as a pass-through."""
+    weights = nn.ParameterList([nn.Parameter(torch.eye(neural_dim)) for _ in range(n_days)])
+    biases = nn.ParameterList([nn.Parameter(torch.zeros(1, neural_dim)) for _ in range(n_days)])
+    return weights, biases
+
+
+def _init_gru_weights(gru: nn.GRU) -> None:
+    """The baseline's rule: orthogonal recurrent weights, xavier input weights, default biases."""
+    for name, param in gru.named_parameters():
+        if "weight_hh" in name:
+            nn.init.orthogonal_(param)
+        if "weight_ih" in name:
+            nn.init.xavier_uniform_(param)
+
+
+def _new_initial_state(hidden_size: int) -> nn.Parameter:
+    """Learnable initial hidden state (1, 1, H), shared by all layers and trials, xavier-initialised."""
+    return nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, hidden_size)))
+
+
+def _new_linear(in_features: int, out_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    nn.init.xavier_uniform_(layer.weight)
+    return layer
+
+
+def _run_gru(gru: nn.GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a GRU with autocast off and inputs in the weights' dtype (float32 under autocast).
+
+    A bf16 recurrence accumulates rounding error over hundreds of steps, so mixed precision
+    stops at the GRU's boundary. x: (B, T, I); states: (n_layers, B, H).
+    """
+    dtype = gru.weight_hh_l0.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return gru(x.to(dtype), states.to(dtype))
+
+
+class GRUDecoder(nn.Module):
+    """The published baseline: day-specific input layers, optional patching, a GRU and a linear head.
+
+    Parameter names and shapes match upstream (`day_weights.{i}`, `day_biases.{i}`, `gru.*`,
+    `out.*`, `h0`), so upstream checkpoints load strictly.
+    """
+
+    def __init__(
+        self,
+        neural_dim: int,
+        n_units: int,
+        n_days: int,
+        n_classes: int,
+        rnn_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        n_layers: int = 5,
+        patch_size: int = 0,
+        patch_stride: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_patching(patch_size, patch_stride)
+        self.neural_dim = neural_dim
+        self.n_units = n_units
+        self.n_days = n_days
+        self.n_classes = n_classes
+        self.rnn_dropout = rnn_dropout
+        self.input_dropout = input_dropout
+        self.n_layers = n_layers
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+
+        self.day_layer_activation = nn.Softsign()
+        self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
+        self.day_layer_dropout = nn.Dropout(input_dropout)
+        self.input_size = neural_dim * patch_size if patch_size > 0 else neural_dim
+        self.gru = nn.GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
+        _init_gru_weights(self.gru)
+        self.out = _new_linear(n_units, n_classes)
+        self.h0 = _new_initial_state(n_units)
+
+    def forward(
+        self, x: Tensor, day_idx: Tensor, states: Tensor | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x: (B, T, D) features; day_idx: (B,) day indices; states: (n_layers, B, H) or None for h0.
+
+        Returns logits (B, T', C) in float32, plus the final hidden state (n_layers, B, H) when
+        return_state is set.
+        """
+        x = _select_day_affine(x, day_idx, self.day_weights, self.day_biases)
+        x = self.day_layer_dropout(self.day_layer_activation(x))
+        x = patch_inputs(x, self.patch_size, self.patch_stride)  # (B, T, D) -> (B, T', P*D)
+        if states is None:
+            states = self.h0.expand(self.n_layers, x.shape[0], self.n_units)  # (1, 1, H) -> (L, B, H)
+        output, hidden = _run_gru(self.gru, x, states)
+        logits = self.out(output).float()  # autocast returns bf16 from the head; callers get float32
+        if return_state:
+            return logits, hidden
+        return logits
+
+
+class DayInputLayer(nn.Module):
+    """Day-specific affine map + softsign + dropout, the baseline's input layer as a module."""
+
+    def __init__(self, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.day_layer_activation = nn.Softsign()
+        self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
+        self.day_layer_dropout = nn.Dropout(input_dropout)
+
+    def forward(self, x: Tensor, day_idx: Tensor) -> Tensor:
+        """x: (B, T, D); day_idx: (B,). Returns (B, T, D)."""
+        x = _select_day_affine(x, day_idx, self.day_weights, self.day_biases)
+        return self.day_layer_dropout(self.day_layer_activation(x))
+
+
+class GRUBranch(nn.Module):
+    """A batch-first GRU with a learnable initial state and an optional linear output layer."""
+
+    def __init__(
+        self, input_size: int, hidden_size: int, n_layers: int, dropout: float = 0.0, output_size: int = 0
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.n_layers = n_layers
+        self.gru = nn.GRU(input_size, hidden_size, n_layers, dropout=dropout, batch_first=True)
+        _init_gru_weights(self.gru)
+        self.h0 = _new_initial_state(hidden_size)
+        self.out = _new_linear(hidden_size, output_size) if output_size > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, I). Returns (B, T, output_size) through the output layer, else (B, T, H), float32."""
+        states = self.h0.expand(self.n_layers, x.shape[0], self.hidden_size)  # (1, 1, H) -> (L, B, H)
+        output, _ = _run_gru(self.gru, x, states)
+        if self.out is None:
+            return output
+        return self.out(output).float()
+
+
+class NoiseModel(nn.Module):
+    """Estimates the noise in the patched input space: day layer, patching, then a GRU.
+
+    With noise_hidden_size == 0 the GRU's hidden size equals the patched size P*D (the faithful
+    design, ~617M parameters at full size); a positive value uses a GRU of that size followed by
+    a linear projection back to P*D.
+    """
+
+    def __init__(
+        self,
+        neural_dim: int,
+        n_days: int,
+        rnn_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        patch_size: int = 0,
+        patch_stride: int = 0,
+        n_layers: int = 2,
+        noise_hidden_size: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_patching(patch_size, patch_stride)
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.patched_size = neural_dim * patch_size if patch_size > 0 else neural_dim
+        self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
+        if noise_hidden_size > 0:
+            self.branch = GRUBranch(self.patched_size, noise_hidden_size, n_layers, rnn_dropout, self.patched_size)
+        else:
+            self.branch = GRUBranch(self.patched_size, self.patched_size, n_layers, rnn_dropout)
+
+    def forward(self, x: Tensor, day_idx: Tensor) -> Tensor:
+        """x: (B, T, D); day_idx: (B,). Returns the noise estimate (B, T', P*D), float32."""
+        x = patch_inputs(self.day_layer(x, day_idx), self.patch_size, self.patch_stride)  # -> (B, T', P*D)
+        return self.branch(x)
+
+
+class CleanSpeechModel(nn.Module):
+    """Decodes phonemes from the day-processed, patched input minus the noise estimate."""
+
+    def __init__(
+        self,
+        neural_dim: int,
+        n_units: int,
+        n_days: int,
+        n_classes: int,
+        rnn_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        patch_size: int = 0,
+        patch_stride: int = 0,
+        n_layers: int = 3,
+    ) -> None:
+        super().__init__()
+        _check_patching(patch_size, patch_stride)
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        patched_size = neural_dim * patch_size if patch_size > 0 else neural_dim
+        self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
+        self.branch = GRUBranch(patched_size, n_units, n_layers, rnn_dropout, n_classes)
+
+    def forward(self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); day_idx: (B,); noise: (B, T', P*D) or None. Returns logits (B, T', C)."""
+        x_processed = patch_inputs(self.day_layer(x, day_idx), self.patch_size, self.patch_stride)  # -> (B, T', P*D)
+        if noise is not None:
+            # Subtract in float32: under autocast either side may be bf16.
+            x_processed = x_processed.float() - noise.float()
+        return self.branch(x_processed)
+
+
+class NoisySpeechModel(nn.Module):
+    """Decodes phonemes from the noise estimate alone (trained adversarially through a GRL)."""
+
+    def __init__(self, input_size: int, n_units: int, n_classes: int, rnn_dropout: float = 0.0, n_layers: int = 2) -> None:
+        super().__init__()
+        self.branch = GRUBranch(input_size, n_units, n_layers, rnn_dropout, n_classes)
+
+    def forward(self, noise: Tensor) -> Tensor:
+        """noise: (B, T', P*D). Returns logits (B, T', C)."""
+        return self.branch(noise)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by -lambda in the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, grl_lambda: float | Tensor) -> Tensor:
+        ctx.grl_lambda = grl_lambda
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        grl_lambda = ctx.grl_lambda
+        if isinstance(grl_lambda, Tensor):
+            # Stay a tensor: turning it into a Python number would bake it into the XLA graph
+            # and recompile whenever a schedule changes it.
+            grl_lambda = grl_lambda.detach().to(device=grad_output.device, dtype=grad_output.dtype)
+        return grad_output * -grl_lambda, None
+
+
+def grad_reverse(x: Tensor, grl_lambda: float | Tensor = 1.0) -> Tensor:
+    """Gradient reversal layer: returns x, and scales gradients flowing back into x by -grl_lambda."""
+    return GradientReversal.apply(x, grl_lambda)
+
+
+class TripleGRUDecoder(nn.Module):
+    """Noise model + clean-speech decoder + adversarial noisy-speech decoder.
+
+    The clean decoder reads (day-processed patched input - noise); the noisy decoder reads the
+    noise through gradient reversal, which pushes speech information out of the noise estimate.
+    """
+
+    def __init__(
+        self,
+        neural_dim: int,
+        n_units: int,
+        n_days: int,
+        n_classes: int,
+        rnn_dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        patch_size: int = 0,
+        patch_stride: int = 0,
+        n_noise_layers: int = 2,
+        n_clean_layers: int = 3,
+        n_noisy_layers: int = 2,
+        noise_hidden_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride
+        self.noise_model = NoiseModel(
+            neural_dim, n_days, rnn_dropout, input_dropout, patch_size, patch_stride, n_noise_layers, noise_hidden_size
+        )
+        self.clean_model = CleanSpeechModel(
+            neural_dim, n_units, n_days, n_classes, rnn_dropout, input_dropout, patch_size, patch_stride, n_clean_layers
+        )
+        self.noisy_model = NoisySpeechModel(self.noise_model.patched_size, n_units, n_classes, rnn_dropout, n_noisy_layers)
+
+    def forward(
+        self, x: Tensor, day_idx: Tensor, mode: str = "inference", grl_lambda: float | Tensor = 0.0
+    ) -> tuple[Tensor, ...]:
+        """x: (B, T, D); day_idx: (B,). inference -> (clean_logits,); full -> (clean_logits,
+        noisy_logits, noise) with logits (B, T', C) and noise (B, T', P*D), all float32."""
+        if mode not in ("inference", "full"):
+            raise ValueError(f"mode must be 'inference' or 'full', got {mode!r}")
+        noise = self.noise_model(x, day_idx)
+        clean_logits = self.clean_model(x, day_idx, noise)
+        if mode == "inference":
+            return (clean_logits,)
+        noisy_logits = self.noisy_model(grad_reverse(noise, grl_lambda))
+        return clean_logits, noisy_logits, noise
+
+
+def _check_patching(patch_size: int, patch_stride: int) -> None:
+    if patch_size < 0 or (patch_size > 0 and patch_stride <= 0):
+        raise ValueError(f"patch_size must be >= 0 and patch_stride > 0 when patching; got {patch_size}, {patch_stride}")
+
+
+def load_state_dict_compat(model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any]) -> Any:
+    """Load an upstream or local checkpoint dict, or a bare state dict, strictly into `model`.
+
+    Accepts {'model_state_dict': ...} checkpoints and strips the `_orig_mod.` (torch.compile) and
+    `module.` (DDP) prefixes, in any nesting. Returns load_state_dict's result.
+    """
+    state_dict = state_dict_or_checkpoint
+    if "model_state_dict" in state_dict:
+        state_dict = state_dict["model_state_dict"]
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return model.load_state_dict(cleaned, strict=True)
+
+
+def build_model(cfg_model: Any, n_days: int) -> nn.Module:
+    """Build the model named by cfg_model.type ('baseline' | 'triple') from the config's model section."""
+    common = dict(
+        neural_dim=cfg_model.n_input_features,
+        n_units=cfg_model.n_units,
+        n_days=n_days,
+        n_classes=cfg_model.n_classes,
+        rnn_dropout=cfg_model.rnn_dropout,
+        input_dropout=cfg_model.input_dropout,
+        patch_size=cfg_model.patch_size,
+        patch_stride=cfg_model.patch_stride,
+    )
+    if cfg_model.type == "baseline":
+        return GRUDecoder(**common, n_layers=cfg_model.n_layers)
+    if cfg_model.type == "triple":
+        return TripleGRUDecoder(
+            **common,
+            n_noise_layers=cfg_model.n_noise_layers,
+            n_clean_layers=cfg_model.n_clean_layers,
+            n_noisy_layers=cfg_model.n_noisy_layers,
+            noise_hidden_size=cfg_model.noise_hidden_size,
+        )
+    raise ValueError(f"model.type must be 'baseline' or 'triple', got {cfg_model.type!r}")
+
+
+def parameter_summary(model: nn.Module) -> dict[str, Any]:
+    """Total and day-specific parameter counts, and counts per top-level sub-module.
+
+    Returns {'total': int, 'day_specific': int, 'by_submodule': {name: int}}.
+    """
+    total = 0
+    day_specific = 0
+    by_submodule: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        count = param.numel()
+        total += count
+        if "day_weights." in name or "day_biases." in name:
+            day_specific += count
+        top = name.split(".")[0]
+        by_submodule[top] = by_submodule.get(top, 0) + count
+    return {"total": total, "day_specific": day_specific, "by_submodule": by_submodule}
+
+
+def format_parameter_summary(summary: Mapping[str, Any]) -> str:
+    """Multi-line text of `parameter_summary`'s result, for the training log."""
+    total, day_specific = summary["total"], summary["day_specific"]
+    share = day_specific / total if total else 0.0
+    lines = [f"Model has {total:,} parameters ({day_specific:,} day-specific, {share:.1%})"]
+    for name, count in summary["by_submodule"].items():
+        lines.append(f"  {name:<20} {count:>14,}")
+    return "\n".join(lines)
