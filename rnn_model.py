@@ -43,10 +43,18 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     """
     if patch_size == 0:
         return x
-    batch_size = x.shape[0]
-    patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
-    patches = patches.permute(0, 1, 3, 2)  # (B, T', D, P) -> (B, T', P, D)
-    return patches.reshape(batch_size, patches.shape[1], -1)  # (B, T', P, D) -> (B, T', P*D)
+    batch_size, n_time_steps, _ = x.shape
+    if n_time_steps < patch_size:
+        raise ValueError(f"patching needs at least patch_size={patch_size} time bins, got {n_time_steps}")
+    n_out = n_patches(n_time_steps, patch_size, patch_stride)
+    # Strided slices rather than Tensor.unfold: torch_xla has no lowering for unfold (it falls
+    # back to the CPU every step); slices and stack compile into the graph. Slice p holds bin
+    # p of every patch.
+    span = patch_stride * (n_out - 1) + 1
+    patches = torch.stack(
+        [x[:, p : p + span : patch_stride] for p in range(patch_size)], dim=2
+    )  # P x (B, T', D) -> (B, T', P, D)
+    return patches.reshape(batch_size, n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
 
 
 def _select_day_affine(x: Tensor, day_idx: Tensor, day_weights: nn.ParameterList, day_biases: nn.ParameterList) -> Tensor:

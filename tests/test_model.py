@@ -1,0 +1,323 @@
+"""Tests for rnn_model.py: patching, day layers, gradient reversal, parameter counts, upstream
+checkpoint compatibility, bf16 autocast and CPU-vs-XLA agreement.
+
+Run: `cd /work/main && .venv/bin/python -m pytest tests/test_model.py -q`
+"""
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import requires_xla, run_xla_script
+from rnn_model import (
+    CleanSpeechModel,
+    DayInputLayer,
+    GRUDecoder,
+    NoiseModel,
+    NoisySpeechModel,
+    TripleGRUDecoder,
+    build_model,
+    format_parameter_summary,
+    grad_reverse,
+    load_state_dict_compat,
+    n_patches,
+    parameter_summary,
+    patch_inputs,
+)
+
+FULL = dict(neural_dim=512, n_units=768, n_days=45, n_classes=41, patch_size=14, patch_stride=4)
+
+
+def _gru_parameter_count(input_size: int, hidden_size: int, n_layers: int) -> int:
+    """3 gates x (input weights + recurrent weights + two biases) per layer."""
+    first = 3 * (hidden_size * input_size + hidden_size * hidden_size + 2 * hidden_size)
+    rest = 3 * (2 * hidden_size * hidden_size + 2 * hidden_size)
+    return first + (n_layers - 1) * rest
+
+
+def _upstream_patching(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """The published baseline's patching steps, written out independently."""
+    x = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, T, D) -> (B, D, 1, T)
+    x = x.unfold(3, size, stride)  # (B, D, 1, T) -> (B, D, 1, T', P)
+    x = x.squeeze(2).permute(0, 2, 3, 1)  # (B, D, 1, T', P) -> (B, T', P, D)
+    return x.reshape(x.shape[0], x.shape[1], -1)  # (B, T', P, D) -> (B, T', P*D)
+
+
+def _reference_gru(x: torch.Tensor, h0: torch.Tensor, weights: dict, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRU equations step by step from raw tensors. x: (B, T, I); h0: (L, B, H)."""
+    finals = []
+    for layer in range(n_layers):
+        w_ih, w_hh = weights[f"weight_ih_l{layer}"], weights[f"weight_hh_l{layer}"]
+        b_ih, b_hh = weights[f"bias_ih_l{layer}"], weights[f"bias_hh_l{layer}"]
+        h = h0[layer]
+        outputs = []
+        for t in range(x.shape[1]):
+            i_r, i_z, i_n = F.linear(x[:, t], w_ih, b_ih).chunk(3, dim=1)
+            h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            outputs.append(h)
+        x = torch.stack(outputs, dim=1)  # T x (B, H) -> (B, T, H)
+        finals.append(h)
+    return x, torch.stack(finals)  # L x (B, H) -> (L, B, H)
+
+
+def test_n_patches_matches_unfold_length_sweep():
+    for size in (1, 2, 3, 5, 14):
+        for stride in (1, 2, 3, 4, 7):
+            for n_time_steps in range(1, 40):
+                expected = torch.arange(n_time_steps).unfold(0, size, stride).shape[0] if n_time_steps >= size else 0
+                assert n_patches(n_time_steps, size, stride) == expected, (n_time_steps, size, stride)
+                as_tensor = n_patches(torch.tensor([n_time_steps]), size, stride)
+                assert as_tensor.tolist() == [expected]
+                if n_time_steps >= size:
+                    assert patch_inputs(torch.zeros(1, n_time_steps, 2), size, stride).shape == (1, expected, 2 * size)
+    assert n_patches(17, 0, 0) == 17
+    assert n_patches(875, 14, 4) == 216
+
+
+def test_patching_uses_upstream_layout():
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 5)
+    for size, stride in ((14, 4), (3, 1), (4, 4), (5, 3)):
+        torch.testing.assert_close(patch_inputs(x, size, stride), _upstream_patching(x, size, stride), rtol=0, atol=0)
+    assert patch_inputs(x, 0, 0) is x
+    with pytest.raises(ValueError, match="patch_size"):
+        patch_inputs(x[:, :10], 14, 4)
+
+
+def test_identity_day_layers_give_softsign():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 6)
+    day_idx = torch.tensor([0, 2, 1, 2])
+    layer = DayInputLayer(6, n_days=3, input_dropout=0.5).eval()
+    torch.testing.assert_close(layer(x, day_idx), F.softsign(x))
+    baseline = GRUDecoder(6, 4, 3, 5, n_layers=1).eval()
+    assert all(torch.equal(w, torch.eye(6)) for w in baseline.day_weights)
+
+
+def test_day_layer_applies_each_trials_own_day():
+    torch.manual_seed(0)
+    layer = DayInputLayer(6, n_days=3)
+    with torch.no_grad():
+        for w, b in zip(layer.day_weights, layer.day_biases):
+            w.normal_()
+            b.normal_()
+    x = torch.randn(4, 9, 6)
+    day_idx = torch.tensor([2, 0, 2, 1])
+    expected = torch.stack([F.softsign(x[i] @ layer.day_weights[d] + layer.day_biases[d]) for i, d in enumerate(day_idx.tolist())])
+    torch.testing.assert_close(layer(x, day_idx), expected)
+
+
+@pytest.mark.parametrize("grl_lambda", [0.7, torch.tensor(0.7)])
+def test_gradient_reversal_negates_and_scales(grl_lambda, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    upstream_grad = torch.randn(3, 4)
+    if isinstance(grl_lambda, torch.Tensor):
+        # A tensor lambda must stay a tensor (no host sync, no XLA recompile on a schedule).
+        def refuse(*args, **kwargs):
+            raise AssertionError("lambda was converted to a Python number")
+
+        monkeypatch.setattr(torch.Tensor, "item", refuse)
+        monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    y = grad_reverse(x, grl_lambda)
+    y.backward(upstream_grad)
+    monkeypatch.undo()
+    assert torch.equal(y.detach(), x.detach())
+    torch.testing.assert_close(x.grad, -0.7 * upstream_grad)
+
+
+def test_full_size_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        triple = TripleGRUDecoder(**FULL)
+        lighter = TripleGRUDecoder(**FULL, noise_hidden_size=768)
+        baseline = GRUDecoder(**FULL, n_layers=5)
+    d, p, h, c, n_days = 512, 512 * 14, 768, 41, 45
+    day = n_days * (d * d + d)
+    head = h * c + c
+    noise = day + _gru_parameter_count(p, p, 2) + p
+    clean = day + _gru_parameter_count(p, h, 3) + head + h
+    noisy = _gru_parameter_count(p, h, 2) + head + h
+    summary = parameter_summary(triple)
+    assert summary["by_submodule"] == {"noise_model": noise, "clean_model": clean, "noisy_model": noisy}
+    assert summary["total"] == noise + clean + noisy
+    assert round(summary["total"] / 1e6, 1) == 687.6
+    assert summary["day_specific"] == 2 * day
+    lighter_noise = day + _gru_parameter_count(p, h, 2) + h + (h * p + p)
+    assert parameter_summary(lighter)["total"] == lighter_noise + clean + noisy
+    baseline_summary = parameter_summary(baseline)
+    assert baseline_summary["total"] == 44_315_177
+    assert baseline_summary["day_specific"] == 11_819_520
+    assert "44,315,177" in format_parameter_summary(baseline_summary)
+
+
+def test_modes_and_sub_models_return_documented_shapes():
+    torch.manual_seed(0)
+    model = TripleGRUDecoder(8, 6, 3, 5, patch_size=4, patch_stride=2, noise_hidden_size=0)
+    x, day_idx = torch.randn(2, 21, 8), torch.tensor([0, 2])
+    (clean,) = model(x, day_idx, mode="inference")
+    assert clean.shape == (2, 9, 5)
+    clean_full, noisy, noise = model(x, day_idx, mode="full", grl_lambda=1.0)
+    assert (clean_full.shape, noisy.shape, noise.shape) == ((2, 9, 5), (2, 9, 5), (2, 9, 32))
+    torch.testing.assert_close(clean_full, clean)
+    with pytest.raises(ValueError, match="mode"):
+        model(x, day_idx, mode="train")
+
+    noise_alone = NoiseModel(8, 3, patch_size=4, patch_stride=2, noise_hidden_size=7)(x, day_idx)
+    assert noise_alone.shape == (2, 9, 32)
+    clean_alone = CleanSpeechModel(8, 6, 3, 5, patch_size=4, patch_stride=2)
+    assert clean_alone(x, day_idx).shape == clean_alone(x, day_idx, noise_alone).shape == (2, 9, 5)
+    assert NoisySpeechModel(32, 6, 5)(noise_alone).shape == (2, 9, 5)
+
+    baseline = GRUDecoder(8, 6, 3, 5, n_layers=2, patch_size=0, patch_stride=0)
+    logits, hidden = baseline(x, day_idx, return_state=True)
+    assert logits.shape == (2, 21, 5) and hidden.shape == (2, 2, 6)
+
+
+def test_build_model_reads_config_section():
+    cfg = types.SimpleNamespace(
+        type="triple", n_input_features=8, n_units=6, n_classes=5, rnn_dropout=0.0, input_dropout=0.0,
+        n_layers=2, patch_size=4, patch_stride=2, n_noise_layers=1, n_clean_layers=2, n_noisy_layers=1,
+        noise_hidden_size=3,
+    )
+    triple = build_model(cfg, n_days=4)
+    assert isinstance(triple, TripleGRUDecoder) and len(triple.clean_model.day_layer.day_weights) == 4
+    assert triple.noise_model.branch.gru.hidden_size == 3 and triple.clean_model.branch.gru.num_layers == 2
+    baseline = build_model(types.SimpleNamespace(**{**vars(cfg), "type": "baseline"}), n_days=4)
+    assert isinstance(baseline, GRUDecoder) and baseline.gru.num_layers == 2 and baseline.input_size == 32
+    with pytest.raises(ValueError, match="baseline"):
+        build_model(types.SimpleNamespace(**{**vars(cfg), "type": "transformer"}), n_days=4)
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint_orig_mod", "bare_module", "bare_plain"])
+def test_upstream_checkpoint_loads_and_matches_reference(wrap):
+    n_days, d, h, c, n_layers, size, stride = 3, 8, 6, 5, 2, 4, 2
+    torch.manual_seed(1)
+    source = GRUDecoder(d, h, n_days, c, n_layers=n_layers, patch_size=size, patch_stride=stride)
+    with torch.no_grad():  # move off identity/zero so the day layer is exercised
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    raw = {k: v.clone() for k, v in source.state_dict().items()}
+    if wrap == "checkpoint_orig_mod":
+        loaded = {"model_state_dict": {f"_orig_mod.{k}": v for k, v in raw.items()}, "val_PER": 0.1}
+    elif wrap == "bare_module":
+        loaded = {f"module.{k}": v for k, v in raw.items()}
+    else:
+        loaded = raw
+    torch.manual_seed(2)
+    model = GRUDecoder(d, h, n_days, c, n_layers=n_layers, patch_size=size, patch_stride=stride).eval()
+    load_state_dict_compat(model, loaded)
+
+    x, day_idx = torch.randn(3, 19, d), torch.tensor([2, 0, 1])
+    logits, hidden = model(x, day_idx, return_state=True)
+
+    per_trial = torch.stack([x[i] @ raw[f"day_weights.{k}"] + raw[f"day_biases.{k}"] for i, k in enumerate(day_idx.tolist())])
+    patched = _upstream_patching(F.softsign(per_trial), size, stride)
+    h0 = raw["h0"].expand(n_layers, 3, h)  # (1, 1, H) -> (L, B, H)
+    gru_weights = {k.removeprefix("gru."): v for k, v in raw.items() if k.startswith("gru.")}
+    output, expected_hidden = _reference_gru(patched, h0, gru_weights, n_layers)
+    expected_logits = F.linear(output, raw["out.weight"], raw["out.bias"])
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_load_state_dict_compat_is_strict():
+    model = GRUDecoder(4, 3, 2, 5, n_layers=1)
+    state = model.state_dict()
+    state.pop("h0")
+    with pytest.raises(RuntimeError, match="h0"):
+        load_state_dict_compat(model, state)
+
+
+def test_bf16_autocast_forward_backward_on_cpu():
+    torch.manual_seed(0)
+    x, day_idx = torch.randn(2, 21, 8), torch.tensor([1, 0])
+    triple = TripleGRUDecoder(8, 6, 2, 5, patch_size=4, patch_stride=2, noise_hidden_size=4)
+    baseline = GRUDecoder(8, 6, 2, 5, n_layers=2, patch_size=4, patch_stride=2)
+    reference = triple(x, day_idx, mode="full", grl_lambda=0.5)
+    seen = []  # (autocast enabled, input dtype, state dtype) as each GRU starts
+    for model in (triple, baseline):
+        for module in model.modules():
+            if isinstance(module, torch.nn.GRU):
+                module.register_forward_pre_hook(
+                    lambda _, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype, args[1].dtype))
+                )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = triple(x, day_idx, mode="full", grl_lambda=torch.tensor(0.5))
+        logits, hidden = baseline(x.bfloat16(), day_idx, return_state=True)
+    assert all(o.dtype == torch.float32 for o in (*outputs, logits, hidden))
+    # The recurrences themselves run in float32 with autocast off (4 GRUs, 1 call each).
+    assert seen == [(False, torch.float32, torch.float32)] * 4
+    loss = sum(o.square().mean() for o in outputs) + logits.square().mean()
+    loss.backward()
+    for model in (triple, baseline):
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    # Only the day layers and linear layers run in bf16, so the outputs stay close to float32.
+    for low, high in zip(outputs, reference):
+        torch.testing.assert_close(low, high, rtol=0.05, atol=0.05)
+
+
+XLA_SCRIPT = r"""
+import torch
+import torch_xla  # replaces nn.GRU with the scan-based GRU before the models are built
+from rnn_model import GRUDecoder, TripleGRUDecoder
+
+case = torch.load(CASE_PATH)
+device = torch_xla.device()
+x, day_idx = case["x"].to(device), case["day_idx"].to(device)
+for name, cls in (("triple", TripleGRUDecoder), ("baseline", GRUDecoder)):
+    model = cls(**case[name]["kwargs"])
+    model.load_state_dict(case[name]["state"])
+    model.to(device)
+    if name == "triple":
+        outputs = model(x, day_idx, mode="full", grl_lambda=torch.tensor(0.5, device=device))
+    else:
+        outputs = (model(x, day_idx),)
+    loss = sum((o * w.to(device)).sum() for o, w in zip(outputs, case[name]["loss_weights"]))
+    loss.backward()
+    torch_xla.sync()
+    for got, want in zip(outputs, case[name]["outputs"]):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), case[name]["grads"][pname], rtol=1e-3, atol=1e-4, msg=pname)
+    print(name, "matches", type(model.gru if name == "baseline" else model.noise_model.branch.gru).__module__)
+"""
+
+
+@requires_xla
+def test_xla_matches_cpu(tmp_path):
+    torch.manual_seed(0)
+    x, day_idx = torch.randn(2, 22, 8), torch.tensor([1, 0])
+    case = {"x": x, "day_idx": day_idx}
+    specs = {
+        "triple": (TripleGRUDecoder, dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, noise_hidden_size=0)),
+        "baseline": (GRUDecoder, dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, n_layers=2, patch_size=4, patch_stride=2)),
+    }
+    for name, (cls, kwargs) in specs.items():
+        model = cls(**kwargs)
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(0.1 * torch.randn_like(w))
+        if name == "triple":
+            outputs = model(x, day_idx, mode="full", grl_lambda=torch.tensor(0.5))
+        else:
+            outputs = (model(x, day_idx),)
+        loss_weights = [torch.randn_like(o) for o in outputs]
+        sum((o * w).sum() for o, w in zip(outputs, loss_weights)).backward()
+        case[name] = {
+            "kwargs": kwargs,
+            "state": model.state_dict(),
+            "outputs": [o.detach() for o in outputs],
+            "loss_weights": loss_weights,
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+        }
+    path = tmp_path / "case.pt"
+    torch.save(case, path)
+    stdout = run_xla_script(XLA_SCRIPT.replace("CASE_PATH", repr(str(path))))
+    assert "triple matches torch_xla.experimental.gru" in stdout
+    assert "baseline matches torch_xla.experimental.gru" in stdout
