@@ -1,0 +1,708 @@
+"""Train the CTC phoneme decoders on CPU, CUDA or TPU through HuggingFace Accelerate.
+
+One trainer for every device: Accelerate places the model, wraps it for data parallelism and
+handles gradient accumulation; the loss, optimizer groups, learning-rate schedules, validation
+and checkpoints follow the upstream baseline (nejm-brain-to-text model_training/). The training
+step is written for XLA first: static shapes, no host syncs, no data-dependent Python branches.
+
+Run through the command-line entry point:
+
+    python train_model.py --config_path rnn_args.yaml [--set key=value ...] [--resume RUN_DIR]
+
+Public functions: build_optimizer, build_lr_scheduler, compute_loss, train_step, evaluate,
+save_checkpoint, load_checkpoint, train.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import rnn_model
+from config import Config, OptimizerConfig, config_to_dict, save_config
+from ctc_loss import ctc_loss
+from data_augmentations import augment_batch
+from dataset import build_dataloaders
+from evaluate_model_helpers import count_edits, greedy_ctc_decode
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_CHECKPOINT = "best_checkpoint.pt"
+LAST_CHECKPOINT = "last_checkpoint.pt"
+DEVICE_KEYS = ("input_features", "n_time_steps", "seq_class_ids", "phone_seq_lens", "day_indices", "row_mask")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with the upstream parameter groups: biases (no decay), day layers, everything else.
+
+    The day-specific input layers get their own peak lr and weight decay; group_type tells the
+    scheduler which warm-up/decay to use.
+    """
+    day_params, bias_params, other_params = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "day_" in name:
+            day_params.append(param)
+        elif name.rsplit(".", 1)[-1].startswith("bias"):
+            bias_params.append(param)
+        else:
+            other_params.append(param)
+    o = cfg_optimizer
+    groups = [
+        {"params": bias_params, "weight_decay": 0.0, "group_type": "other"},
+        {"params": day_params, "lr": o.lr_max_day, "weight_decay": o.weight_decay_day, "group_type": "day"},
+        {"params": other_params, "group_type": "other"},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=o.lr_max,
+        betas=(o.beta0, o.beta1),
+        eps=o.epsilon,
+        weight_decay=o.weight_decay,
+    )
+
+
+def _lr_factor(step: int, *, lr_max: float, lr_min: float, warmup_steps: int, decay_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr: linear warm-up from 0, cosine/linear decay to lr_min, then flat."""
+    min_ratio = lr_min / lr_max
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if step < decay_steps:
+        progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return max(min_ratio, min_ratio + (1.0 - min_ratio) * decay)
+    return min_ratio
+
+
+def build_lr_scheduler(
+    *, optimizer: torch.optim.Optimizer, cfg_optimizer: OptimizerConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """One LambdaLR factor per parameter group: day layers follow the *_day schedule."""
+    o = cfg_optimizer
+    shared = functools.partial(
+        _lr_factor, lr_max=o.lr_max, lr_min=o.lr_min, warmup_steps=o.lr_warmup_steps,
+        decay_steps=o.lr_decay_steps, kind=o.lr_scheduler_type,
+    )
+    day = functools.partial(
+        _lr_factor, lr_max=o.lr_max_day, lr_min=o.lr_min_day, warmup_steps=o.lr_warmup_steps_day,
+        decay_steps=o.lr_decay_steps_day, kind=o.lr_scheduler_type,
+    )
+    factors = [day if group.get("group_type") == "day" else shared for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _forward(model: nn.Module, batch: Mapping[str, Tensor], *, model_type: str, use_amp: bool,
+             mode: str = "inference", grl_lambda: float | Tensor = 0.0) -> tuple[Tensor, ...]:
+    """Model outputs as a tuple (clean logits first), under bf16 autocast when use_amp.
+
+    The GRU recurrences stay float32 inside the model; the CTC that follows runs in float32.
+    """
+    features, day_indices = batch["input_features"], batch["day_indices"]
+    with torch.autocast(device_type=features.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if model_type == "triple":
+            return tuple(model(features, day_indices, mode=mode, grl_lambda=grl_lambda))
+        return (model(features, day_indices),)
+
+
+def _per_sample_ctc(logits: Tensor, batch: Mapping[str, Tensor], input_lengths: Tensor, use_dense_ctc: bool) -> Tensor:
+    """CTC negative log likelihood per trial (B,), float32, padding rows set to 0."""
+    log_probs = logits.float().log_softmax(dim=-1)  # (B, T', C); float32 whatever autocast did
+    per_sample = ctc_loss(
+        log_probs, batch["seq_class_ids"], input_lengths, batch["phone_seq_lens"], blank=0, use_dense=use_dense_ctc
+    )
+    # where, not multiply: a padding row's inf/NaN times 0 would still poison the sum.
+    return torch.where(batch["row_mask"], per_sample, torch.zeros_like(per_sample))
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of values[mask] without indexing by a data-dependent mask (static shapes)."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
+
+
+def compute_loss(
+    *, model: nn.Module, batch: Mapping[str, Tensor], cfg: Config, adversarial_gate: Tensor, use_dense_ctc: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward pass and the total loss with each term by name.
+
+    total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2)
+    Each CTC term is the mean over real trials (row_mask) of per-trial sums, as upstream.
+    `adversarial_gate` is a 0/1 device tensor, so switching the adversarial terms on after the
+    warm-up changes values, not the traced graph.
+    """
+    m = cfg.model
+    input_lengths = rnn_model.n_patches(batch["n_time_steps"], m.patch_size, m.patch_stride)  # (B,)
+    row_mask = batch["row_mask"]
+    n_rows = row_mask.sum().clamp(min=1)
+    outputs = _forward(
+        model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
+        grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
+    )
+    ctc_clean = _per_sample_ctc(outputs[0], batch, input_lengths, use_dense_ctc).sum() / n_rows
+    terms = {"ctc_clean": ctc_clean}
+    total = ctc_clean
+    if m.type == "triple":
+        _, noisy_logits, noise = outputs
+        ctc_noisy = _per_sample_ctc(noisy_logits, batch, input_lengths, use_dense_ctc).sum() / n_rows
+        frames = torch.arange(noise.shape[1], device=noise.device)
+        frame_mask = (frames[None, :] < input_lengths[:, None]) & row_mask[:, None]  # (B, T')
+        noise_l2 = _masked_mean(noise.float().pow(2).mean(dim=-1), frame_mask)  # (B, T', D) -> (B, T')
+        adv = cfg.adversarial
+        total = total + adversarial_gate * (adv.noisy_loss_weight * ctc_noisy + adv.noise_l2_weight * noise_l2)
+        terms.update(ctc_noisy=ctc_noisy, noise_l2=noise_l2)
+    terms["loss"] = total
+    return total, terms
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+@torch.no_grad()
+def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+    """optimizer.step() that leaves weights and AdamW moments untouched when `finite` is False.
+
+    Decided on the device with torch.where, so no host sync. Non-finite gradients are zeroed
+    first so NaN never reaches the moments. AdamW's step counter lives on the host on XLA/CUDA
+    (non-capturable AdamW) and is left to advance there; on CPU it is restored like the rest.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for p in params:
+        p.grad.masked_fill_(~finite, 0.0)
+    old_params = [p.detach().clone() for p in params]
+    old_state = {
+        p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.device == p.device}
+        for p in params
+        if p in optimizer.state
+    }
+    optimizer.step()
+    for p, old in zip(params, old_params):
+        p.copy_(torch.where(finite, p, old))
+    for p, state in old_state.items():
+        for key, old in state.items():
+            new = optimizer.state[p][key]
+            new.copy_(torch.where(finite, new, old))
+
+
+def train_step(
+    *,
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[Mapping[str, Tensor]],
+    cfg: Config,
+    step_counter: Tensor,
+    n_skipped: Tensor,
+    generator: torch.Generator | None,
+    use_dense_ctc: bool,
+) -> dict[str, Tensor]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches already on the device.
+
+    Returns the loss terms (averaged over micro-batches) and the pre-clip gradient norm as device
+    tensors; nothing here reads a value back to the host. `step_counter` and `n_skipped` are
+    device scalars updated in place. bf16 autocast needs no grad scaler: bf16 has float32's
+    exponent range, so gradients do not underflow the way float16 ones do.
+    """
+    model.train()
+    adv_on = float(cfg.adversarial.enabled and cfg.model.type == "triple")
+    adversarial_gate = (step_counter >= cfg.adversarial.warmup_steps).to(torch.float32) * adv_on
+    finite = torch.ones((), dtype=torch.bool, device=step_counter.device)
+    sums: dict[str, Tensor] = {}
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            features, n_time_steps = augment_batch(
+                batch["input_features"], batch["n_time_steps"], cfg.dataset.data_transforms,
+                training=True, generator=generator, static_shapes=cfg.dataset.static_shapes,
+            )
+            batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
+            total, terms = compute_loss(
+                model=model, batch=batch, cfg=cfg, adversarial_gate=adversarial_gate, use_dense_ctc=use_dense_ctc
+            )
+            accelerator.backward(total)  # divides by the accumulation steps
+            finite = finite & torch.isfinite(total)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
+    # Clip and check without error_if_nonfinite: that option reads the norm on the host.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_norm_clip_value)
+    finite = finite & torch.isfinite(grad_norm)
+    if accelerator.num_processes > 1:
+        # Every replica must take the same decision, or the weights drift apart.
+        finite = accelerator.reduce((~finite).to(torch.float32), reduction="sum") == 0
+    _masked_optimizer_step(optimizer, finite)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    n_skipped.add_((~finite).to(n_skipped.dtype))
+    step_counter.add_(1)
+    if accelerator.distributed_type == DistributedType.XLA:
+        import torch_xla
+
+        torch_xla.sync()  # cut the graph here: forward + backward + update compile as one step
+    return {**sums, "grad_norm": grad_norm.detach()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _sum_across_processes(values: Tensor, accelerator: Accelerator | None) -> Tensor:
+    """Sum a host tensor over all processes (a no-op for one process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    cfg: Config,
+    n_days: int,
+    use_dense_ctc: bool = False,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Validation CTC loss and greedy-decoding PER, overall and per day.
+
+    Rows whose row_mask is False (padding of a static-shape batch) count nowhere. With several
+    processes each sees a shard of the batches and the counts are summed.
+    Returns {'per', 'loss', 'per_by_day': {day_index: per}, 'n_trials'}.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    is_xla = device.type == "xla"
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of per-trial CTC, number of trials]
+    counts = torch.zeros(n_days, 2, dtype=torch.float64)  # per day: [edits, reference phonemes]
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k in DEVICE_KEYS}
+        features, n_time_steps = augment_batch(
+            batch["input_features"], batch["n_time_steps"], cfg.dataset.data_transforms,
+            training=False, generator=None, static_shapes=cfg.dataset.static_shapes,
+        )
+        batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
+        logits = _forward(model, batch, model_type=cfg.model.type, use_amp=cfg.use_amp)[0]
+        input_lengths = rnn_model.n_patches(n_time_steps, cfg.model.patch_size, cfg.model.patch_stride)
+        per_sample = _per_sample_ctc(logits, batch, input_lengths, use_dense_ctc)
+        if is_xla:
+            import torch_xla
+
+            torch_xla.sync()  # one eval graph per shape; the reads below are plain transfers
+        logits, input_lengths, per_sample = logits.float().cpu(), input_lengths.cpu(), per_sample.cpu()
+        row_mask = batch["row_mask"].cpu()
+        labels, label_lengths = batch["seq_class_ids"].cpu(), batch["phone_seq_lens"].cpu()
+        days = batch["day_indices"].cpu()
+        hyps = greedy_ctc_decode(logits, input_lengths)
+        loss_sum += torch.stack([per_sample[row_mask].double().sum(), row_mask.sum().double()])
+        for i in torch.nonzero(row_mask).flatten().tolist():
+            ref = labels[i, : int(label_lengths[i])].tolist()
+            n_edits, n_ref = count_edits([ref], [hyps[i]])
+            counts[int(days[i])] += torch.tensor([n_edits, n_ref], dtype=torch.float64)
+    loss_sum = _sum_across_processes(loss_sum, accelerator)
+    counts = _sum_across_processes(counts, accelerator)
+    n_edits, n_ref = counts.sum(dim=0).tolist()
+    return {
+        "per": n_edits / n_ref if n_ref else float("nan"),
+        "loss": float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else float("nan"),
+        "per_by_day": {day: float(e / r) for day, (e, r) in enumerate(counts.tolist()) if r > 0},
+        "n_trials": int(loss_sum[1]),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists with every tensor moved to the CPU (XLA tensors included)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _rng_states(generator: torch.Generator | None) -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        states["augmentation"] = generator.get_state()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if generator is not None and "augmentation" in states:
+        generator.set_state(states["augmentation"])
+
+
+def _atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    step: int,
+    best_val_per: float,
+    best_val_loss: float,
+    val_per: float,
+    val_loss: float,
+    sessions: Sequence[str],
+    generator: torch.Generator | None = None,
+    n_skipped_steps: int = 0,
+) -> None:
+    """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model."""
+    checkpoint = {
+        "model_state_dict": _to_cpu(model.state_dict()),
+        "optimizer_state_dict": _to_cpu(optimizer.state_dict()),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "config": config_to_dict(cfg),
+        "step": step,
+        "best_val_per": best_val_per,
+        "best_val_loss": best_val_loss,
+        "val_per": val_per,
+        "val_loss": val_loss,
+        "rng_states": _rng_states(generator),
+        "sessions": list(sessions),
+        "n_skipped_steps": n_skipped_steps,
+    }
+    _atomic_save(checkpoint, path)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    generator: torch.Generator | None = None,
+    restore_rng: bool = False,
+) -> dict[str, Any]:
+    """Read a checkpoint (on the CPU) and load whichever of model/optimizer/scheduler/RNG are given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only=False: our own files hold numpy/python RNG states next to the tensors.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    if restore_rng:
+        _set_rng_states(checkpoint["rng_states"], generator)
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- data plumbing
+
+
+class _IndexSampler(Sampler[int]):
+    """Yields dataset indices in a fixed order; the dataset's item i is a whole batch."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self.indices = list(indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _make_loader(dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device) -> Any:
+    """DataLoader over given batch indices, with its own generator so iterating it never touches
+    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching."""
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=_IndexSampler(indices),
+        num_workers=cfg.dataset.num_dataloader_workers,
+        generator=torch.Generator().manual_seed(cfg.dataset.loader_seed),
+        pin_memory=device.type == "cuda",
+    )
+    if device.type == "xla":
+        import torch_xla.distributed.parallel_loader as pl
+
+        return pl.MpDeviceLoader(loader, device)
+    return loader
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
+
+
+# ----------------------------------------------------------------------------- run output
+
+
+class _RunLog:
+    """Fixed-format lines to stdout (above the progress bar) and train.log, records to metrics.jsonl.
+
+    Files are opened in append mode so a resumed run keeps what was written before.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.log_file = open(run_dir / "train.log", "a") if enabled else None
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(text)
+        self.log_file.write(text + "\n")
+        self.log_file.flush()
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.log_file.close()
+            self.metrics_file.close()
+
+
+def _format_train_line(step: int, n_steps: int, values: Mapping[str, float], lr: float, n_skipped: int, ms: float) -> str:
+    width = len(str(n_steps))
+    parts = [f"step {step:>{width}}/{n_steps}", f"loss {values['loss']:.3f}", f"ctc_clean {values['ctc_clean']:.3f}"]
+    if "ctc_noisy" in values:
+        parts += [f"ctc_noisy {values['ctc_noisy']:.3f}", f"noise_l2 {values['noise_l2']:.3g}"]
+    parts += [f"grad {values['grad_norm']:.3g}", f"lr {lr:.2e}", f"skipped {n_skipped}", f"{ms:.0f} ms"]
+    return " | ".join(parts)
+
+
+def _plot_curves(run_dir: Path) -> None:
+    """training_curves.png: train loss and val PER against step, from the whole metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points, val_points = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            train_points.append((record["step"], record["train/loss"]))
+        if "val/per" in record:
+            val_points.append((record["step"], record["val/per"]))
+    fig, (ax_loss, ax_per) = plt.subplots(1, 2, figsize=(10, 4))
+    if train_points:
+        ax_loss.plot(*zip(*train_points))
+    ax_loss.set(xlabel="step", ylabel="train loss", title="Training loss")
+    if val_points:
+        ax_per.plot(*zip(*val_points), marker="o")
+    ax_per.set(xlabel="step", ylabel="val PER", title="Validation phoneme error rate")
+    fig.tight_layout()
+    fig.savefig(run_dir / "training_curves.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
+    """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
+
+    Returns {'step', 'best_val_per', 'best_val_loss', 'n_skipped_steps', 'run_dir', 'model'}
+    (the unwrapped model).
+    """
+    # mixed_precision="no": the bf16 autocast is ours (see _forward); Accelerate's bf16 on TPU
+    # would set XLA_USE_BF16 and turn the master weights bf16 too.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision="no")
+    device = accelerator.device
+    is_xla = accelerator.distributed_type == DistributedType.XLA
+    is_main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    resume_checkpoint = None
+    if resume_dir is not None:
+        resume_checkpoint = load_checkpoint(Path(resume_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)
+        cfg.output_dir = str(resume_dir)
+        # Day indices are positions in the session list, so a resumed run must reuse the list.
+        cfg.dataset.sessions = list(resume_checkpoint["sessions"])
+    run_dir = Path(cfg.output_dir)
+    set_seed(cfg.seed, device_specific=True)  # seed + process index: different dropout per replica
+    if is_main:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    log = _RunLog(run_dir, enabled=is_main)
+
+    accum = cfg.gradient_accumulation_steps
+    n_steps = cfg.num_training_batches
+    train_loader, val_loader, sessions = build_dataloaders(cfg, n_train_batches=n_steps * accum * world)
+    n_days = len(sessions)
+
+    model = rnn_model.build_model(cfg.model, n_days=n_days)
+    if cfg.init_from_checkpoint:
+        init_path = Path(cfg.init_from_checkpoint)
+        if init_path.is_dir():
+            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
+        load_checkpoint(init_path, model=model)
+    model.to(device)
+    optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
+    # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
+    scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
+    generator = None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank)
+
+    start_step, best_val_per, best_val_loss, n_skipped_start = 0, math.inf, math.inf, 0
+    if resume_checkpoint is not None:
+        unwrapped.load_state_dict(resume_checkpoint["model_state_dict"])
+        optimizer.load_state_dict(resume_checkpoint["optimizer_state_dict"])
+        scheduler.load_state_dict(resume_checkpoint["scheduler_state_dict"])
+        if is_main:
+            _set_rng_states(resume_checkpoint["rng_states"], generator)
+        else:
+            set_seed(cfg.seed + 1000 * resume_checkpoint["step"], device_specific=True)
+        start_step = resume_checkpoint["step"]
+        best_val_per, best_val_loss = resume_checkpoint["best_val_per"], resume_checkpoint["best_val_loss"]
+        n_skipped_start = resume_checkpoint.get("n_skipped_steps", 0)
+        resume_checkpoint = None  # free the host copy
+        log.line(f"resumed {run_dir} at step {start_step}")
+
+    log.line(f"device {device} ({accelerator.distributed_type}, {world} process(es)), {n_days} sessions")
+    log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(unwrapped)))
+
+    use_dense_ctc = is_xla  # torch's CTC falls back to aten on XLA every step
+    # Batch index of (step, micro-batch, process) is fixed, so resuming at step k starts here.
+    train_indices = [
+        (step * accum + micro) * world + rank for step in range(start_step, n_steps) for micro in range(accum)
+    ]
+    train_batches = iter(_make_loader(train_loader.dataset, train_indices, cfg, device))
+    val_indices = list(range(rank, len(val_loader.dataset), world))
+    val_batches = _make_loader(val_loader.dataset, val_indices, cfg, device)
+
+    step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
+    n_skipped = torch.tensor(n_skipped_start, dtype=torch.int64, device=device)
+    val_per, val_loss, n_bad_vals = math.nan, math.nan, 0
+    progress = tqdm(total=n_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, n_steps + 1):
+            micro_batches = [next(train_batches) for _ in range(accum)]
+            if not is_xla:
+                micro_batches = [_to_device(b, device) for b in micro_batches]
+            terms = train_step(
+                accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                micro_batches=micro_batches, cfg=cfg, step_counter=step_counter, n_skipped=n_skipped,
+                generator=generator, use_dense_ctc=use_dense_ctc,
+            )
+            progress.update(1)
+            window_steps += 1
+
+            if step % cfg.batches_per_train_log == 0 or step == n_steps:
+                # The only host reads of training metrics: one transfer per value, on log steps.
+                values = {name: float(value.cpu()) for name, value in terms.items()}
+                skipped = int(n_skipped.cpu())
+                ms = 1000.0 * (time.perf_counter() - window_start) / window_steps
+                lr = scheduler.get_last_lr()[-1]
+                log.line(_format_train_line(step, n_steps, values, lr, skipped, ms))
+                log.record({"step": step, **{f"train/{k}": v for k, v in values.items()},
+                            "train/lr": lr, "train/n_skipped": skipped, "train/ms_per_step": ms})
+                window_start, window_steps = time.perf_counter(), 0
+
+            if step % cfg.batches_per_val_step == 0 or step == n_steps:
+                val_start = time.perf_counter()
+                result = evaluate(unwrapped, val_batches, cfg=cfg, n_days=n_days,
+                                  use_dense_ctc=use_dense_ctc, accelerator=accelerator)
+                val_per, val_loss = result["per"], result["loss"]
+                improved = (val_per, val_loss) < (best_val_per, best_val_loss)  # PER first, ties by loss
+                if improved:
+                    best_val_per, best_val_loss, n_bad_vals = val_per, val_loss, 0
+                else:
+                    n_bad_vals += 1
+                log.line(f"val  {step:>{len(str(n_steps))}}/{n_steps} | loss {val_loss:.3f} | per {val_per:.4f} | "
+                         f"best {best_val_per:.4f} | {result['n_trials']} trials | "
+                         f"{1000 * (time.perf_counter() - val_start):.0f} ms")
+                log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
+                            "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
+                if is_main:
+                    saved = dict(
+                        model=unwrapped, optimizer=optimizer, scheduler=scheduler, cfg=cfg, step=step,
+                        best_val_per=best_val_per, best_val_loss=best_val_loss, val_per=val_per,
+                        val_loss=val_loss, sessions=sessions, generator=generator,
+                        n_skipped_steps=int(n_skipped.cpu()),
+                    )
+                    if improved and cfg.save_best_checkpoint:
+                        save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, **saved)
+                    if cfg.save_final_model:
+                        save_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, **saved)
+                accelerator.wait_for_everyone()
+                window_start = time.perf_counter()  # validation time is not training time
+                if cfg.early_stopping and n_bad_vals >= cfg.early_stopping_val_steps:
+                    log.line(f"early stopping at step {step}: no better val PER in {n_bad_vals} validations")
+                    break
+    finally:
+        progress.close()
+        log.close()
+    if is_main and (run_dir / "metrics.jsonl").exists():
+        _plot_curves(run_dir)
+    return {
+        "step": step,
+        "best_val_per": best_val_per,
+        "best_val_loss": best_val_loss,
+        "n_skipped_steps": int(n_skipped.cpu()),
+        "run_dir": str(run_dir),
+        "model": unwrapped,
+    }

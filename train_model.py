@@ -1,0 +1,52 @@
+"""Command-line entry point of the trainer (rnn_trainer.train).
+
+    python train_model.py --config_path rnn_args.yaml [--set dataset.batch_size=8 ...] [--resume RUN_DIR]
+    accelerate launch --config_file accelerate_config_tpu.yaml train_model.py --config_path rnn_args.yaml
+
+--resume RUN_DIR continues RUN_DIR from checkpoint/last_checkpoint.pt; without --config_path it
+reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a finished run).
+"""
+
+import argparse
+import os
+import sys
+
+from config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", default=None, help="yaml config (default rnn_args.yaml, or RUN_DIR/config.yaml with --resume)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the config, then train. `accelerate launch` calls main() with no arguments."""
+    args = parse_args(argv)
+    config_path = args.config_path
+    if config_path is None:
+        config_path = os.path.join(args.resume, "config.yaml") if args.resume else "rnn_args.yaml"
+    try:
+        cfg = load_config(config_path, args.set)
+    except ConfigError as error:
+        print(f"train_model.py: {error}", file=sys.stderr)
+        return 2
+    if not cfg.use_tpu:
+        # Must precede the first `import accelerate`, which would otherwise import torch_xla and
+        # pick the XLA backend (and torch_xla swaps nn.GRU for its scan version process-wide).
+        os.environ.setdefault("USE_TORCH_XLA", "0")
+    import rnn_trainer
+    from dataset import DataError
+
+    try:
+        rnn_trainer.train(cfg, resume_dir=args.resume)
+    except (DataError, ConfigError, FileNotFoundError) as error:
+        print(f"train_model.py: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
