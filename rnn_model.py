@@ -103,7 +103,8 @@ def _run_gru(gru: nn.GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
     """
     dtype = gru.weight_hh_l0.dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return gru(x.to(dtype), states.to(dtype))
+        # expand()ed initial states are strided views; cuDNN wants a contiguous hx.
+        return gru(x.to(dtype), states.to(dtype).contiguous())
 
 
 class GRUDecoder(nn.Module):
