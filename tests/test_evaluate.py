@@ -1,0 +1,218 @@
+"""Evaluator: greedy decoding and PER by hand, agreement with the trainer's validation PER,
+upstream checkpoints, saved logits, the submission CSV and the errors bad input gets.
+
+    cd /work/main && .venv/bin/python -m pytest tests/test_evaluate.py -q
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import evaluate_model
+import rnn_model
+from config import config_from_dict, save_config
+from evaluate_model_helpers import count_edits, error_rates_by, greedy_ctc_decode, read_corpus_map, write_submission
+from make_synthetic_data import generate_dataset
+
+SESSIONS = ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]  # the first one is train-only
+
+
+def one_hot_logits(path: list[int], n_classes: int = 41) -> torch.Tensor:
+    logits = torch.zeros(len(path), n_classes)
+    logits[torch.arange(len(path)), torch.tensor(path)] = 5.0
+    return logits
+
+
+# ---------------------------------------------------------------------------------- by hand
+
+
+def test_greedy_decode_collapses_repeats_drops_blanks_and_respects_lengths():
+    paths = [[0, 5, 5, 0, 5, 3, 3, 40, 40, 0], [7, 7, 0, 7, 0, 0, 9, 9, 12, 12]]
+    logits = torch.stack([one_hot_logits(p) for p in paths])
+    # Row 0: 5 5 -> 5, blank splits the next 5, 3 3 -> 3, 40 40 -> 40.  Row 1 cut after 8 frames.
+    assert greedy_ctc_decode(logits, torch.tensor([10, 8])) == [[5, 5, 3, 40], [7, 7, 9]]
+
+
+def test_per_counts_edits_over_reference_length():
+    refs = [[1, 2, 3, 40], [4, 5]]
+    hyps = [[1, 3, 40], [4, 6, 7]]  # one deletion; one substitution + one insertion
+    assert count_edits(refs, hyps) == (3, 6)
+    rates = error_rates_by(["a", "b"], refs, hyps)
+    assert rates == {"a": (1, 4, 0.25), "b": (2, 2, 1.0)}
+
+
+def test_corpus_map_and_submission_format(tmp_path: Path):
+    description = tmp_path / "description.csv"
+    description.write_text(
+        "Date,Post-implant day,Block number,Number of sentences,Corpus,Split\n"
+        "2023-08-13,27,3,40,Switchboard,Train\n2023-08-13,27,4,20,Harvard,Val/Test\n"
+    )
+    assert read_corpus_map(description) == {("t15.2023.08.13", 3): "Switchboard", ("t15.2023.08.13", 4): "Harvard"}
+    submission = tmp_path / "submission.csv"
+    write_submission(submission, ["Hello, World!", "it's   a TEST."])
+    assert submission.read_text().splitlines() == ["id,text", "0,hello world", "1,it's a test"]
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+def tiny_config(data_dir: Path, run_dir: Path, model_type: str = "triple"):
+    return config_from_dict({
+        "output_dir": str(run_dir),
+        "use_amp": False,
+        "model": {
+            "type": model_type, "n_units": 16, "n_layers": 2, "rnn_dropout": 0.0, "input_dropout": 0.0,
+            "patch_size": 14, "patch_stride": 4, "n_noise_layers": 1, "n_clean_layers": 1, "n_noisy_layers": 1,
+            "noise_hidden_size": 16,
+        },
+        "dataset": {
+            "dataset_dir": str(data_dir), "sessions": SESSIONS, "batch_size": 4, "days_per_batch": 2,
+            "val_batch_size": 3, "num_dataloader_workers": 0,
+        },
+    })
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory as the trainer writes it, holding an untrained (seeded) tiny model."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(data_dir, run)
+    torch.manual_seed(0)
+    model = rnn_model.build_model(cfg.model, n_days=len(SESSIONS))
+    (run / "checkpoint").mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.save({"model_state_dict": model.state_dict(), "config": {}, "sessions": SESSIONS, "step": 0}, run / "checkpoint" / "best_checkpoint.pt")
+    return run
+
+
+def evaluate(argv: list[str]) -> dict:
+    return evaluate_model.run(evaluate_model.build_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------- model runs
+
+
+def test_evaluation_per_equals_trainer_validation_per(data_dir: Path, run_dir: Path, tmp_path: Path):
+    import rnn_trainer
+    from dataset import build_dataloaders
+
+    cfg = tiny_config(data_dir, run_dir)
+    model = rnn_model.build_model(cfg.model, n_days=len(SESSIONS))
+    rnn_trainer.load_checkpoint(run_dir / "checkpoint" / "best_checkpoint.pt", model=model)
+    _, val_loader, sessions = build_dataloaders(cfg, n_train_batches=1)
+    expected = rnn_trainer.evaluate(model, val_loader, cfg=cfg, n_days=len(sessions))
+
+    # A different batch size from the trainer's: padding must not change a trial's logits.
+    metrics = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "val",
+                        "--batch_size", "5", "--no_words", "--out", str(tmp_path)])
+    assert metrics["n_trials"] == expected["n_trials"] == 8
+    assert metrics["phonemes"]["per"] == pytest.approx(expected["per"], abs=1e-12)
+    by_session = {SESSIONS.index(s): v["rate"] for s, v in metrics["phonemes"]["by_session"].items()}
+    assert by_session == pytest.approx(expected["per_by_day"], abs=1e-12)
+    assert 0 < metrics["phonemes"]["per"]  # an untrained model: the comparison is not vacuous
+
+
+def test_val_words_logits_roundtrip_and_corpus_table(data_dir: Path, run_dir: Path, tmp_path: Path):
+    description = tmp_path / "description.csv"
+    rows = ["Date,Post-implant day,Block number,Number of sentences,Corpus,Split"]
+    corpus = {SESSIONS[1]: "Harvard", SESSIONS[2]: "Switchboard"}
+    rows += [f"{s[4:].replace('.', '-')},0,{b},1,{c},Val/Test" for s, c in corpus.items() for b in range(1, 8)]
+    description.write_text("\n".join(rows) + "\n")
+    common = ["--split", "val", "--lexicon_words", "train", "--beam_size", "20", "--description_csv", str(description)]
+    first = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), *common,
+                      "--grid_search", "--grid_lm_weights", "0.5,1", "--grid_word_scores", "0", "--out", str(tmp_path / "a")])
+    for name in ("logits.npz", "per_trial.csv", "metrics.json", "summary.txt", "per_session.png", "lm.arpa"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert len(first["grid_search"]) == 2 and first["words"]["wer"] >= 0
+    assert set(first["phonemes"]["by_corpus"]) == {"Harvard", "Switchboard"}
+    assert set(first["words"]["by_session"]) == set(SESSIONS[1:])
+    # Re-scoring the saved logits reproduces the numbers without the model.
+    second = evaluate(["--logits_in", str(tmp_path / "a" / "logits.npz"), "--data_dir", str(data_dir), *common,
+                       "--lm_weight", str(first["decoder"]["lm_weight"]), "--word_score", str(first["decoder"]["word_score"]),
+                       "--out", str(tmp_path / "b")])
+    assert second["phonemes"] == first["phonemes"] and second["words"] == first["words"]
+
+
+def test_test_split_writes_submission_in_session_then_trial_order(data_dir: Path, run_dir: Path, tmp_path: Path):
+    metrics = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "test",
+                        "--lexicon_words", "train", "--beam_size", "10", "--out", str(tmp_path)])
+    with (tmp_path / "submission.csv").open() as f:
+        rows = list(csv.reader(f))
+    with (data_dir / "test_sentences.csv").open() as f:
+        answers = list(csv.DictReader(f))  # the generator's answer key, in session then trial order
+    assert rows[0] == ["id", "text"]
+    assert len(rows) - 1 == metrics["n_trials"] == len(answers) == 6
+    assert [int(r[0]) for r in rows[1:]] == list(range(6))
+    assert all(r[1] == r[1].lower() and all(c.isalpha() or c in " '-" for c in r[1]) for r in rows[1:])
+    with (tmp_path / "per_trial.csv").open() as f:
+        order = [(r["session"], int(r["block_num"]), int(r["trial_num"])) for r in csv.DictReader(f)]
+    assert order == [(a["session"], int(a["block_num"]), int(a["trial_num"])) for a in answers]
+
+
+def test_upstream_checkpoint_gives_the_same_logits(data_dir: Path, tmp_path: Path):
+    args = {
+        "model": {"n_input_features": 512, "n_units": 16, "rnn_dropout": 0.0, "rnn_trainable": True, "n_layers": 2,
+                  "patch_size": 14, "patch_stride": 4, "input_network": {"input_layer_dropout": 0.2}},
+        "dataset": {"sessions": SESSIONS, "dataset_dir": str(data_dir), "n_classes": 41,
+                    "data_transforms": {"white_noise_std": 1.0, "smooth_data": True, "smooth_kernel_std": 2, "smooth_kernel_size": 100}},
+    }
+    torch.manual_seed(1)
+    model = rnn_model.GRUDecoder(512, 16, len(SESSIONS), 41, n_layers=2, patch_size=14, patch_stride=4).eval()
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args))
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # as saved from torch.compile
+    torch.save({"model_state_dict": state, "val_PER": 0.5}, tmp_path / "checkpoint" / "best_checkpoint")
+
+    loaded = evaluate_model.load_upstream_model(tmp_path)
+    assert loaded.transforms.smooth_data and loaded.transforms.smooth_kernel_std == 2
+    x = torch.randn(2, 60, 512)
+    day = torch.tensor([2, 1])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, day), model(x, day))
+    metrics = evaluate(["--model_path", str(tmp_path), "--upstream", "--data_dir", str(data_dir), "--split", "val",
+                        "--no_words", "--out", str(tmp_path / "eval")])
+    assert metrics["n_trials"] == 8 and np.isfinite(metrics["phonemes"]["per"])
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_one_clear_error(data_dir: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert evaluate_model.main(["--model_path", str(tmp_path), "--data_dir", str(data_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+    # A model trained on two sessions cannot decode a third session's data (no day layer for it).
+    short = tmp_path / "short_run"
+    (short / "checkpoint").mkdir(parents=True)
+    cfg = tiny_config(data_dir, short)
+    cfg.dataset.sessions = SESSIONS[:2]
+    save_config(cfg, short / "config.yaml")
+    model = rnn_model.build_model(cfg.model, n_days=2)
+    torch.save({"model_state_dict": model.state_dict(), "sessions": SESSIONS[:2]}, short / "checkpoint" / "best_checkpoint.pt")
+    assert evaluate_model.main(["--model_path", str(short), "--data_dir", str(data_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not in the model's session list" in err and SESSIONS[2] in err and "Traceback" not in err
+
+    assert evaluate_model.main(["--logits_in", str(tmp_path / "nope.npz"), "--no_words", "--out", str(tmp_path / "o")]) == 2
+    assert "logits file not found" in capsys.readouterr().err
+    assert evaluate_model.main(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "test",
+                                "--grid_search", "--out", str(tmp_path / "o")]) == 2
+    assert "--grid_search needs labelled trials" in capsys.readouterr().err
+
+
+def test_metrics_json_is_plain_json(run_dir: Path, data_dir: Path, tmp_path: Path):
+    evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--no_words", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["split"] == "val" and "per" in metrics["phonemes"]
