@@ -1,0 +1,524 @@
+"""Read the brain-to-text HDF5 layout and serve CTC training batches (one dataset item = one batch).
+
+Used as a library (rnn_trainer.py, evaluate_model.py):
+    from dataset import build_dataloaders, load_split_trials, DataError, PHONEMES
+Layout: <dataset_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5, groups trial_0000, ... holding
+`input_features` (T, 512) and, for train/val, `seq_class_ids` / `transcription` (zero-padded).
+Day index = position of the session in the session list, for every split.
+
+Batches follow the upstream baseline: a training batch draws `days_per_batch` distinct days and
+batch_size / days_per_batch trials per day with replacement; validation visits every trial once,
+one day per batch. With static_shapes (XLA), time is padded up to a configured bucket, labels to
+max_seq_elements, and every batch has batch_size rows (`row_mask` marks padding rows).
+
+Bad input raises one DataError naming the file, trial and problem; with on_bad_trial='skip',
+per-trial problems are instead dropped with one warning listing them.
+"""
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PHONEMES: list[str] = [
+    "BLANK",
+    "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY", "JH",
+    "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y", "Z", "ZH",
+    " | ",
+]
+N_FEATURES = 512
+TRANSCRIPTION_LENGTH = 500
+SPLITS = ("train", "val", "test")
+
+
+class DataError(Exception):
+    """Bad or missing input data; the message names the file, trial and problem."""
+
+
+def n_ctc_frames(n_time_steps: int, patch_size: int = 14, patch_stride: int = 4) -> int:
+    """Frames the model emits for a trial: ((T - size) // stride + 1), or T without patching."""
+    if patch_size <= 0:
+        return n_time_steps
+    return max(0, (n_time_steps - patch_size) // patch_stride + 1)
+
+
+def ctc_frames_needed(labels: Sequence[int]) -> int:
+    """CTC needs one frame per label plus a blank between each pair of equal adjacent labels."""
+    return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+
+
+def discover_sessions(dataset_dir: str) -> list[str]:
+    """Sorted `t15.*` session folders under dataset_dir."""
+    if not os.path.isdir(dataset_dir):
+        raise DataError(f"{dataset_dir}: dataset directory does not exist")
+    sessions = sorted(n for n in os.listdir(dataset_dir) if n.startswith("t15.") and os.path.isdir(os.path.join(dataset_dir, n)))
+    if not sessions:
+        raise DataError(f"{dataset_dir}: no session folders (t15.YYYY.MM.DD) found")
+    return sessions
+
+
+def session_files(dataset_dir: str, sessions: Sequence[str], split: str) -> list[str | None]:
+    """Path of each session's data_<split>.hdf5, None where the session has no such file."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not os.path.isdir(dataset_dir):
+        raise DataError(f"{dataset_dir}: dataset directory does not exist")
+    paths: list[str | None] = []
+    for session in sessions:
+        folder = os.path.join(dataset_dir, session)
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: session folder does not exist (session {session!r} is in the session list)")
+        path = os.path.join(folder, f"data_{split}.hdf5")
+        paths.append(path if os.path.exists(path) else None)
+    return paths
+
+
+def _open_hdf5(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DataError(f"{path}: cannot open HDF5 file (truncated or corrupt?): {err}") from None
+
+
+def _session_of(path: str) -> str:
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def _normalise_bad_trials(bad_trials: dict | None) -> dict[str, dict[int, set[int]]]:
+    """Yaml gives block numbers as str or int keys (upstream uses str); compare as ints."""
+    if not bad_trials:
+        return {}
+    return {s: {int(b): {int(t) for t in trials} for b, trials in blocks.items()} for s, blocks in bad_trials.items()}
+
+
+def _report_problems(problems: list[str], on_bad_trial: str, what: str) -> None:
+    """Raise on the first problem ('error') or warn once, counting and listing them ('skip')."""
+    if not problems:
+        return
+    if on_bad_trial == "error":
+        raise DataError(problems[0] + " (set dataset.on_bad_trial=skip to drop such trials)")
+    warnings.warn(f"skipped {len(problems)} bad trial(s) in {what}:\n  " + "\n  ".join(problems), stacklevel=3)
+
+
+def _check_trial(
+    group: h5py.Group, where: str, labelled: bool, n_features: int, patch_size: int, patch_stride: int
+) -> tuple[dict[str, int], str | None]:
+    """Cheap index-time checks (attrs, shapes, labels); returns (trial metadata, problem or None)."""
+    attrs = group.attrs
+    for name in ("n_time_steps", "block_num", "trial_num") + (("seq_len",) if labelled else ()):
+        if name not in attrs:
+            return {}, f"{where}: missing attribute {name!r}"
+    meta = {name: int(attrs[name]) for name in ("n_time_steps", "block_num", "trial_num")}
+    if "input_features" not in group:
+        return meta, f"{where}: missing dataset 'input_features'"
+    shape = group["input_features"].shape
+    if len(shape) != 2 or shape[1] != n_features:
+        return meta, f"{where}: input_features has shape {shape}, expected (T, {n_features}) (wrong feature width)"
+    if shape[0] != meta["n_time_steps"] or shape[0] < 1:
+        return meta, f"{where}: attr n_time_steps={meta['n_time_steps']} but input_features has {shape[0]} rows"
+    if not labelled:
+        return meta, None
+    for name in ("seq_class_ids", "transcription"):
+        if name not in group:
+            return meta, f"{where}: missing dataset {name!r}"
+    meta["seq_len"] = seq_len = int(attrs["seq_len"])
+    n_stored = group["seq_class_ids"].shape[0]
+    if seq_len > n_stored:
+        return meta, f"{where}: seq_len={seq_len} is larger than the stored seq_class_ids array ({n_stored})"
+    if seq_len < 1:
+        return meta, f"{where}: seq_len={seq_len}, the trial has no phoneme labels"
+    labels = group["seq_class_ids"][:seq_len]
+    if labels.min() < 1 or labels.max() >= len(PHONEMES):
+        return meta, f"{where}: seq_class_ids hold values outside 1..{len(PHONEMES) - 1}"
+    n_frames, needed = n_ctc_frames(shape[0], patch_size, patch_stride), ctc_frames_needed(labels.tolist())
+    if n_frames < needed:
+        return meta, (
+            f"{where}: label sequence too long for CTC: {seq_len} phonemes need {needed} frames but "
+            f"{shape[0]} bins give only {n_frames} after patching (size {patch_size}, stride {patch_stride})"
+        )
+    return meta, None
+
+
+def _scan_file(
+    path: str, bad_trials: dict[str, dict[int, set[int]]], labelled: bool, n_features: int,
+    patch_size: int, patch_stride: int,
+) -> tuple[list[int], dict[int, dict[str, int]], list[str]]:
+    """Index one file: (good trial indices, metadata per trial, problems found)."""
+    session = _session_of(path)
+    excluded = bad_trials.get(session, {})
+    good, meta, problems = [], {}, []
+    with _open_hdf5(path) as f:
+        try:
+            keys = sorted(k for k in f.keys() if k.startswith("trial_"))
+        except (OSError, RuntimeError, KeyError) as err:
+            raise DataError(f"{path}: cannot list trials (truncated or corrupt?): {err}") from None
+        for key in keys:
+            where = f"{path} {key}"
+            try:
+                trial_meta, problem = _check_trial(f[key], where, labelled, n_features, patch_size, patch_stride)
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+                raise DataError(f"{where}: cannot read trial (truncated or corrupt file?): {err}") from None
+            if trial_meta and trial_meta["trial_num"] in excluded.get(trial_meta["block_num"], ()):
+                continue  # listed in the bad-trials dict: excluded on purpose, not a problem
+            if problem is not None:
+                problems.append(problem)
+                continue
+            index = int(key[len("trial_") :])
+            good.append(index)
+            meta[index] = trial_meta
+    return good, meta, problems
+
+
+def train_test_split_indices(
+    file_paths: Sequence[str | None],
+    test_percentage: float = 0.1,
+    seed: int = -1,
+    bad_trials_dict: dict | None = None,
+    *,
+    labelled: bool = True,
+    n_features: int = N_FEATURES,
+    patch_size: int = 14,
+    patch_stride: int = 4,
+    on_bad_trial: str = "error",
+) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Split each day's trials into train and test, as upstream's train_test_split_indicies.
+
+    Day index = position in file_paths; a None or missing path gives a day with no trials. Each
+    side maps day -> {"trials": [trial indices], "session_path": path, "meta": {trial: attrs}}.
+    test_percentage 0 puts everything in train, 1 everything in test; otherwise max(1,
+    int(n * test_percentage)) trials per day are drawn for test without replacement (seed -1 =
+    unseeded). Trials listed in bad_trials_dict (session -> block -> trial numbers) are excluded;
+    trials failing the index-time checks raise DataError or are skipped (on_bad_trial).
+    """
+    if on_bad_trial not in ("error", "skip"):
+        raise ValueError(f"on_bad_trial must be 'error' or 'skip', got {on_bad_trial!r}")
+    bad = _normalise_bad_trials(bad_trials_dict)
+    rng = np.random.RandomState(seed) if seed != -1 else np.random.RandomState()
+    train: dict[int, dict] = {}
+    test: dict[int, dict] = {}
+    all_problems: list[str] = []
+    for day, path in enumerate(file_paths):
+        good, meta = [], {}
+        if path is not None and os.path.exists(path):
+            good, meta, problems = _scan_file(path, bad, labelled, n_features, patch_size, patch_stride)
+            if problems and on_bad_trial == "error":
+                _report_problems(problems, on_bad_trial, path)
+            all_problems += problems
+        if test_percentage <= 0:
+            train_trials, test_trials = good, []
+        elif test_percentage >= 1:
+            train_trials, test_trials = [], good
+        elif not good:
+            train_trials, test_trials = [], []
+        else:
+            n_test = max(1, int(len(good) * test_percentage))
+            test_trials = rng.choice(good, size=n_test, replace=False).tolist()
+            chosen = set(test_trials)
+            train_trials = [t for t in good if t not in chosen]
+        train[day] = {"trials": train_trials, "session_path": path, "meta": {t: meta[t] for t in train_trials}}
+        test[day] = {"trials": test_trials, "session_path": path, "meta": {t: meta[t] for t in test_trials}}
+    _report_problems(all_problems, on_bad_trial, f"{len(file_paths)} file(s)")
+    return train, test
+
+
+def _trial_meta(path: str, trial: int) -> dict[str, int]:
+    """Attributes of one trial, for indices built without metadata."""
+    with _open_hdf5(path) as f:
+        attrs = f[f"trial_{trial:04d}"].attrs
+        return {k: int(attrs[k]) for k in ("n_time_steps", "block_num", "trial_num", "seq_len") if k in attrs}
+
+
+class BrainToTextDataset(Dataset):
+    """A Dataset whose item i is a whole batch; item i is a pure function of (seed, i).
+
+    Use with DataLoader(dataset, batch_size=None). HDF5 files are opened lazily, once per
+    process (each DataLoader worker), and kept open.
+    """
+
+    def __init__(
+        self,
+        trial_indices: dict[int, dict],
+        n_batches: int,
+        split: str = "train",
+        batch_size: int = 64,
+        days_per_batch: int = 4,
+        random_seed: int = -1,
+        must_include_days: Sequence[int] | None = None,
+        feature_subset: Sequence[int] | None = None,
+        static_shapes: bool = False,
+        time_buckets: Sequence[int] | None = None,
+        max_seq_elements: int = 500,
+        on_bad_trial: str = "error",
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if on_bad_trial not in ("error", "skip"):
+            raise ValueError(f"on_bad_trial must be 'error' or 'skip', got {on_bad_trial!r}")
+        self.split, self.batch_size, self.days_per_batch = split, batch_size, days_per_batch
+        self.feature_subset = list(feature_subset) if feature_subset else None
+        self.static_shapes, self.max_seq_elements, self.on_bad_trial = static_shapes, max_seq_elements, on_bad_trial
+        # Seed -1 means "not reproducible", but items must still agree across worker processes.
+        self.seed = random_seed if random_seed != -1 else int(np.random.SeedSequence().entropy % (2**63))
+        self.trial_indices = {d: dict(v, meta=dict(v.get("meta", {}))) for d, v in trial_indices.items()}
+        for entry in self.trial_indices.values():
+            for t in entry["trials"]:
+                if t not in entry["meta"]:
+                    entry["meta"][t] = _trial_meta(entry["session_path"], t)
+        self._drop_unbatchable_trials(time_buckets)
+        self.days = [d for d in sorted(self.trial_indices) if self.trial_indices[d]["trials"]]
+        if not self.days:
+            raise DataError(f"the {split} split is empty: no trials in any of {len(trial_indices)} session(s)")
+
+        if split == "train":
+            if days_per_batch > len(self.days):
+                raise ValueError(f"days_per_batch={days_per_batch} but only {len(self.days)} day(s) have training trials")
+            self.must_include_days = [d if d >= 0 else len(self.trial_indices) + d for d in (must_include_days or [])]
+            if len(self.must_include_days) > days_per_batch:
+                raise ValueError(f"{len(self.must_include_days)} must_include_days exceed days_per_batch={days_per_batch}")
+            missing = [d for d in self.must_include_days if d not in self.days]
+            if missing:
+                raise ValueError(f"must_include_days {missing} have no training trials")
+            self.n_batches = n_batches
+        else:
+            # One day per batch; every trial exactly once.
+            self.val_batches = [
+                (d, self.trial_indices[d]["trials"][i : i + batch_size])
+                for d in self.days
+                for i in range(0, len(self.trial_indices[d]["trials"]), batch_size)
+            ]
+            self.n_batches = len(self.val_batches)
+        self._files: dict[str, h5py.File] = {}
+        self._files_pid = os.getpid()
+
+    def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
+        """Trials longer than the largest bucket or with too many labels cannot be padded."""
+        longest = max((m["n_time_steps"] for e in self.trial_indices.values() for m in e["meta"].values()), default=1)
+        if self.static_shapes and not time_buckets:
+            time_buckets = [int(math.ceil(longest / 32) * 32)]  # one bucket: the longest trial, rounded
+        self.time_buckets = sorted(int(b) for b in time_buckets) if time_buckets else []
+        problems = []
+        for entry in self.trial_indices.values():
+            keep = []
+            for t in entry["trials"]:
+                m, where = entry["meta"][t], f"{entry['session_path']} trial_{t:04d}"
+                if self.time_buckets and m["n_time_steps"] > self.time_buckets[-1]:
+                    problems.append(f"{where}: {m['n_time_steps']} time steps exceed the largest time bucket ({self.time_buckets[-1]})")
+                elif m.get("seq_len", 0) > self.max_seq_elements:
+                    problems.append(f"{where}: seq_len={m['seq_len']} exceeds max_seq_elements={self.max_seq_elements}")
+                else:
+                    keep.append(t)
+            entry["trials"] = keep
+        _report_problems(problems, self.on_bad_trial, f"the {self.split} split")
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # h5py handles cannot cross processes; each worker opens its own
+        return state
+
+    def batch_trials(self, idx: int) -> list[tuple[int, int]]:
+        """The (day, trial index) pairs of batch idx."""
+        if not 0 <= idx < self.n_batches:
+            raise IndexError(f"batch {idx} out of range for {self.n_batches} batches")
+        if self.split == "val":
+            day, trials = self.val_batches[idx]
+            return [(day, t) for t in trials]
+        rng = np.random.default_rng([self.seed, idx])
+        others = [d for d in self.days if d not in self.must_include_days]
+        n_random = self.days_per_batch - len(self.must_include_days)
+        days = list(self.must_include_days) + rng.choice(others, size=n_random, replace=False).tolist()
+        n_per_day = math.ceil(self.batch_size / self.days_per_batch)
+        per_day = {d: rng.choice(self.trial_indices[d]["trials"], size=n_per_day, replace=True).tolist() for d in days}
+        # As upstream: drop surplus trials from randomly chosen days until the batch is exact.
+        for _ in range(n_per_day * len(days) - self.batch_size):
+            d = days[rng.integers(len(days))]
+            while not per_day[d]:
+                d = days[rng.integers(len(days))]
+            per_day[d].pop()
+        return [(d, t) for d in days for t in per_day[d]]
+
+    def _file(self, path: str) -> h5py.File:
+        if self._files_pid != os.getpid():  # forked after opening: the handles belong to the parent
+            self._files, self._files_pid = {}, os.getpid()
+        if path not in self._files:
+            self._files[path] = _open_hdf5(path)
+        return self._files[path]
+
+    def _load_trial(self, day: int, trial: int) -> dict[str, Any] | None:
+        entry = self.trial_indices[day]
+        path, meta = entry["session_path"], entry["meta"][trial]
+        where = f"{path} trial_{trial:04d}"
+        try:
+            group = self._file(path)[f"trial_{trial:04d}"]
+            features = group["input_features"][()]
+            labels = group["seq_class_ids"][()]
+            transcription = group["transcription"][()]
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise DataError(f"{where}: cannot read trial (truncated or corrupt file?): {err}") from None
+        if not np.isfinite(features).all():
+            problem = f"{where}: input_features contain NaN or inf"
+            if self.on_bad_trial == "error":
+                raise DataError(problem + " (set dataset.on_bad_trial=skip to drop such trials)")
+            warnings.warn(f"skipped 1 bad trial: {problem}", stacklevel=2)
+            return None
+        if self.feature_subset is not None:
+            features = features[:, self.feature_subset]
+        return {"features": features, "labels": labels, "transcription": transcription, "day": day, **meta}
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        plan = self.batch_trials(idx)
+        rows = [self._load_trial(d, t) for d, t in plan]
+        n_rows = self.batch_size if self.static_shapes else len(rows)
+        return self._collate(rows, n_rows, fill_day=plan[0][0])
+
+    def _collate(self, rows: list[dict | None], n_rows: int, fill_day: int) -> dict[str, torch.Tensor]:
+        """Pad to a (B, T, F) batch; missing rows (skipped or short last batch) get row_mask False."""
+        longest = max((r["n_time_steps"] for r in rows if r is not None), default=1)
+        n_time = next((b for b in self.time_buckets if b >= longest), longest) if self.static_shapes else longest
+        n_labels = self.max_seq_elements if self.static_shapes else max((r["seq_len"] for r in rows if r), default=1)
+        n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
+        features = np.zeros((n_rows, n_time, n_features), dtype=np.float32)
+        labels = np.zeros((n_rows, n_labels), dtype=np.int64)
+        labels[:, 0] = 1  # padding rows carry one label: CTC-feasible, excluded through row_mask
+        transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
+        ints = {k: np.full(n_rows, v, dtype=np.int64) for k, v in
+                (("n_time_steps", n_time), ("phone_seq_lens", 1), ("day_indices", fill_day), ("block_nums", -1), ("trial_nums", -1))}
+        row_mask = np.zeros(n_rows, dtype=bool)
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            n, s = r["n_time_steps"], r["seq_len"]
+            features[i, :n] = r["features"]
+            labels[i, 0] = 0
+            labels[i, :s] = r["labels"][:s]
+            transcriptions[i, : min(len(r["transcription"]), TRANSCRIPTION_LENGTH)] = r["transcription"][:TRANSCRIPTION_LENGTH]
+            for key, value in (("n_time_steps", n), ("phone_seq_lens", s), ("day_indices", r["day"]),
+                               ("block_nums", r["block_num"]), ("trial_nums", r["trial_num"])):
+                ints[key][i] = value
+            row_mask[i] = True
+        batch = {"input_features": torch.from_numpy(features), "seq_class_ids": torch.from_numpy(labels)}
+        batch.update({k: torch.from_numpy(v) for k, v in ints.items()})
+        batch["transcriptions"] = torch.from_numpy(transcriptions)
+        batch["row_mask"] = torch.from_numpy(row_mask)
+        return batch
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+def _index_kwargs(cfg: Any) -> dict[str, Any]:
+    model = getattr(cfg, "model", None)
+    return {
+        "n_features": N_FEATURES,
+        "patch_size": getattr(model, "patch_size", 14),
+        "patch_stride": getattr(model, "patch_stride", 4),
+        "on_bad_trial": cfg.dataset.on_bad_trial,
+    }
+
+
+def build_dataloaders(cfg: Any, n_train_batches: int, start_batch: int = 0) -> tuple[DataLoader, DataLoader, list[str]]:
+    """(train_loader, val_loader, sessions) from cfg.dataset; day index = position in sessions.
+
+    start_batch skips the first training batches (resuming at a step needs only the step).
+    """
+    d = cfg.dataset
+    sessions = list(d.sessions) if d.sessions else discover_sessions(d.dataset_dir)
+    train_paths = session_files(d.dataset_dir, sessions, "train")
+    for session, path in zip(sessions, train_paths):
+        if path is None:
+            raise DataError(f"{os.path.join(d.dataset_dir, session)}: session has no data_train.hdf5")
+    val_paths = session_files(d.dataset_dir, sessions, "val")
+    kwargs = _index_kwargs(cfg)
+    train_indices, _ = train_test_split_indices(train_paths, 0, d.loader_seed, d.bad_trials, **kwargs)
+    _, val_indices = train_test_split_indices(val_paths, 1, d.loader_seed, d.bad_trials, **kwargs)
+    common = {
+        "random_seed": d.loader_seed,
+        "feature_subset": d.feature_subset,
+        "static_shapes": d.static_shapes,
+        "time_buckets": d.time_buckets,
+        "max_seq_elements": d.max_seq_elements,
+        "on_bad_trial": d.on_bad_trial,
+    }
+    train_set = BrainToTextDataset(
+        train_indices, n_train_batches, "train", d.batch_size, d.days_per_batch,
+        must_include_days=d.must_include_days, **common,
+    )
+    val_set = BrainToTextDataset(val_indices, 0, "val", d.val_batch_size, 1, **common)
+    n_workers = d.num_dataloader_workers
+    loader_kwargs = {"batch_size": None, "num_workers": n_workers, "persistent_workers": n_workers > 0}
+    train_loader = DataLoader(train_set, sampler=range(start_batch, len(train_set)), **loader_kwargs)
+    val_loader = DataLoader(val_set, sampler=range(len(val_set)), **loader_kwargs)
+    return train_loader, val_loader, sessions
+
+
+def load_split_trials(
+    dataset_dir: str,
+    sessions: Sequence[str] | None,
+    split: str,
+    feature_subset: Sequence[int] | None = None,
+    on_bad_trial: str = "error",
+    patch_size: int = 14,
+    patch_stride: int = 4,
+) -> Iterator[dict[str, Any]]:
+    """Every trial of a split in session order then trial order, each as a batch of one.
+
+    Yields the batch fields with B = 1 (input_features (1, T, F), n_time_steps (1,), day_indices,
+    block_nums, trial_nums, row_mask; plus seq_class_ids (1, S), phone_seq_lens, transcriptions
+    for labelled splits) and `session`, `trial_index`, `sentence_label` (None for test).
+    """
+    sessions = list(sessions) if sessions else discover_sessions(dataset_dir)
+    labelled = split != "test"
+    paths = session_files(dataset_dir, sessions, split)
+    index, _ = train_test_split_indices(
+        paths, 0, labelled=labelled, patch_size=patch_size, patch_stride=patch_stride, on_bad_trial=on_bad_trial
+    )
+    if not any(entry["trials"] for entry in index.values()):
+        raise DataError(f"{dataset_dir}: the {split} split is empty in all {len(sessions)} session(s)")
+    for day, (session, path) in enumerate(zip(sessions, paths)):
+        if not index[day]["trials"]:
+            continue
+        with _open_hdf5(path) as f:
+            for t in sorted(index[day]["trials"]):
+                meta, where = index[day]["meta"][t], f"{path} trial_{t:04d}"
+                try:
+                    group = f[f"trial_{t:04d}"]
+                    features = group["input_features"][()]
+                    extra = {}
+                    if labelled:
+                        s = meta["seq_len"]
+                        extra = {
+                            "seq_class_ids": torch.from_numpy(group["seq_class_ids"][:s].astype(np.int64))[None],
+                            "phone_seq_lens": torch.tensor([s]),
+                            "transcriptions": torch.from_numpy(group["transcription"][()].astype(np.int64))[None],
+                        }
+                        label = group.attrs.get("sentence_label")
+                        extra["sentence_label"] = label.decode() if isinstance(label, bytes) else label
+                except (OSError, RuntimeError, KeyError, ValueError) as err:
+                    raise DataError(f"{where}: cannot read trial (truncated or corrupt file?): {err}") from None
+                if not np.isfinite(features).all():
+                    _report_problems([f"{where}: input_features contain NaN or inf"], on_bad_trial, path)
+                    continue
+                if feature_subset:
+                    features = features[:, list(feature_subset)]
+                yield {
+                    "input_features": torch.from_numpy(features)[None],
+                    "n_time_steps": torch.tensor([meta["n_time_steps"]]),
+                    "day_indices": torch.tensor([day]),
+                    "block_nums": torch.tensor([meta["block_num"]]),
+                    "trial_nums": torch.tensor([meta["trial_num"]]),
+                    "row_mask": torch.tensor([True]),
+                    "session": session,
+                    "trial_index": t,
+                    "sentence_label": None,
+                    **extra,
+                }
