@@ -294,6 +294,7 @@ class BrainToTextDataset(Dataset):
             ]
             self.n_batches = len(self.val_batches)
         self._files: dict[str, h5py.File] = {}
+        self._labels: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._files_pid = os.getpid()
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
@@ -322,6 +323,7 @@ class BrainToTextDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_files"] = {}  # h5py handles cannot cross processes; each worker opens its own
+        state["_labels"] = {}
         return state
 
     def batch_trials(self, idx: int) -> list[tuple[int, int]]:
@@ -352,58 +354,61 @@ class BrainToTextDataset(Dataset):
             self._files[path] = _open_hdf5(path)
         return self._files[path]
 
-    def _load_trial(self, day: int, trial: int) -> dict[str, Any] | None:
+    def _read_trial(self, day: int, trial: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Read a trial's features straight into out[:n] (no temporary copy); return its labels.
+
+        Labels and transcriptions are small and reused (training draws with replacement), so
+        each process keeps them after the first read.
+        """
         entry = self.trial_indices[day]
-        path, meta = entry["session_path"], entry["meta"][trial]
-        where = f"{path} trial_{trial:04d}"
+        path, n = entry["session_path"], entry["meta"][trial]["n_time_steps"]
         try:
             group = self._file(path)[f"trial_{trial:04d}"]
-            features = group["input_features"][()]
-            labels = group["seq_class_ids"][()]
-            transcription = group["transcription"][()]
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
-            raise DataError(f"{where}: cannot read trial (truncated or corrupt file?): {err}") from None
-        if not np.isfinite(features).all():
-            problem = f"{where}: input_features contain NaN or inf"
-            if self.on_bad_trial == "error":
-                raise DataError(problem + " (set dataset.on_bad_trial=skip to drop such trials)")
-            warnings.warn(f"skipped 1 bad trial: {problem}", stacklevel=2)
-            return None
-        if self.feature_subset is not None:
-            features = features[:, self.feature_subset]
-        return {"features": features, "labels": labels, "transcription": transcription, "day": day, **meta}
+            if self.feature_subset is None:
+                group["input_features"].read_direct(out, dest_sel=np.s_[:n])
+            else:
+                out[:n] = group["input_features"][()][:, self.feature_subset]
+            if (day, trial) not in self._labels:
+                self._labels[(day, trial)] = (group["seq_class_ids"][()], group["transcription"][()])
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{path} trial_{trial:04d}: cannot read trial (truncated or corrupt file?): {err}") from None
+        return self._labels[(day, trial)]
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        """Batch idx, padded; rows beyond the plan (short last batch) or skipped get row_mask False."""
         plan = self.batch_trials(idx)
-        rows = [self._load_trial(d, t) for d, t in plan]
-        n_rows = self.batch_size if self.static_shapes else len(rows)
-        return self._collate(rows, n_rows, fill_day=plan[0][0])
-
-    def _collate(self, rows: list[dict | None], n_rows: int, fill_day: int) -> dict[str, torch.Tensor]:
-        """Pad to a (B, T, F) batch; missing rows (skipped or short last batch) get row_mask False."""
-        longest = max((r["n_time_steps"] for r in rows if r is not None), default=1)
-        n_time = next((b for b in self.time_buckets if b >= longest), longest) if self.static_shapes else longest
-        n_labels = self.max_seq_elements if self.static_shapes else max((r["seq_len"] for r in rows if r), default=1)
+        metas = [self.trial_indices[d]["meta"][t] for d, t in plan]
+        n_rows = self.batch_size if self.static_shapes else len(plan)
+        longest = max(m["n_time_steps"] for m in metas)
+        n_time = next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
+        n_labels = self.max_seq_elements if self.static_shapes else max(m["seq_len"] for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
         features = np.zeros((n_rows, n_time, n_features), dtype=np.float32)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
-        labels[:, 0] = 1  # padding rows carry one label: CTC-feasible, excluded through row_mask
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         ints = {k: np.full(n_rows, v, dtype=np.int64) for k, v in
-                (("n_time_steps", n_time), ("phone_seq_lens", 1), ("day_indices", fill_day), ("block_nums", -1), ("trial_nums", -1))}
+                (("n_time_steps", n_time), ("phone_seq_lens", 1), ("day_indices", plan[0][0]), ("block_nums", -1), ("trial_nums", -1))}
         row_mask = np.zeros(n_rows, dtype=bool)
-        for i, r in enumerate(rows):
-            if r is None:
-                continue
-            n, s = r["n_time_steps"], r["seq_len"]
-            features[i, :n] = r["features"]
-            labels[i, 0] = 0
-            labels[i, :s] = r["labels"][:s]
-            transcriptions[i, : min(len(r["transcription"]), TRANSCRIPTION_LENGTH)] = r["transcription"][:TRANSCRIPTION_LENGTH]
-            for key, value in (("n_time_steps", n), ("phone_seq_lens", s), ("day_indices", r["day"]),
-                               ("block_nums", r["block_num"]), ("trial_nums", r["trial_num"])):
+        for i, ((day, trial), m) in enumerate(zip(plan, metas)):
+            trial_labels, transcription = self._read_trial(day, trial, features[i])
+            labels[i, : m["seq_len"]] = trial_labels[: m["seq_len"]]
+            transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
+            for key, value in (("n_time_steps", m["n_time_steps"]), ("phone_seq_lens", m["seq_len"]), ("day_indices", day),
+                               ("block_nums", m["block_num"]), ("trial_nums", m["trial_num"])):
                 ints[key][i] = value
             row_mask[i] = True
+        if not np.isfinite(features).all():  # one pass over the batch; locate rows only when it fails
+            for i in np.flatnonzero(~np.isfinite(features).all(axis=(1, 2))):
+                day, trial = plan[i]
+                problem = f"{self.trial_indices[day]['session_path']} trial_{trial:04d}: input_features contain NaN or inf"
+                if self.on_bad_trial == "error":
+                    raise DataError(problem + " (set dataset.on_bad_trial=skip to drop such trials)")
+                warnings.warn(f"skipped 1 bad trial: {problem}", stacklevel=2)
+                features[i], row_mask[i] = 0.0, False
+                ints["n_time_steps"][i], ints["phone_seq_lens"][i] = n_time, 1
+        # Rows without a trial carry one label, so CTC stays finite; row_mask excludes them.
+        labels[~row_mask] = 0
+        labels[~row_mask, 0] = 1
         batch = {"input_features": torch.from_numpy(features), "seq_class_ids": torch.from_numpy(labels)}
         batch.update({k: torch.from_numpy(v) for k, v in ints.items()})
         batch["transcriptions"] = torch.from_numpy(transcriptions)
