@@ -107,8 +107,8 @@ def ctc_loss_dense(
     emit = log_probs.gather(2, ext.unsqueeze(1).expand(n_batch, n_time, n_states)).clamp(min=_LOG_ZERO)
     valid = torch.arange(n_time, device=device).unsqueeze(0) < input_lengths.unsqueeze(1)  # (B, T)
 
-    # Alpha before frame 0: all mass in a virtual start that the first step spreads into states
-    # 0 and 1, which is state 0 = log 1 here (state 1 reaches it through the "step" move).
+    # Alpha "before frame 0": all mass in state 0. The first step's stay and step moves then
+    # give exactly CTC's start (leading blank or first label), so every frame runs the same step.
     alpha0 = torch.full((n_batch, n_states), _LOG_ZERO, dtype=work_dtype, device=device)
     alpha0[:, 0] = 0.0
     if device.type == "xla":
@@ -116,8 +116,11 @@ def ctc_loss_dense(
 
         # (B, T, L) -> (T, B, L) so scan walks the leading (time) dimension.
         xs = (emit.transpose(0, 1).contiguous(), valid.t().unsqueeze(2).contiguous())
-        (alpha, _), _ = scan(_alpha_step, (alpha0, skip_bias), xs)
+        # is_fn_pure lets scan reuse its traced step graphs across calls (~0.25 s of Python
+        # tracing per training step otherwise); _alpha_step depends on its arguments only.
+        (alpha, _), _ = scan(_alpha_step, (alpha0, skip_bias), xs, is_fn_pure=True)
     else:
+        # Eager autograd through a Python loop costs nothing to compile off XLA.
         carry = (alpha0, skip_bias)
         for t in range(n_time):
             carry, _ = _alpha_step(carry, (emit[:, t], valid[:, t].unsqueeze(1)))
