@@ -483,6 +483,12 @@ def _make_loader(dataset: Any, indices: Sequence[int], cfg: Config, device: torc
     return loader
 
 
+def _barrier(accelerator: Accelerator) -> None:
+    """wait_for_everyone only when there is someone to wait for: on XLA it reads a value back."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
 def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
 
@@ -582,7 +588,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     if is_main:
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    _barrier(accelerator)
     log = _RunLog(run_dir, enabled=is_main)
 
     accum = cfg.gradient_accumulation_steps
@@ -688,7 +694,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                         save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, **saved)
                     if cfg.save_final_model:
                         save_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, **saved)
-                accelerator.wait_for_everyone()
+                _barrier(accelerator)
                 window_start = time.perf_counter()  # validation time is not training time
                 if cfg.early_stopping and n_bad_vals >= cfg.early_stopping_val_steps:
                     log.line(f"early stopping at step {step}: no better val PER in {n_bad_vals} validations")

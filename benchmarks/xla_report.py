@@ -1,0 +1,82 @@
+"""Compilation, fallback and host-sync report of the training loop on torch_xla's CPU backend.
+
+    python benchmarks/xla_report.py [--config rnn_args_demo.yaml] [--steps 24] [--set key=value ...]
+
+Writes a tiny synthetic dataset (make_synthetic_data.generate_dataset) to a temp dir, trains
+--steps steps of the config through rnn_trainer.train on XLA (PJRT_DEVICE=CPU) with static
+shapes, validating once at the end, and prints ONE JSON line:
+  n_compilations (torch_xla 'CompileTime' count), compile_seconds, aten_fallbacks
+  ({counter: count} of aten:: fallbacks), local_scalar_dense (aten::_local_scalar_dense count),
+  train_buckets / val_buckets (padded lengths the batches used), steps_per_second after warm-up
+  (median step time of the log windows after the first two).
+"""
+
+import os
+import sys
+
+# Before anything imports accelerate/torch_xla: run on XLA, on the host CPU.
+os.environ["PJRT_DEVICE"] = os.environ.get("PJRT_DEVICE", "CPU")
+os.environ["USE_TORCH_XLA"] = "1"
+os.environ.setdefault("CPU_NUM_DEVICES", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from config import load_config  # noqa: E402
+from make_synthetic_data import generate_dataset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="rnn_args_demo.yaml")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--log_every", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    import torch_xla.debug.metrics as met
+
+    import rnn_trainer
+    from dataset import build_dataloaders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        generate_dataset(str(data_dir), n_sessions=3, n_train_trials=24, n_val_trials=6, n_test_trials=1, seed=0)
+        overrides = [
+            f"dataset.dataset_dir={data_dir}", f"output_dir={Path(tmp) / 'run'}", "use_tpu=true",
+            "dataset.static_shapes=true", "dataset.days_per_batch=2", f"num_training_batches={args.steps}",
+            f"batches_per_train_log={args.log_every}", f"batches_per_val_step={args.steps}",
+            "dataset.num_dataloader_workers=0", *args.set,
+        ]
+        cfg = load_config(args.config, overrides)
+        train_loader, val_loader, _ = build_dataloaders(cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps)
+        train_buckets = sorted({train_loader.dataset[i]["input_features"].shape[1] for i in range(len(train_loader.dataset))})
+        val_buckets = sorted({val_loader.dataset[i]["input_features"].shape[1] for i in range(len(val_loader.dataset))})
+
+        met.clear_all()
+        rnn_trainer.train(cfg)
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    n_compilations, compile_ns, _ = met.metric_data("CompileTime") or (0, 0, None)
+    step_ms = [r["train/ms_per_step"] for r in records if "train/ms_per_step" in r][2:]
+    report = {
+        "config": args.config,
+        "steps": args.steps,
+        "n_compilations": n_compilations,
+        "compile_seconds": round(compile_ns / 1e9, 2),
+        "aten_fallbacks": {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")},
+        "local_scalar_dense": met.counter_value("aten::_local_scalar_dense") or 0,
+        "train_buckets": train_buckets,
+        "val_buckets": val_buckets,
+        "steps_per_second": round(1000.0 / statistics.median(step_ms), 3) if step_ms else None,
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""CPU tests of the trainer: learning, accumulation, resume, checkpoint safety, skipped steps, PER.
+
+    python -m pytest tests/test_trainer.py -q
+
+Tiny models on a tiny synthetic dataset written to a temp dir; every test is seeded.
+"""
+
+import copy
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+import rnn_model
+import rnn_trainer
+from config import apply_overrides, config_from_dict
+from dataset import build_dataloaders
+from make_synthetic_data import generate_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# No augmentation, no dropout: runs are then deterministic functions of the weights and data.
+QUIET_TRANSFORMS = {
+    "white_noise_std": 0.0, "constant_offset_std": 0.0, "random_walk_std": 0.0, "static_gain_std": 0.0,
+    "random_cut": 0, "smooth_data": False, "jitter_max": 0,
+}
+
+
+def tiny_config_dict(data_dir: str, output_dir: str) -> dict:
+    """A config small enough to train a step in well under a second on one core."""
+    return {
+        "output_dir": output_dir,
+        "seed": 7,
+        "num_training_batches": 4,
+        "batches_per_train_log": 2,
+        "batches_per_val_step": 2,
+        "use_amp": False,
+        "model": {
+            "type": "triple", "n_input_features": 24, "n_units": 16, "rnn_dropout": 0.0, "input_dropout": 0.1,
+            "n_layers": 1, "n_noise_layers": 1, "n_clean_layers": 1, "n_noisy_layers": 1, "noise_hidden_size": 16,
+        },
+        "adversarial": {"warmup_steps": 1},
+        "dataset": {
+            "dataset_dir": data_dir, "batch_size": 4, "val_batch_size": 4, "days_per_batch": 2,
+            "feature_subset": list(range(24)),
+            "data_transforms": {**QUIET_TRANSFORMS, "white_noise_std": 0.5},
+        },
+        "optimizer": {
+            "lr_warmup_steps": 0, "lr_warmup_steps_day": 0, "lr_decay_steps": 100, "lr_decay_steps_day": 100,
+        },
+    }
+
+
+def make_config(data_dir: Path, output_dir: Path, *overrides: str):
+    return config_from_dict(apply_overrides(tiny_config_dict(str(data_dir), str(output_dir)), overrides))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=1, seed=0)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps process-wide singletons; each test starts from a clean one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _setup(cfg, n_days: int = 3, optimizer: str = "adamw"):
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    model = rnn_model.build_model(cfg.model, n_days=n_days)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    else:
+        opt = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
+        scheduler = rnn_trainer.build_lr_scheduler(optimizer=opt, cfg_optimizer=cfg.optimizer)
+    model, opt = accelerator.prepare(model, opt)
+    return accelerator, model, opt, scheduler
+
+
+def _first_batch(cfg) -> dict:
+    train_loader, _, _ = build_dataloaders(cfg, n_train_batches=1)
+    return rnn_trainer._to_device(train_loader.dataset[0], torch.device("cpu"))
+
+
+def _step(accelerator, model, opt, scheduler, cfg, micro_batches, counters=None):
+    step_counter, n_skipped = counters or (torch.tensor(0), torch.tensor(0))
+    return rnn_trainer.train_step(
+        accelerator=accelerator, model=model, optimizer=opt, scheduler=scheduler, micro_batches=micro_batches,
+        cfg=cfg, step_counter=step_counter, n_skipped=n_skipped,
+        generator=torch.Generator().manual_seed(0), use_dense_ctc=False,
+    )
+
+
+@pytest.mark.parametrize("model_type", ["baseline", "triple"])
+def test_overfitting_one_batch_reduces_the_loss(data_dir: Path, tmp_path: Path, model_type: str):
+    cfg = make_config(data_dir, tmp_path, f"model.type={model_type}", "model.input_dropout=0.0",
+                      "optimizer.lr_max=0.02", "optimizer.lr_max_day=0.02", "optimizer.epsilon=1e-8")
+    cfg.dataset.data_transforms = config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
+    accelerator, model, opt, scheduler = _setup(cfg)
+    batch = _first_batch(cfg)
+    counters = (torch.tensor(0), torch.tensor(0))
+    losses = [float(_step(accelerator, model, opt, scheduler, cfg, [batch], counters)["ctc_clean"]) for _ in range(12)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_gradient_accumulation_matches_one_large_batch(data_dir: Path, tmp_path: Path):
+    # SGD with lr 1 makes the weight change equal the (unclipped) gradient.
+    overrides = ["model.input_dropout=0.0", "optimizer.grad_norm_clip_value=1e9", "adversarial.warmup_steps=0"]
+    cfg_large = make_config(data_dir, tmp_path, *overrides)
+    cfg_large.dataset.data_transforms = config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
+    batch = _first_batch(cfg_large)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]  # (4, ...) -> 2 x (2, ...)
+
+    accelerator, model_large, opt, scheduler = _setup(cfg_large, optimizer="sgd")
+    initial = copy.deepcopy(accelerator.unwrap_model(model_large).state_dict())
+    _step(accelerator, model_large, opt, scheduler, cfg_large, [batch])
+    large = accelerator.unwrap_model(model_large).state_dict()
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg_accum = copy.deepcopy(cfg_large)
+    cfg_accum.gradient_accumulation_steps = 2
+    accelerator, model_accum, opt, scheduler = _setup(cfg_accum, optimizer="sgd")
+    accelerator.unwrap_model(model_accum).load_state_dict(initial)
+    _step(accelerator, model_accum, opt, scheduler, cfg_accum, halves)
+    accum = accelerator.unwrap_model(model_accum).state_dict()
+
+    moved = [name for name in large if not torch.equal(large[name], initial[name])]
+    assert len(moved) > 10  # the step really changed the weights
+    for name in large:  # compare the updates (= gradients); float32 summation order differs
+        torch.testing.assert_close(accum[name] - initial[name], large[name] - initial[name], rtol=1e-3, atol=1e-4,
+                                   msg=name)
+
+
+def test_resume_is_bit_exact_and_keeps_run_outputs(data_dir: Path, tmp_path: Path):
+    straight = rnn_trainer.train(make_config(data_dir, tmp_path / "straight"))
+    assert straight["step"] == 4
+
+    interrupted_dir = tmp_path / "interrupted"
+    rnn_trainer.train(make_config(data_dir, interrupted_dir, "num_training_batches=2"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    log_before = (interrupted_dir / "train.log").read_text()
+    resumed = rnn_trainer.train(make_config(data_dir, tmp_path / "ignored"), resume_dir=str(interrupted_dir))
+    assert resumed["step"] == 4
+
+    a = torch.load(tmp_path / "straight" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    b = torch.load(interrupted_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    for p, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
+
+    # Logs are appended to, never rewritten.
+    log_after = (interrupted_dir / "train.log").read_text()
+    assert log_after.startswith(log_before) and "resumed" in log_after
+    steps = [line for line in (interrupted_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
+    assert len(steps) == 2  # step 2 from the first part, step 4 after resuming
+
+    run = tmp_path / "straight"
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "training_curves.png", "checkpoint/best_checkpoint.pt"):
+        assert (run / name).is_file(), name
+    line = re.compile(r"^step +4/4 \| loss [\d.]+ \| ctc_clean [\d.]+ \| ctc_noisy [\d.]+ \| noise_l2 \S+ \| "
+                      r"grad \S+ \| lr \S+ \| skipped 0 \| \d+ ms$", re.M)
+    assert line.search((run / "train.log").read_text())
+    expected_keys = {"model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config", "step",
+                     "best_val_per", "best_val_loss", "val_per", "val_loss", "rng_states", "sessions"}
+    assert expected_keys <= set(a)
+    assert a["sessions"] == ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]
+    assert set(a["rng_states"]) >= {"torch", "numpy", "python", "augmentation"}
+
+
+def _small_state(cfg):
+    model = rnn_model.build_model(cfg.model, n_days=3)
+    optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
+    scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
+    return dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, best_val_per=0.5,
+                best_val_loss=1.0, val_per=0.5, val_loss=1.0, sessions=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
+def test_crash_during_save_keeps_the_previous_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch, failing: str):
+    cfg = make_config(data_dir, tmp_path)
+    path = tmp_path / "checkpoint" / "last_checkpoint.pt"
+    rnn_trainer.save_checkpoint(path, step=1, **_small_state(cfg))
+
+    real_save = torch.save
+
+    def torn_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)  # half-written file, then the crash
+        raise OSError("disk full")
+
+    def failing_replace(*args, **kwargs):
+        raise OSError("power cut")
+
+    if failing == "torch.save":
+        monkeypatch.setattr(rnn_trainer.torch, "save", torn_save)
+    else:
+        monkeypatch.setattr(rnn_trainer.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        rnn_trainer.save_checkpoint(path, step=2, **_small_state(cfg))
+    monkeypatch.undo()
+
+    checkpoint = rnn_trainer.load_checkpoint(path, model=rnn_model.build_model(cfg.model, n_days=3))
+    assert checkpoint["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last_checkpoint.pt"]  # no temp file left
+
+
+def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path, "model.input_dropout=0.0")
+    accelerator, model, opt, scheduler = _setup(cfg)
+    batch = _first_batch(cfg)
+    counters = (torch.tensor(0), torch.tensor(0))
+    _step(accelerator, model, opt, scheduler, cfg, [batch], counters)  # creates the AdamW moments
+    weights = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+    moments = copy.deepcopy(opt.state_dict()["state"])
+
+    poisoned = dict(batch, input_features=batch["input_features"].clone())
+    poisoned["input_features"][1, 5, 3] = float("nan")
+    terms = _step(accelerator, model, opt, scheduler, cfg, [poisoned], counters)
+    assert not torch.isfinite(terms["loss"])
+    assert int(counters[1]) == 1 and int(counters[0]) == 2
+    for name, value in accelerator.unwrap_model(model).state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    for p, state in opt.state_dict()["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], moments[p][key]), (p, key)
+
+    _step(accelerator, model, opt, scheduler, cfg, [batch], counters)
+    after = accelerator.unwrap_model(model).state_dict()
+    assert int(counters[1]) == 1
+    assert any(not torch.equal(after[n], weights[n]) for n in weights)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+class _LogitsAreInputs(torch.nn.Module):
+    """Stand-in decoder whose logits are its input features, to script the greedy paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, day_idx: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _scripted_batch(paths: list[list[int]], labels: list[list[int]], day: int, row_mask: list[bool]) -> dict:
+    n_frames = max(len(p) for p in paths)
+    features = torch.full((len(paths), n_frames, 41), -5.0)
+    for row, path in enumerate(paths):
+        for t, cls in enumerate(path):
+            features[row, t, cls] = 5.0
+    seq = torch.zeros(len(labels), 6, dtype=torch.long)
+    for row, label in enumerate(labels):
+        seq[row, : len(label)] = torch.tensor(label)
+    return {
+        "input_features": features,
+        "n_time_steps": torch.tensor([len(p) for p in paths]),
+        "seq_class_ids": seq,
+        "phone_seq_lens": torch.tensor([len(label) for label in labels]),
+        "day_indices": torch.full((len(paths),), day),
+        "row_mask": torch.tensor(row_mask),
+    }
+
+
+def test_validation_per_is_per_day_and_ignores_padding_rows(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path, "model.type=baseline", "model.patch_size=0", "model.patch_stride=0")
+    cfg.dataset.data_transforms.smooth_data = False
+    day0 = _scripted_batch(
+        paths=[[5, 0, 6, 7, 0, 0], [8, 8, 0, 0, 0, 0]], labels=[[5, 6, 7], [8, 9]], day=0, row_mask=[True, True]
+    )
+    # Row 1 of day 1 is padding: its hypothesis is all wrong and must not count.
+    day1 = _scripted_batch(
+        paths=[[1, 0, 2, 0, 0, 0], [3, 0, 3, 0, 3, 0]], labels=[[1, 2, 3, 4], [1]], day=1, row_mask=[True, False]
+    )
+    result = rnn_trainer.evaluate(_LogitsAreInputs(), [day0, day1], cfg=cfg, n_days=3)
+    assert result["per_by_day"] == pytest.approx({0: 1 / 5, 1: 2 / 4})
+    assert result["per"] == pytest.approx(3 / 9)
+    assert result["n_trials"] == 3
+
+    def ctc(batch, rows):
+        log_probs = batch["input_features"][rows].log_softmax(-1).transpose(0, 1)
+        return F.ctc_loss(log_probs, batch["seq_class_ids"][rows], batch["n_time_steps"][rows],
+                          batch["phone_seq_lens"][rows], reduction="none")
+
+    expected_loss = torch.cat([ctc(day0, [0, 1]), ctc(day1, [0])]).mean()
+    assert result["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+def test_optimizer_groups_and_lr_schedule_follow_upstream(data_dir: Path, tmp_path: Path):
+    cfg = make_config(
+        data_dir, tmp_path, "optimizer.lr_max=0.01", "optimizer.lr_min=0.001", "optimizer.lr_warmup_steps=10",
+        "optimizer.lr_decay_steps=110", "optimizer.lr_max_day=0.02", "optimizer.lr_min_day=0.002",
+        "optimizer.lr_warmup_steps_day=0", "optimizer.lr_decay_steps_day=50", "optimizer.weight_decay_day=0.5",
+    )
+    model = rnn_model.build_model(cfg.model, n_days=3)
+    optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    bias, day, other = optimizer.param_groups
+    assert bias["weight_decay"] == 0.0 and all("bias" in names[id(p)] for p in bias["params"])
+    assert day["weight_decay"] == 0.5 and all("day_" in names[id(p)] for p in day["params"])
+    assert other["weight_decay"] == cfg.optimizer.weight_decay and other["lr"] == 0.01
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+    scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
+    lrs = []
+    for _ in range(200):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0][2] == 0.0 and lrs[5][2] == pytest.approx(0.005)  # linear warm-up from 0
+    assert lrs[10][2] == pytest.approx(0.01)
+    halfway = 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert lrs[60][2] == pytest.approx(halfway)  # cosine halfway through 10..110
+    assert lrs[110][2] == pytest.approx(0.001) and lrs[199][2] == pytest.approx(0.001)
+    assert lrs[0][1] == pytest.approx(0.02) and lrs[50][1] == pytest.approx(0.002)  # day group: own schedule
+
+
+def test_launcher_without_tpu_prints_one_line():
+    proc = subprocess.run(
+        [sys.executable, "launch_tpu_training.py", "--config", "rnn_args.yaml", "--num_cores", "8"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert lines[0].startswith("launch_tpu_training.py: no TPU runtime: ")
