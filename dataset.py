@@ -155,7 +155,7 @@ def _scan_file(
     good, meta, problems = [], {}, []
     with _open_hdf5(path) as f:
         try:
-            keys = sorted(k for k in f.keys() if k.startswith("trial_"))
+            keys = sorted(k for k in f.keys() if k.startswith("trial_") and k[len("trial_") :].isdigit())
         except (OSError, RuntimeError, KeyError) as err:
             raise DataError(f"{path}: cannot list trials (truncated or corrupt?): {err}") from None
         for key in keys:
