@@ -54,6 +54,7 @@ from evaluate_model_helpers import (
     error_rates_by,
     greedy_ctc_decode,
     normalize_text,
+    read_arpa_vocab,
     read_corpus_map,
     write_arpa,
     write_submission,
@@ -606,8 +607,15 @@ def run(args: argparse.Namespace) -> dict:
             train_sentences, train_labels = [], []
         else:
             raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
+        lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
         if args.lm_arpa:
             arpa_path, lm_name = Path(args.lm_arpa), f"ARPA {args.lm_arpa}"
+            # Words the ARPA file lacks would all share its <unk> probability: leave them out.
+            lm_vocab = read_arpa_vocab(arpa_path)
+            n_dropped = len(lexicon.pronunciations)
+            lexicon.pronunciations = {w: p for w, p in lexicon.pronunciations.items() if w in lm_vocab}
+            n_dropped -= len(lexicon.pronunciations)
+            lm_name += f" ({n_dropped} lexicon words not in its vocabulary left out)"
         else:
             if args.lm_text:
                 if not Path(args.lm_text).is_file():
@@ -617,9 +625,11 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 lm_sentences, lm_source = train_sentences, "training sentences"
             arpa_path = out / "lm.arpa"
-            stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order)
-            lm_name = f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, {stats['vocab_size']} words)"
-        lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
+            stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order, vocabulary=lexicon.pronunciations)
+            lm_name = (
+                f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, "
+                f"{stats['n_text_words']} distinct words; vocabulary {stats['vocab_size']} with the lexicon)"
+            )
         options = BeamSearchOptions(
             beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
             word_score=args.word_score, sil_score=args.sil_score,

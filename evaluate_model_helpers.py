@@ -225,8 +225,12 @@ def _discount(count_of_counts: Counter) -> float:
     return min(max(n1 / (n1 + 2 * n2), 0.05), 0.95)
 
 
-def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> dict:
+def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3, vocabulary: Iterable[str] = ()) -> dict:
     """Write an interpolated Kneser-Ney word n-gram model of `sentences` as an ARPA file.
+
+    `vocabulary` adds words that the text may lack (the lexicon's): they get only the uniform
+    share of the unigram level, gamma() / |V|, so a word never seen in the text is possible but
+    needs clear acoustic evidence; without them every such word would take the whole <unk> mass.
 
     Highest order and n-grams starting with <s> use raw counts, lower orders use continuation
     counts (distinct left neighbours). p(w|h) = max(a(hw) - D, 0) / a(h.) + gamma(h) p(w|h'),
@@ -234,7 +238,7 @@ def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
     distribution over the vocabulary (with </s> and <unk>), so <unk> gets a small probability.
     Written in backoff form: each seen n-gram's probability is the interpolated one and the
     backoff weight of a context is gamma(h), which reproduces the interpolated model exactly.
-    Returns {'order', 'n_sentences', 'n_words', 'vocab_size', 'ngram_counts'}.
+    Returns {'order', 'n_sentences', 'n_words', 'n_text_words' (distinct), 'vocab_size', 'ngram_counts'}.
     """
     if order < 2:
         raise ValueError("write_arpa: order must be at least 2 (flashlight's KenLM needs bigrams)")
@@ -261,7 +265,7 @@ def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
         for g, c in raw[n].items():
             adjusted[n][g] = c if g[0] == "<s>" else left_extensions[g]
     adjusted[1].pop(("<s>",), None)  # <s> is never predicted
-    vocab = sorted({g[0] for g in raw[1]} - {"<s>"} | {"<unk>"})
+    vocab = sorted(({g[0] for g in raw[1]} | set(vocabulary)) - {"<s>"} | {"<unk>"})
 
     discounts = [0.0] + [_discount(Counter(adjusted[n].values())) for n in range(1, order + 1)]
     context_total: list[Counter] = [Counter() for _ in range(order + 1)]
@@ -314,6 +318,7 @@ def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
         "order": order,
         "n_sentences": n_sentences,
         "n_words": n_words,
+        "n_text_words": len({g[0] for g in raw[1]} - {"<s>", "</s>"}),
         "vocab_size": len(vocab),
         "ngram_counts": [len(entries[n]) for n in range(1, order + 1)],
     }

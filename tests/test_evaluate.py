@@ -138,8 +138,9 @@ def test_val_words_logits_roundtrip_and_corpus_table(data_dir: Path, run_dir: Pa
     assert len(first["grid_search"]) == 2 and first["words"]["wer"] >= 0
     assert set(first["phonemes"]["by_corpus"]) == {"Harvard", "Switchboard"}
     assert set(first["words"]["by_session"]) == set(SESSIONS[1:])
-    # Re-scoring the saved logits reproduces the numbers without the model.
-    second = evaluate(["--logits_in", str(tmp_path / "a" / "logits.npz"), "--data_dir", str(data_dir), *common,
+    # Re-scoring the saved logits with the saved LM reproduces the numbers without the model.
+    second = evaluate(["--logits_in", str(tmp_path / "a" / "logits.npz"), "--lm_arpa", str(tmp_path / "a" / "lm.arpa"),
+                       "--data_dir", str(data_dir), *common,
                        "--lm_weight", str(first["decoder"]["lm_weight"]), "--word_score", str(first["decoder"]["word_score"]),
                        "--out", str(tmp_path / "b")])
     assert second["phonemes"] == first["phonemes"] and second["words"] == first["words"]

@@ -92,9 +92,10 @@ def test_arpa_matches_hand_worked_kneser_ney(tmp_path: Path):
 def test_arpa_trigram_is_normalised(tmp_path: Path):
     sentences = generate_sentences(200, np.random.default_rng(3))
     path = tmp_path / "lm.arpa"
-    write_arpa(sentences, path, order=3)
+    write_arpa(sentences, path, order=3, vocabulary=["zebra", "quantum"])  # lexicon words the text lacks
     model = kenlm.Model(str(path))
     vocab = sorted(read_arpa_vocab(path) - {"<s>"})
+    assert "zebra" in vocab and "quantum" in vocab
     for context in ([], ["i"], ["i", "want"], ["the", "big"], ["zebra", "quantum"]):
         state, out = kenlm.State(), kenlm.State()
         model.BeginSentenceWrite(state)
@@ -142,7 +143,7 @@ def grammar_setup(tmp_path_factory: pytest.TempPathFactory):
     held_out = generate_sentences(40, rng)
     lexicon = build_lexicon(train, [phonemize(s.split()) for s in train], cmudict_words="all")
     arpa = tmp_path_factory.mktemp("lm") / "train.arpa"
-    write_arpa(train, arpa, order=3)
+    write_arpa(train, arpa, order=3, vocabulary=lexicon.pronunciations)
     decoder = WordBeamDecoder(lexicon, arpa, BeamSearchOptions(beam_size=50, lm_weight=1.0, word_score=0.0))
     return train, held_out, lexicon, decoder
 
