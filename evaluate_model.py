@@ -27,6 +27,7 @@ count as errors.
 import argparse
 import csv
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -63,6 +64,7 @@ from evaluate_model_helpers import (
 RUN_CHECKPOINT = Path("checkpoint") / "best_checkpoint.pt"
 UPSTREAM_CHECKPOINT = Path("checkpoint") / "best_checkpoint"
 UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"
+_TRIAL_GROUP = re.compile(r"trial_\d+")  # as dataset.py indexes the HDF5 groups
 XLA_TIME_QUANTUM = 256  # XLA pads time up to a multiple of this so few graphs get compiled
 
 
@@ -224,7 +226,7 @@ def count_split_trials(data_dir: str, sessions: Sequence[str], split: str) -> in
     for path in session_files(data_dir, sessions, split):
         if path is not None:
             with h5py.File(path, "r") as f:
-                total += sum(1 for k in f.keys() if k.startswith("trial_"))
+                total += sum(1 for k in f.keys() if _TRIAL_GROUP.fullmatch(k))
     return total
 
 
@@ -362,7 +364,7 @@ def read_sentences(data_dir: str, sessions: Sequence[str], split: str = "train")
             continue
         try:
             with h5py.File(path, "r") as f:
-                for name in sorted(k for k in f.keys() if k.startswith("trial_")):
+                for name in sorted((k for k in f.keys() if _TRIAL_GROUP.fullmatch(k)), key=lambda k: int(k[6:])):
                     group = f[name]
                     label = group.attrs["sentence_label"]
                     n_labels = int(group.attrs["seq_len"])
@@ -472,6 +474,7 @@ def format_summary(metrics: dict) -> str:
             f"lexicon {info['lexicon_words']} words ({info['oov_skipped']} training words skipped without a "
             f"pronunciation, {info['label_words']} from phoneme labels); LM {info['lm']}"
         )
+        lines.append(f"reference words not in the lexicon: {info['reference_words_not_in_lexicon']}")
         lines.append(
             f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
             f"sil_score {info['sil_score']:g}"
@@ -500,9 +503,11 @@ def plot_per_session(metrics: dict, path: Path) -> None:
     if wer:
         ax.bar(x + width / 2, [wer.get(s, {}).get("rate", np.nan) for s in sessions], width, label="WER (beam + LM)")
     ax.set_xticks(x, [s.removeprefix("t15.") for s in sessions], rotation=90, fontsize=7)
+    heights = [v.get("rate", 0.0) for v in (*per.values(), *wer.values())]
+    ax.set_ylim(0, 1.3 * max(heights + [0.01]))  # head room for the legend
     ax.set_ylabel("error rate")
     ax.set_title(f"{metrics['split']} split, per session")
-    ax.legend()
+    ax.legend(loc="upper right", ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -641,8 +646,11 @@ def run(args: argparse.Namespace) -> dict:
             grid = grid_search(decoder, labelled[::stride][: args.grid_trials], args.grid_lm_weights, args.grid_word_scores)
         speed["beam"] = decode_words(decoder, records)
         word_metrics = score_words(records, corpus_of)
+        ref_words = [w for r in records if r.sentence_label is not None for w in normalize_text(r.sentence_label).split()]
         decoder_info = {
             "lexicon_words": len(lexicon), "oov_skipped": len(lexicon.oov_words), "oov_words": lexicon.oov_words[:50],
+            # Reference words the lexicon lacks cannot be decoded: a floor under the WER.
+            "reference_words_not_in_lexicon": sum(w not in lexicon.pronunciations for w in ref_words),
             "label_words": lexicon.n_label_words, "lm": lm_name, **asdict(decoder.options),
         }
         if args.split == "test":

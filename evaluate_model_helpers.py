@@ -176,13 +176,16 @@ def build_lexicon(
 ) -> Lexicon:
     """CMUdict plus every word of the training sentences.
 
-    Out-of-lexicon policy: a training word missing from CMUdict takes its pronunciation from
-    the trial's own phoneme labels when the labels split at silences into as many chunks as
-    the sentence has words (the labels were made by a grapheme-to-phoneme model, so this is
-    that model's answer); otherwise the word is skipped and listed in `oov_words`.
+    Each training word also takes the pronunciation its trial's phoneme labels show, when the
+    labels split at silences into as many chunks as the sentence has words (the labels came
+    from a grapheme-to-phoneme model, so this covers its variants). Out-of-lexicon policy: a
+    training word that is neither in CMUdict nor aligned that way is skipped and listed in
+    `oov_words`; there is no letter-to-sound model.
     `cmudict_words='all'` keeps all of CMUdict (~125k words); 'train' keeps only the CMUdict
     entries of training words (a small, fast lexicon).
     """
+    if cmudict_words not in ("all", "train"):
+        raise ValueError(f"cmudict_words must be 'all' or 'train', got {cmudict_words!r}")
     cmu = load_cmudict() if use_cmudict else {}
     sentences = [normalize_text(s).split() for s in sentences]
     labels = list(phoneme_labels) if phoneme_labels is not None else [None] * len(sentences)
