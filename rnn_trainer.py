@@ -571,7 +571,11 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     """
     # mixed_precision="no": the bf16 autocast is ours (see _forward); Accelerate's bf16 on TPU
     # would set XLA_USE_BF16 and turn the master weights bf16 too.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision="no")
+    # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="no",
+    )
     device = accelerator.device
     is_xla = accelerator.distributed_type == DistributedType.XLA
     is_main = accelerator.is_main_process
@@ -640,6 +644,10 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
 
     step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     n_skipped = torch.tensor(n_skipped_start, dtype=torch.int64, device=device)
+    if is_xla:
+        import torch_xla
+
+        torch_xla.sync()  # materialise the placed weights in a setup graph of their own
     val_per, val_loss, n_bad_vals = math.nan, math.nan, 0
     progress = tqdm(total=n_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
     window_start, window_steps = time.perf_counter(), 0

@@ -1,0 +1,63 @@
+"""Data parallelism on the CPU: two gloo processes through Accelerate train and stay in sync.
+
+    python -m pytest tests/test_distributed.py -q
+
+Runs `USE_TORCH_XLA=0 torchrun --standalone --nproc_per_node 2` on a tiny config in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from make_synthetic_data import generate_dataset
+from test_trainer import tiny_config_dict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+WORKER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import rnn_trainer
+from config import load_config
+
+result = rnn_trainer.train(load_config(sys.argv[1]))
+state = result["model"].state_dict()
+torch.save({{"state": state, "step": result["step"]}}, os.path.join(sys.argv[2], f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_two_gloo_processes_hold_identical_weights(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    generate_dataset(str(data_dir), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=1, seed=0)
+    values = tiny_config_dict(str(data_dir), str(tmp_path / "run"))
+    values.update(num_training_batches=2, batches_per_train_log=1, batches_per_val_step=2)
+    values["model"]["rnn_dropout"] = 0.1  # replicas draw different dropout masks; weights must still agree
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO_ROOT)))
+
+    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(config_path), str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["step"] == rank1["step"] == 2
+    for name, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][name]), name
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "2 process(es)" in log  # really data parallel, and only the main process wrote the log
+    assert log.count("step 2/2") == 1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    for name, value in checkpoint["model_state_dict"].items():
+        assert torch.equal(value, rank0["state"][name]), name
