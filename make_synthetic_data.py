@@ -1,7 +1,7 @@
 """Generate a small synthetic stand-in for the Dryad brain-to-text dataset, in the same layout.
 
     python make_synthetic_data.py --out data/synthetic [--n_sessions 8 --n_train_trials 80
-        --n_val_trials 16 --n_test_trials 16 --seed 0 --snr 1.0]
+        --n_val_trials 16 --n_test_trials 16 --seed 0 --snr 0.3]
 
 Layout written (identical to the real release, so the loader cannot tell them apart):
     <out>/t15.YYYY.MM.DD/data_train.hdf5, data_val.hdf5, data_test.hdf5
@@ -268,7 +268,7 @@ def generate_dataset(
     n_val_trials: int = 16,
     n_test_trials: int = 16,
     seed: int = 0,
-    snr: float = 1.0,
+    snr: float = 0.3,
     mean_phoneme_bins: float = 10.0,
     trials_per_block: int = 20,
 ) -> list[str]:
@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--n_val_trials", type=int, default=16, help="val trials per session that has val data")
     parser.add_argument("--n_test_trials", type=int, default=16, help="test trials per session that has test data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snr", type=float, default=1.0, help="scale of the speech signal on the channels")
+    parser.add_argument("--snr", type=float, default=0.3, help="scale of the speech signal on the channels")
     args = parser.parse_args()
     start = time.time()
     sessions = generate_dataset(
