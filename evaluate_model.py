@@ -479,6 +479,10 @@ def format_summary(metrics: dict) -> str:
             f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
             f"sil_score {info['sil_score']:g}"
         )
+    if metrics.get("grid_search"):
+        lines.append("grid search WER: " + ", ".join(
+            f"({g['lm_weight']:g}, {g['word_score']:g}) {g['wer']:.3f}" for g in metrics["grid_search"]
+        ) + "  as (lm_weight, word_score)")
     speed = metrics.get("speed_trials_per_s", {})
     if speed:
         lines.append("speed (trials/s): " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()))
