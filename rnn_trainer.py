@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -83,7 +84,7 @@ def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> torc
 
 def _lr_factor(step: int, *, lr_max: float, lr_min: float, warmup_steps: int, decay_steps: int, kind: str) -> float:
     """Multiplier of the peak lr: linear warm-up from 0, cosine/linear decay to lr_min, then flat."""
-    min_ratio = lr_min / lr_max
+    min_ratio = lr_min / lr_max if lr_max > 0 else 0.0
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     if step < decay_steps:
@@ -351,6 +352,10 @@ def _rng_states(generator: torch.Generator | None) -> dict[str, Any]:
         states["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
         states["augmentation"] = generator.get_state()
+    if "torch_xla" in sys.modules:
+        import torch_xla.core.xla_model as xm
+
+        states["xla"] = xm.get_rng_state()
     return states
 
 
@@ -362,6 +367,10 @@ def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None
         torch.cuda.set_rng_state_all(states["cuda"])
     if generator is not None and "augmentation" in states:
         generator.set_state(states["augmentation"])
+    if "xla" in states and "torch_xla" in sys.modules:
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(states["xla"])
 
 
 def _atomic_save(obj: Any, path: str | Path) -> None:

@@ -249,6 +249,19 @@ def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path):
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
+def test_early_stopping_after_validations_without_improvement(data_dir: Path, tmp_path: Path, monkeypatch):
+    # A validation that never improves after the first: patience 2 stops at the third one.
+    def flat_evaluate(*args, **kwargs):
+        return {"per": 0.5, "loss": 1.0, "per_by_day": {1: 0.5, 2: 0.5}, "n_trials": 8}
+
+    monkeypatch.setattr(rnn_trainer, "evaluate", flat_evaluate)
+    cfg = make_config(data_dir, tmp_path, "num_training_batches=10", "batches_per_val_step=1",
+                      "early_stopping=true", "early_stopping_val_steps=2")
+    result = rnn_trainer.train(cfg)
+    assert result["step"] == 3 and result["best_val_per"] == 0.5
+    assert "early stopping at step 3" in (tmp_path / "train.log").read_text()
+
+
 class _LogitsAreInputs(torch.nn.Module):
     """Stand-in decoder whose logits are its input features, to script the greedy paths."""
 
