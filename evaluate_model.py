@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sil_score", type=float, default=0.0, help="added per silence frame between words")
     p.add_argument("--grid_search", action="store_true", help="pick lm_weight / word_score by WER on val trials")
     p.add_argument("--grid_lm_weights", type=_floats, default=_floats("0.5,1,2,3"))
-    p.add_argument("--grid_word_scores", type=_floats, default=_floats("-2,-1,0,1"))
+    p.add_argument("--grid_word_scores", type=_floats, default=_floats("-2,-1,0,1"), help="comma list; write --grid_word_scores=-1,0 when it starts with a minus")
     p.add_argument("--grid_trials", type=int, default=200, help="val trials used by the grid search (spread over sessions)")
     p.add_argument("--out", required=True, help="output directory")
     return p
