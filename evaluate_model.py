@@ -49,6 +49,7 @@ from dataset import PHONEMES, DataError, discover_sessions, load_split_trials, s
 from evaluate_model_helpers import (
     BeamSearchOptions,
     Lexicon,
+    PronunciationLookup,
     WordBeamDecoder,
     build_lexicon,
     count_edits,
@@ -416,6 +417,19 @@ def score_words(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
     return result
 
 
+def greedy_lookup_wer(records: Sequence[TrialRecord], lexicon: Lexicon, train_sentences: Sequence[str]) -> float:
+    """WER without an LM, for comparison: greedy phonemes cut at silences, each chunk looked up
+    among the training words' pronunciations (nearest one when there is no exact match)."""
+    counts = Counter(w for s in train_sentences for w in normalize_text(s).split())
+    known = Lexicon({w: p for w, p in lexicon.pronunciations.items() if w in counts})
+    lookup = PronunciationLookup(known, counts)
+    labelled = [r for r in records if r.sentence_label is not None]
+    refs = [normalize_text(r.sentence_label).split() for r in labelled]
+    hyps = [lookup.decode(r.fields["phonemes_decoded"]).split() for r in labelled]
+    n_edits, n_ref = count_edits(refs, hyps)
+    return n_edits / max(n_ref, 1)
+
+
 def decode_words(decoder: WordBeamDecoder, records: Sequence[TrialRecord], desc: str = "beam") -> float:
     """Beam-decode every record into record.fields['text_decoded']; returns trials per second."""
     start = time.perf_counter()
@@ -456,6 +470,8 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"PER (greedy) {per['per']:.4f}  ({per['edits']}/{per['n']} phonemes)")
     if "wer" in words:
         lines.append(f"WER (beam + LM) {words['wer']:.4f}  ({words['edits']}/{words['n']} words)")
+    if "wer_greedy_lookup" in words:
+        lines.append(f"WER (greedy phonemes + training-word lookup, no LM) {words['wer_greedy_lookup']:.4f}")
     for key in ("by_session", "by_corpus"):
         groups = sorted(set(per.get(key, {})) | set(words.get(key, {})))
         if not groups:
@@ -650,6 +666,8 @@ def run(args: argparse.Namespace) -> dict:
             grid = grid_search(decoder, labelled[::stride][: args.grid_trials], args.grid_lm_weights, args.grid_word_scores)
         speed["beam"] = decode_words(decoder, records)
         word_metrics = score_words(records, corpus_of)
+        if train_sentences and word_metrics:
+            word_metrics["wer_greedy_lookup"] = greedy_lookup_wer(records, lexicon, train_sentences)
         ref_words = [w for r in records if r.sentence_label is not None for w in normalize_text(r.sentence_label).split()]
         decoder_info = {
             "lexicon_words": len(lexicon), "oov_skipped": len(lexicon.oov_words), "oov_words": lexicon.oov_words[:50],
