@@ -21,7 +21,9 @@ ARPA file it built (lm.arpa) and, for --split test, submission.csv.
 Out-of-lexicon words: a training word missing from CMUdict takes its pronunciation from its
 trial's phoneme labels when they split into one chunk per word; otherwise it is skipped and
 counted in the summary. Reference words that are not in the lexicon cannot be decoded and
-count as errors.
+count as errors. The LM built from text (--lm_text, default the training sentences) also holds
+every lexicon word in its vocabulary, an unseen word getting only the smoothing share; with
+--lm_arpa, lexicon words outside that file's vocabulary are left out.
 """
 
 import argparse
