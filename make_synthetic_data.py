@@ -15,7 +15,8 @@ How the signal is made: sentences come from a small grammar over a few hundred c
 (so a word n-gram LM helps), phonemized with CMUdict. Each phoneme has a latent vector; a
 trial's latent trajectory holds each phoneme for ~10 bins (speaking rate varies), is smoothed to
 mimic coarticulation and gets latent noise. A per-session linear map, drifting with the number of
-days between sessions, projects the latent onto 512 channels: Poisson threshold-crossing counts
+days between sessions (a rotation of the latent plus renewed channel tuning, so day-specific input
+layers matter), projects the latent onto 512 channels: Poisson threshold-crossing counts
 (features 0-255) and log-normal spike-band power (256-511), then each block is z-scored.
 `--snr` scales the latent's effect on the channels.
 
@@ -31,6 +32,7 @@ import time
 
 import h5py
 import numpy as np
+from scipy.linalg import expm
 from scipy.ndimage import gaussian_filter1d
 
 # Session names and train-only sessions of the real release (day index = position).
@@ -57,7 +59,7 @@ SILENCE_CLASS = 40
 N_FEATURES = 512
 N_TC = 256  # features 0-255 are threshold crossings, 256-511 spike-band power
 MAX_SEQ_ELEMENTS = 500
-N_LATENT = 32
+N_LATENT = 12
 
 # A small grammar: words by role. Every word must be in CMUdict (checked at use).
 WORDS = {
@@ -166,8 +168,14 @@ class _SessionModel:
         self.tc_base, self.sbp_base = tc_base, sbp_base  # (256,) log rate / log power
 
 
-def _session_models(sessions: list[str], seed: int) -> list[_SessionModel]:
-    """Drifting maps: each session mixes the previous map with fresh noise by the days elapsed."""
+def _session_models(sessions: list[str], seed: int, drift_angle: float = 1.0) -> list[_SessionModel]:
+    """Drifting maps, changing more the more days separate two sessions.
+
+    Two kinds of drift: a rotation of the latent within the same neural subspace (the same
+    channel pattern comes to mean a different phoneme, so one shared input layer cannot serve
+    every day; a day-specific layer can undo it), and a partial renewal of each channel's tuning.
+    drift_angle is the rotation in radians, per plane, over a week.
+    """
     rng = np.random.default_rng([seed, 1])
     # Channel tuning strength: some electrodes carry little speech information, as in the array.
     tuning = rng.gamma(2.0, 0.5, size=N_FEATURES)
@@ -176,22 +184,31 @@ def _session_models(sessions: list[str], seed: int) -> list[_SessionModel]:
     sbp_map = 0.7 * tc_map + 0.3 * rng.standard_normal((N_TC, N_LATENT)) / np.sqrt(N_LATENT)
     tc_base = np.log(rng.uniform(0.3, 3.0, size=N_TC))
     sbp_base = rng.normal(2.0, 0.5, size=N_TC)
+    rotation = np.eye(N_LATENT)
     models = []
     prev_date = None
     for name in sessions:
         date = datetime.date(*map(int, name.split(".")[1:]))
         if prev_date is not None:
-            # Fraction of the map that is renewed: ~25% after a week, more after a long gap.
-            rho = 1.0 - np.exp(-(date - prev_date).days / 25.0)
+            n_days = (date - prev_date).days
+            skew = rng.standard_normal((N_LATENT, N_LATENT))
+            skew = (skew - skew.T) / 2
+            skew /= np.abs(np.linalg.eigvals(skew)).max()  # the fastest plane turns by the full angle
+            rotation = rotation @ expm(drift_angle * np.sqrt(n_days / 7.0) * skew)
+            # Fraction of each channel's tuning that is renewed: ~25% after a week.
+            rho = 1.0 - np.exp(-n_days / 25.0)
             keep, fresh = np.sqrt(1 - rho), np.sqrt(rho)
             tc_map = keep * tc_map + fresh * rng.standard_normal(tc_map.shape) / np.sqrt(N_LATENT)
             sbp_map = keep * sbp_map + fresh * rng.standard_normal(sbp_map.shape) / np.sqrt(N_LATENT)
             tc_base = tc_base + rng.normal(0, 0.2, size=N_TC)
             sbp_base = sbp_base + rng.normal(0, 0.2, size=N_TC)
         prev_date = date
-        models.append(
-            _SessionModel(tc_map * tuning[:N_TC, None], sbp_map * tuning[N_TC:, None], tc_base.copy(), sbp_base.copy())
-        )
+        models.append(_SessionModel(
+            (tc_map @ rotation) * tuning[:N_TC, None],  # (256, L) @ (L, L) -> (256, L)
+            (sbp_map @ rotation) * tuning[N_TC:, None],
+            tc_base.copy(),
+            sbp_base.copy(),
+        ))
     return models
 
 

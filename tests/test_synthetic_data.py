@@ -135,3 +135,15 @@ def test_command_line_writes_the_requested_size(tmp_path):
     )
     with h5py.File(out / synth.REAL_SESSIONS[1] / "data_train.hdf5", "r") as f:
         assert len(f) == 2
+
+
+def test_session_maps_drift_with_the_days_between_sessions():
+    models = synth._session_models(synth.REAL_SESSIONS[:8], seed=0)
+
+    def similarity(a, b):
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    to_first = [similarity(models[0].tc_map, m.tc_map) for m in models]
+    assert to_first[0] == pytest.approx(1.0)
+    assert to_first[1] > to_first[4] > to_first[7]  # further apart in time, less alike
+    assert to_first[7] < 0.5  # three weeks later the first day's input layer no longer fits
