@@ -145,5 +145,5 @@ def test_static_path_never_reads_values_back_to_the_host():
                   "static_gain_std": 0.02, "random_cut": 3, "jitter_max": 2, "smooth_data": True}
     out, n_out = augment_batch(x, n, transforms, training=True, generator=None, static_shapes=True)
     assert out.shape == x.shape and n_out.shape == n.shape
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="item"):
         augment_batch(x, n, transforms, training=True, generator=None, static_shapes=False)  # dynamic cut needs a host value
