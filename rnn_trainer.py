@@ -550,13 +550,15 @@ def _plot_curves(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_points, val_points = [], []
+    # Keyed by step: after a resume, steps past the last checkpoint are logged twice; keep the latest.
+    train_loss, val_per = {}, {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "train/loss" in record:
-            train_points.append((record["step"], record["train/loss"]))
+            train_loss[record["step"]] = record["train/loss"]
         if "val/per" in record:
-            val_points.append((record["step"], record["val/per"]))
+            val_per[record["step"]] = record["val/per"]
+    train_points, val_points = sorted(train_loss.items()), sorted(val_per.items())
     fig, (ax_loss, ax_per) = plt.subplots(1, 2, figsize=(10, 4))
     if train_points:
         ax_loss.plot(*zip(*train_points))
