@@ -8,6 +8,8 @@ length buckets, the adversarial terms switching on mid-run) in a PJRT_DEVICE=CPU
 
 import json
 
+import pytest
+
 from conftest import requires_xla, run_xla_script
 
 CODE = """
@@ -19,14 +21,15 @@ report = xla_report.main([
     "--set", "model.n_units=16", "--set", "model.noise_hidden_size=16", "--set", "model.n_noise_layers=1",
     "--set", "model.n_clean_layers=1", "--set", "model.n_noisy_layers=1", "--set", "dataset.batch_size=2",
     "--set", "dataset.val_batch_size=4", "--set", "adversarial.warmup_steps=2",
-    "--set", "dataset.time_buckets=[256,384,512,768]",
+    "--set", "dataset.time_buckets=[256,384,512,768]", "--set", "use_amp={use_amp}",
 ])
 """
 
 
 @requires_xla
-def test_xla_training_compiles_once_per_bucket_without_fallbacks_or_syncs():
-    lines = [line for line in run_xla_script(CODE).splitlines() if line.startswith("{")]
+@pytest.mark.parametrize("use_amp", ["false", "true"])  # true: the TPU config's bf16 autocast
+def test_xla_training_compiles_once_per_bucket_without_fallbacks_or_syncs(use_amp: str):
+    lines = [line for line in run_xla_script(CODE.format(use_amp=use_amp)).splitlines() if line.startswith("{")]
     report = json.loads(lines[-1])
     assert report["aten_fallbacks"] == {}, report  # dense CTC and the masked step keep everything in XLA
     assert report["local_scalar_dense"] == 0, report  # no .item() anywhere in the run
