@@ -127,7 +127,9 @@ def _forward(model: nn.Module, batch: Mapping[str, Tensor], *, model_type: str, 
         return (model(features, day_indices),)
 
 
-def _per_sample_ctc(logits: Tensor, batch: Mapping[str, Tensor], input_lengths: Tensor, use_dense_ctc: bool) -> Tensor:
+def _per_sample_ctc(
+    logits: Tensor, batch: Mapping[str, Tensor], *, input_lengths: Tensor, use_dense_ctc: bool
+) -> Tensor:
     """CTC negative log likelihood per trial (B,), float32, padding rows set to 0."""
     log_probs = logits.float().log_softmax(dim=-1)  # (B, T', C); float32 whatever autocast did
     per_sample = ctc_loss(
@@ -153,19 +155,19 @@ def compute_loss(
     warm-up changes values, not the traced graph.
     """
     m = cfg.model
-    input_lengths = rnn_model.n_patches(batch["n_time_steps"], m.patch_size, m.patch_stride)  # (B,)
+    input_lengths = rnn_model.n_patches(batch["n_time_steps"], patch_size=m.patch_size, patch_stride=m.patch_stride)  # (B,)
     row_mask = batch["row_mask"]
     n_rows = row_mask.sum().clamp(min=1)
     outputs = _forward(
         model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
     )
-    ctc_clean = _per_sample_ctc(outputs[0], batch, input_lengths, use_dense_ctc).sum() / n_rows
+    ctc_clean = _per_sample_ctc(outputs[0], batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc).sum() / n_rows
     terms = {"ctc_clean": ctc_clean}
     total = ctc_clean
     if m.type == "triple":
         _, noisy_logits, noise = outputs
-        ctc_noisy = _per_sample_ctc(noisy_logits, batch, input_lengths, use_dense_ctc).sum() / n_rows
+        ctc_noisy = _per_sample_ctc(noisy_logits, batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc).sum() / n_rows
         frames = torch.arange(noise.shape[1], device=noise.device)
         frame_mask = (frames[None, :] < input_lengths[:, None]) & row_mask[:, None]  # (B, T')
         noise_l2 = _masked_mean(noise.float().pow(2).mean(dim=-1), frame_mask)  # (B, T', D) -> (B, T')
@@ -301,8 +303,8 @@ def evaluate(
         )
         batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
         logits = _forward(model, batch, model_type=cfg.model.type, use_amp=cfg.use_amp)[0]
-        input_lengths = rnn_model.n_patches(n_time_steps, cfg.model.patch_size, cfg.model.patch_stride)
-        per_sample = _per_sample_ctc(logits, batch, input_lengths, use_dense_ctc)
+        input_lengths = rnn_model.n_patches(n_time_steps, patch_size=cfg.model.patch_size, patch_stride=cfg.model.patch_stride)
+        per_sample = _per_sample_ctc(logits, batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
         if is_xla:
             import torch_xla
 
@@ -317,8 +319,8 @@ def evaluate(
             ref = labels[i, : int(label_lengths[i])].tolist()
             n_edits, n_ref = count_edits([ref], [hyps[i]])
             counts[int(days[i])] += torch.tensor([n_edits, n_ref], dtype=torch.float64)
-    loss_sum = _sum_across_processes(loss_sum, accelerator)
-    counts = _sum_across_processes(counts, accelerator)
+    loss_sum = _sum_across_processes(loss_sum, accelerator=accelerator)
+    counts = _sum_across_processes(counts, accelerator=accelerator)
     n_edits, n_ref = counts.sum(dim=0).tolist()
     return {
         "per": n_edits / n_ref if n_ref else float("nan"),
@@ -425,7 +427,7 @@ def save_checkpoint(
         "best_val_loss": best_val_loss,
         "val_per": val_per,
         "val_loss": val_loss,
-        "rng_states": _rng_states(generator),
+        "rng_states": _rng_states(generator=generator),
         "sessions": list(sessions),
         "n_skipped_steps": n_skipped_steps,
     }
@@ -454,7 +456,7 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
     if restore_rng:
-        _set_rng_states(checkpoint["rng_states"], generator)
+        _set_rng_states(checkpoint["rng_states"], generator=generator)
     return checkpoint
 
 
@@ -534,7 +536,9 @@ class _RunLog:
             self.metrics_file.close()
 
 
-def _format_train_line(step: int, n_steps: int, values: Mapping[str, float], lr: float, n_skipped: int, ms: float) -> str:
+def _format_train_line(
+    *, step: int, n_steps: int, values: Mapping[str, float], lr: float, n_skipped: int, ms: float
+) -> str:
     width = len(str(n_steps))
     parts = [f"step {step:>{width}}/{n_steps}", f"loss {values['loss']:.3f}", f"ctc_clean {values['ctc_clean']:.3f}"]
     if "ctc_noisy" in values:
@@ -632,7 +636,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(resume_checkpoint["optimizer_state_dict"])
         scheduler.load_state_dict(resume_checkpoint["scheduler_state_dict"])
         if is_main:
-            _set_rng_states(resume_checkpoint["rng_states"], generator)
+            _set_rng_states(resume_checkpoint["rng_states"], generator=generator)
         else:
             set_seed(cfg.seed + 1000 * resume_checkpoint["step"], device_specific=True)
         start_step = resume_checkpoint["step"]
@@ -649,9 +653,9 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     train_indices = [
         (step * accum + micro) * world + rank for step in range(start_step, n_steps) for micro in range(accum)
     ]
-    train_batches = iter(_make_loader(train_loader.dataset, train_indices, cfg, device))
+    train_batches = iter(_make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device))
     val_indices = list(range(rank, len(val_loader.dataset), world))
-    val_batches = _make_loader(val_loader.dataset, val_indices, cfg, device)
+    val_batches = _make_loader(val_loader.dataset, indices=val_indices, cfg=cfg, device=device)
 
     step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     n_skipped = torch.tensor(n_skipped_start, dtype=torch.int64, device=device)
@@ -682,7 +686,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                 skipped = int(n_skipped.cpu())
                 ms = 1000.0 * (time.perf_counter() - window_start) / window_steps
                 lr = scheduler.get_last_lr()[-1]
-                log.line(_format_train_line(step, n_steps, values, lr, skipped, ms))
+                log.line(_format_train_line(step=step, n_steps=n_steps, values=values, lr=lr, n_skipped=skipped, ms=ms))
                 log.record({"step": step, **{f"train/{k}": v for k, v in values.items()},
                             "train/lr": lr, "train/n_skipped": skipped, "train/ms_per_step": ms})
                 window_start, window_steps = time.perf_counter(), 0
