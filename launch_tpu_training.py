@@ -59,7 +59,9 @@ def _replica(index: int, config_path: str, overrides: list[str], resume_dir: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rnn_args.yaml", help="yaml config")
-    parser.add_argument("--num_cores", type=int, default=None, help="1 or all local TPU devices (default: num_tpu_cores)")
+    parser.add_argument(
+        "--num_cores", type=int, default=None, help="1 or all local TPU devices (default: num_tpu_cores)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
     args = parser.parse_args(argv)

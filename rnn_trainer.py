@@ -155,19 +155,22 @@ def compute_loss(
     warm-up changes values, not the traced graph.
     """
     m = cfg.model
-    input_lengths = rnn_model.n_patches(batch["n_time_steps"], patch_size=m.patch_size, patch_stride=m.patch_stride)  # (B,)
+    input_lengths = rnn_model.n_patches(  # (B,)
+        batch["n_time_steps"], patch_size=m.patch_size, patch_stride=m.patch_stride
+    )
     row_mask = batch["row_mask"]
     n_rows = row_mask.sum().clamp(min=1)
     outputs = _forward(
         model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
     )
-    ctc_clean = _per_sample_ctc(outputs[0], batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc).sum() / n_rows
+    ctc = functools.partial(_per_sample_ctc, batch=batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
+    ctc_clean = ctc(outputs[0]).sum() / n_rows
     terms = {"ctc_clean": ctc_clean}
     total = ctc_clean
     if m.type == "triple":
         _, noisy_logits, noise = outputs
-        ctc_noisy = _per_sample_ctc(noisy_logits, batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc).sum() / n_rows
+        ctc_noisy = ctc(noisy_logits).sum() / n_rows
         frames = torch.arange(noise.shape[1], device=noise.device)
         frame_mask = (frames[None, :] < input_lengths[:, None]) & row_mask[:, None]  # (B, T')
         noise_l2 = _masked_mean(noise.float().pow(2).mean(dim=-1), frame_mask)  # (B, T', D) -> (B, T')
@@ -303,7 +306,9 @@ def evaluate(
         )
         batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
         logits = _forward(model, batch, model_type=cfg.model.type, use_amp=cfg.use_amp)[0]
-        input_lengths = rnn_model.n_patches(n_time_steps, patch_size=cfg.model.patch_size, patch_stride=cfg.model.patch_stride)
+        input_lengths = rnn_model.n_patches(
+            n_time_steps, patch_size=cfg.model.patch_size, patch_stride=cfg.model.patch_stride
+        )
         per_sample = _per_sample_ctc(logits, batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
         if is_xla:
             import torch_xla

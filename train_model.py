@@ -16,8 +16,12 @@ from config import ConfigError, load_config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config_path", default=None, help="yaml config (default rnn_args.yaml, or RUN_DIR/config.yaml with --resume)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable")
+    parser.add_argument(
+        "--config_path", default=None, help="yaml config (default rnn_args.yaml, or RUN_DIR/config.yaml with --resume)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable"
+    )
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
     return parser.parse_args(argv)
 

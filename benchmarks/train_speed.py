@@ -27,8 +27,9 @@ from config import load_config  # noqa: E402
 from make_synthetic_data import generate_dataset  # noqa: E402
 
 
-def _steps_per_second(config_path: str, model_type: str, data_dir: Path, run_dir: Path, n_steps: int,
-                      overrides: list[str]) -> float:
+def _steps_per_second(
+    config_path: str, *, model_type: str, data_dir: Path, run_dir: Path, n_steps: int, overrides: list[str]
+) -> float:
     half = max(1, n_steps // 2)
     cfg = load_config(config_path, [
         f"dataset.dataset_dir={data_dir}", f"output_dir={run_dir}", f"model.type={model_type}",
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
         data_dir = Path(tmp) / "data"
         generate_dataset(str(data_dir), n_sessions=4, n_train_trials=32, n_val_trials=4, n_test_trials=1, seed=0)
         speed = {
-            model_type: _steps_per_second(args.config, model_type, data_dir, Path(tmp) / model_type, args.steps, args.set)
+            model_type: _steps_per_second(
+                args.config, model_type=model_type, data_dir=data_dir, run_dir=Path(tmp) / model_type,
+                n_steps=args.steps, overrides=args.set,
+            )
             for model_type in ("baseline", "triple")
         }
     report = {

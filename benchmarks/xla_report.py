@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
             "dataset.num_dataloader_workers=0", *args.set,
         ]
         cfg = load_config(args.config, overrides)
-        train_loader, val_loader, _ = build_dataloaders(cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps)
-        train_buckets = sorted({train_loader.dataset[i]["input_features"].shape[1] for i in range(len(train_loader.dataset))})
-        val_buckets = sorted({val_loader.dataset[i]["input_features"].shape[1] for i in range(len(val_loader.dataset))})
+        train_loader, val_loader, _ = build_dataloaders(
+            cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps
+        )
+        train_set, val_set = train_loader.dataset, val_loader.dataset
+        train_buckets = sorted({train_set[i]["input_features"].shape[1] for i in range(len(train_set))})
+        val_buckets = sorted({val_set[i]["input_features"].shape[1] for i in range(len(val_set))})
 
         met.clear_all()
         rnn_trainer.train(cfg)

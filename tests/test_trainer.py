@@ -58,6 +58,10 @@ def tiny_config_dict(data_dir: str, output_dir: str) -> dict:
     }
 
 
+def _quiet_transforms():
+    return config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
+
+
 def make_config(data_dir: Path, output_dir: Path, *overrides: str):
     return config_from_dict(apply_overrides(tiny_config_dict(str(data_dir), str(output_dir)), overrides))
 
@@ -109,7 +113,7 @@ def _step(accelerator, model, opt, scheduler, cfg, micro_batches, counters=None)
 def test_overfitting_one_batch_reduces_the_loss(data_dir: Path, tmp_path: Path, model_type: str):
     cfg = make_config(data_dir, tmp_path, f"model.type={model_type}", "model.input_dropout=0.0",
                       "optimizer.lr_max=0.02", "optimizer.lr_max_day=0.02", "optimizer.epsilon=1e-8")
-    cfg.dataset.data_transforms = config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
+    cfg.dataset.data_transforms = _quiet_transforms()
     accelerator, model, opt, scheduler = _setup(cfg)
     batch = _first_batch(cfg)
     counters = (torch.tensor(0), torch.tensor(0))
@@ -122,7 +126,7 @@ def test_gradient_accumulation_matches_one_large_batch(data_dir: Path, tmp_path:
     # SGD with lr 1 makes the weight change equal the (unclipped) gradient.
     overrides = ["model.input_dropout=0.0", "optimizer.grad_norm_clip_value=1e9", "adversarial.warmup_steps=0"]
     cfg_large = make_config(data_dir, tmp_path, *overrides)
-    cfg_large.dataset.data_transforms = config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
+    cfg_large.dataset.data_transforms = _quiet_transforms()
     batch = _first_batch(cfg_large)
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]  # (4, ...) -> 2 x (2, ...)
 
