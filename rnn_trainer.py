@@ -274,7 +274,9 @@ def _sum_across_processes(values: Tensor, accelerator: Accelerator | None) -> Te
     """Sum a host tensor over all processes (a no-op for one process)."""
     if accelerator is None or accelerator.num_processes == 1:
         return values
-    return accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+    # float32 on the wire: TPUs have no float64; counts stay exact below 2**24.
+    summed = accelerator.reduce(values.to(device=accelerator.device, dtype=torch.float32), reduction="sum")
+    return summed.cpu().to(values.dtype)
 
 
 @torch.no_grad()
