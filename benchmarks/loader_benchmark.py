@@ -4,7 +4,7 @@ Reads the dataset section of a config (default rnn_args_demo.yaml) at batch 64, 
 with dataset.build_dataloaders and times the training batches after the first (which opens the
 files). Generate the data first with `python make_synthetic_data.py --out data/synthetic`.
 
-Run: `cd /work/main && .venv/bin/python benchmarks/loader_benchmark.py [--n_batches 40 --num_workers 0 --static_shapes]`
+Run: `.venv/bin/python benchmarks/loader_benchmark.py [--n_batches 40 --num_workers 0 --static_shapes]`
 """
 
 import argparse

@@ -5,7 +5,7 @@ the faithful triple model, the triple model with a lighter noise GRU, and the ba
 Forward+backward time is measured on demo-size models on the CPU, alternating the two models
 step by step so both see the same machine load.
 
-Run: `cd /work/main && .venv/bin/python benchmarks/model_benchmark.py`
+Run: `.venv/bin/python benchmarks/model_benchmark.py`
 """
 
 import argparse

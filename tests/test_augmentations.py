@@ -1,6 +1,6 @@
 """Tests of data_augmentations.py: kernel, smoothing, each augmentation's statistics, static shapes.
 
-Run: cd /work/main && .venv/bin/python -m pytest tests/test_augmentations.py -q
+Run: .venv/bin/python -m pytest tests/test_augmentations.py -q
 """
 
 import numpy as np

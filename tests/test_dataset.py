@@ -1,6 +1,6 @@
 """Tests of dataset.py: reading the layout, split and batching semantics, static shapes, bad input.
 
-Run: cd /work/main && .venv/bin/python -m pytest tests/test_dataset.py -q
+Run: .venv/bin/python -m pytest tests/test_dataset.py -q
 """
 
 import collections

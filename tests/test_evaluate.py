@@ -1,7 +1,7 @@
 """Evaluator: greedy decoding and PER by hand, agreement with the trainer's validation PER,
 upstream checkpoints, saved logits, the submission CSV and the errors bad input gets.
 
-    cd /work/main && .venv/bin/python -m pytest tests/test_evaluate.py -q
+    .venv/bin/python -m pytest tests/test_evaluate.py -q
 """
 
 import csv

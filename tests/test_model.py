@@ -1,7 +1,7 @@
 """Tests for rnn_model.py: patching, day layers, gradient reversal, parameter counts, upstream
 checkpoint compatibility, bf16 autocast and CPU-vs-XLA agreement.
 
-Run: `cd /work/main && .venv/bin/python -m pytest tests/test_model.py -q`
+Run: `.venv/bin/python -m pytest tests/test_model.py -q`
 """
 
 import types

@@ -1,6 +1,6 @@
 """Tests of the synthetic dataset generator: exact Dryad layout, labels, signal shape, determinism.
 
-Run: cd /work/main && .venv/bin/python -m pytest tests/test_synthetic_data.py -q
+Run: .venv/bin/python -m pytest tests/test_synthetic_data.py -q
 """
 
 import os

@@ -1,6 +1,6 @@
 """Phoneme -> word decoding: text normalisation, lexicon, ARPA language model, beam search.
 
-    cd /work/main && .venv/bin/python -m pytest tests/test_word_decoding.py -q
+    .venv/bin/python -m pytest tests/test_word_decoding.py -q
 """
 
 import math
