@@ -73,12 +73,16 @@ def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> torc
         {"params": day_params, "lr": o.lr_max_day, "weight_decay": o.weight_decay_day, "group_type": "day"},
         {"params": other_params, "group_type": "other"},
     ]
+    # The fused kernel (CPU, CUDA) can skip a whole step on the device through `found_inf`,
+    # which _masked_optimizer_step uses instead of copying every weight and moment.
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=o.lr_max,
         betas=(o.beta0, o.beta1),
         eps=o.epsilon,
         weight_decay=o.weight_decay,
+        fused=fused,
     )
 
 
@@ -186,27 +190,35 @@ def compute_loss(
 
 @torch.no_grad()
 def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
-    """optimizer.step() that leaves weights and AdamW moments untouched when `finite` is False.
+    """optimizer.step() that leaves weights, AdamW moments and step counts untouched when `finite`
+    is False, decided on the device (no host sync).
 
-    Decided on the device with torch.where, so no host sync. Non-finite gradients are zeroed
-    first so NaN never reaches the moments. AdamW's step counter lives on the host on XLA/CUDA
-    (non-capturable AdamW) and is left to advance there; on CPU it is restored like the rest.
+    Fused AdamW (CPU, CUDA) takes the flag as `found_inf` and skips the update inside its kernel.
+    Elsewhere (XLA) the update is selected with torch.where against copies of the previous
+    values, traced into the step's graph. Non-finite gradients are zeroed first so NaN never
+    reaches the moments; on that path AdamW's step counter lives on the host and is left to
+    advance.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
     for p in params:
         p.grad.masked_fill_(~finite, 0.0)
+    if inner.defaults.get("fused"):
+        inner.found_inf = (~finite).to(torch.float32)
+        optimizer.step()
+        return
     old_params = [p.detach().clone() for p in params]
     old_state = {
-        p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.device == p.device}
+        p: {k: v.clone() for k, v in inner.state[p].items() if torch.is_tensor(v) and v.device == p.device}
         for p in params
-        if p in optimizer.state
+        if p in inner.state
     }
     optimizer.step()
     for p, old in zip(params, old_params):
         p.copy_(torch.where(finite, p, old))
     for p, state in old_state.items():
         for key, old in state.items():
-            new = optimizer.state[p][key]
+            new = inner.state[p][key]
             new.copy_(torch.where(finite, new, old))
 
 

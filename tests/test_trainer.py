@@ -226,9 +226,14 @@ def test_crash_during_save_keeps_the_previous_checkpoint(data_dir: Path, tmp_pat
     assert sorted(p.name for p in path.parent.iterdir()) == ["last_checkpoint.pt"]  # no temp file left
 
 
-def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-found_inf", "where-select"])
+def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path, fused: bool):
+    # fused: the CPU/CUDA path; not fused: the torch.where path that XLA takes.
     cfg = make_config(data_dir, tmp_path, "model.input_dropout=0.0")
     accelerator, model, opt, scheduler = _setup(cfg)
+    for group in opt.optimizer.param_groups:
+        group["fused"] = fused
+    opt.optimizer.defaults["fused"] = fused
     batch = _first_batch(cfg)
     counters = (torch.tensor(0), torch.tensor(0))
     _step(accelerator, model, opt, scheduler, cfg, [batch], counters)  # creates the AdamW moments
@@ -243,7 +248,7 @@ def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path):
     for name, value in accelerator.unwrap_model(model).state_dict().items():
         assert torch.equal(value, weights[name]), name
     for p, state in opt.state_dict()["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[key], moments[p][key]), (p, key)
 
     _step(accelerator, model, opt, scheduler, cfg, [batch], counters)
