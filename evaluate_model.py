@@ -395,13 +395,7 @@ def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None) -> di
         return {}
     refs = [r.true_phonemes for r in labelled]
     hyps = [r.fields["phonemes_decoded"] for r in labelled]
-    n_edits, n_ref = count_edits(refs, hyps)
-    result = {"per": n_edits / max(n_ref, 1), "edits": n_edits, "n": n_ref}
-    result["by_session"] = _rate_dict(error_rates_by([r.session for r in labelled], refs, hyps))
-    if corpus_of is not None:
-        corpora = [corpus_of.get((r.session, r.block_num), "unknown") for r in labelled]
-        result["by_corpus"] = _rate_dict(error_rates_by(corpora, refs, hyps))
-    return result
+    return _error_rates(labelled, refs, hyps, corpus_of, name="per")
 
 
 def score_words(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
@@ -410,11 +404,18 @@ def score_words(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
         return {}
     refs = [normalize_text(r.sentence_label).split() for r in labelled]
     hyps = [r.fields["text_decoded"].split() for r in labelled]
+    return _error_rates(labelled, refs, hyps, corpus_of, name="wer")
+
+
+def _error_rates(
+    records: Sequence[TrialRecord], refs: Sequence[Sequence], hyps: Sequence[Sequence], corpus_of: dict | None, name: str
+) -> dict:
+    """Overall rate under `name`, edit and reference counts, and rates per session (and corpus)."""
     n_edits, n_ref = count_edits(refs, hyps)
-    result = {"wer": n_edits / max(n_ref, 1), "edits": n_edits, "n": n_ref}
-    result["by_session"] = _rate_dict(error_rates_by([r.session for r in labelled], refs, hyps))
+    result = {name: n_edits / max(n_ref, 1), "edits": n_edits, "n": n_ref}
+    result["by_session"] = _rate_dict(error_rates_by([r.session for r in records], refs, hyps))
     if corpus_of is not None:
-        corpora = [corpus_of.get((r.session, r.block_num), "unknown") for r in labelled]
+        corpora = [corpus_of.get((r.session, r.block_num), "unknown") for r in records]
         result["by_corpus"] = _rate_dict(error_rates_by(corpora, refs, hyps))
     return result
 
