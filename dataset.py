@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rnn_model import n_patches
+
 PHONEMES: list[str] = [
     "BLANK",
     "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY", "JH",
@@ -39,13 +41,6 @@ SPLITS = ("train", "val", "test")
 
 class DataError(Exception):
     """Bad or missing input data; the message names the file, trial and problem."""
-
-
-def n_ctc_frames(n_time_steps: int, patch_size: int = 14, patch_stride: int = 4) -> int:
-    """Frames the model emits for a trial: ((T - size) // stride + 1), or T without patching."""
-    if patch_size <= 0:
-        return n_time_steps
-    return max(0, (n_time_steps - patch_size) // patch_stride + 1)
 
 
 def ctc_frames_needed(labels: Sequence[int]) -> int:
@@ -136,7 +131,7 @@ def _check_trial(
     labels = group["seq_class_ids"][:seq_len]
     if labels.min() < 1 or labels.max() >= len(PHONEMES):
         return meta, f"{where}: seq_class_ids hold values outside 1..{len(PHONEMES) - 1}"
-    n_frames, needed = n_ctc_frames(shape[0], patch_size, patch_stride), ctc_frames_needed(labels.tolist())
+    n_frames, needed = n_patches(shape[0], patch_size, patch_stride), ctc_frames_needed(labels.tolist())
     if n_frames < needed:
         return meta, (
             f"{where}: label sequence too long for CTC: {seq_len} phonemes need {needed} frames but "

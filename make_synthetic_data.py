@@ -157,6 +157,7 @@ def _sentence_label(sentence: str) -> str:
 
 
 def _n_frames(n_bins: int, patch_size: int = 14, patch_stride: int = 4) -> int:
+    """rnn_model.n_patches for one trial, restated so the generator does not import torch."""
     return (n_bins - patch_size) // patch_stride + 1
 
 

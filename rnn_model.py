@@ -35,6 +35,11 @@ def n_patches(n_time_steps: Tensor | int, patch_size: int, patch_stride: int) ->
     return max(count, 0)
 
 
+def patched_size(neural_dim: int, patch_size: int) -> int:
+    """Feature size of one patched frame: P*D, or D when patching is off."""
+    return neural_dim * patch_size if patch_size > 0 else neural_dim
+
+
 def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     """Concatenate `patch_size` consecutive bins every `patch_stride` bins (0 disables patching).
 
@@ -141,7 +146,7 @@ class GRUDecoder(nn.Module):
         self.day_layer_activation = nn.Softsign()
         self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
-        self.input_size = neural_dim * patch_size if patch_size > 0 else neural_dim
+        self.input_size = patched_size(neural_dim, patch_size)
         self.gru = nn.GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
         _init_gru_weights(self.gru)
         self.out = _new_linear(n_units, n_classes)
@@ -228,7 +233,7 @@ class NoiseModel(nn.Module):
         _check_patching(patch_size, patch_stride)
         self.patch_size = patch_size
         self.patch_stride = patch_stride
-        self.patched_size = neural_dim * patch_size if patch_size > 0 else neural_dim
+        self.patched_size = patched_size(neural_dim, patch_size)
         self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
         if noise_hidden_size > 0:
             self.branch = GRUBranch(self.patched_size, noise_hidden_size, n_layers, rnn_dropout, self.patched_size)
@@ -260,9 +265,8 @@ class CleanSpeechModel(nn.Module):
         _check_patching(patch_size, patch_stride)
         self.patch_size = patch_size
         self.patch_stride = patch_stride
-        patched_size = neural_dim * patch_size if patch_size > 0 else neural_dim
         self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
-        self.branch = GRUBranch(patched_size, n_units, n_layers, rnn_dropout, n_classes)
+        self.branch = GRUBranch(patched_size(neural_dim, patch_size), n_units, n_layers, rnn_dropout, n_classes)
 
     def forward(self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None) -> Tensor:
         """x: (B, T, D); day_idx: (B,); noise: (B, T', P*D) or None. Returns logits (B, T', C)."""
