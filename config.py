@@ -73,7 +73,7 @@ class DatasetConfig:
     feature_subset: list[int] | None = None
     bad_trials: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     on_bad_trial: str = "error"  # 'error' or 'skip'
-    max_seq_elements: int = 500
+    max_seq_elements: int | None = None  # None: longest train/val label, rounded up to 16
     static_shapes: bool = False
     time_buckets: list[int] = field(default_factory=list)
     data_transforms: TransformsConfig = field(default_factory=TransformsConfig)

@@ -9,7 +9,8 @@ Day index = position of the session in the session list, for every split.
 Batches follow the upstream baseline: a training batch draws `days_per_batch` distinct days and
 batch_size / days_per_batch trials per day with replacement; validation visits every trial once,
 one day per batch. With static_shapes (XLA), time is padded up to a configured bucket, labels to
-max_seq_elements, and every batch has batch_size rows (`row_mask` marks padding rows).
+max_seq_elements (by default the longest label of the train and val splits, rounded up to a multiple
+of 16), and every batch has batch_size rows (`row_mask` marks padding rows).
 
 Bad input raises one DataError naming the file, trial and problem; with on_bad_trial='skip',
 per-trial problems are instead dropped with one warning listing them.
@@ -36,6 +37,9 @@ PHONEMES: list[str] = [
 ]
 N_FEATURES = 512
 TRANSCRIPTION_LENGTH = 500
+# Derived label padding is rounded up to this: a few sentences added to the data then rarely
+# change the padded shape, and the dense CTC's state count 2S+1 stays a tidy size.
+LABEL_PADDING_MULTIPLE = 16
 SPLITS = ("train", "val", "test")
 
 
@@ -46,6 +50,19 @@ class DataError(Exception):
 def ctc_frames_needed(labels: Sequence[int]) -> int:
     """CTC needs one frame per label plus a blank between each pair of equal adjacent labels."""
     return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+
+
+def derived_label_padding(*split_indices: dict[int, dict]) -> int:
+    """Longest label (seq_len) in the given split indices, rounded up to LABEL_PADDING_MULTIPLE.
+
+    build_dataloaders passes the train and val indices, so both splits' batches share one label
+    width; the value depends only on the files, so every replica derives the same one.
+    """
+    longest = max(
+        (meta.get("seq_len", 0) for index in split_indices for entry in index.values() for meta in entry["meta"].values()),
+        default=0,
+    )
+    return max(1, math.ceil(longest / LABEL_PADDING_MULTIPLE)) * LABEL_PADDING_MULTIPLE
 
 
 def discover_sessions(dataset_dir: str) -> list[str]:
@@ -430,6 +447,7 @@ def build_dataloaders(cfg: Any, n_train_batches: int, start_batch: int = 0) -> t
     """(train_loader, val_loader, sessions) from cfg.dataset; day index = position in sessions.
 
     start_batch skips the first training batches (resuming at a step needs only the step).
+    dataset.max_seq_elements None pads labels (static shapes) to derived_label_padding of both splits.
     """
     d = cfg.dataset
     sessions = list(d.sessions) if d.sessions else discover_sessions(d.dataset_dir)
@@ -441,12 +459,16 @@ def build_dataloaders(cfg: Any, n_train_batches: int, start_batch: int = 0) -> t
     kwargs = _index_kwargs(cfg)
     train_indices, _ = train_test_split_indices(train_paths, 0, d.loader_seed, d.bad_trials, **kwargs)
     _, val_indices = train_test_split_indices(val_paths, 1, d.loader_seed, d.bad_trials, **kwargs)
+    # Real sentences need ~100 labels, not upstream's 500: the dense CTC's cost grows with 2S+1.
+    max_seq_elements = d.max_seq_elements
+    if max_seq_elements is None:
+        max_seq_elements = derived_label_padding(train_indices, val_indices)
     common = {
         "random_seed": d.loader_seed,
         "feature_subset": d.feature_subset,
         "static_shapes": d.static_shapes,
         "time_buckets": d.time_buckets,
-        "max_seq_elements": d.max_seq_elements,
+        "max_seq_elements": max_seq_elements,
         "on_bad_trial": d.on_bad_trial,
     }
     train_set = BrainToTextDataset(

@@ -248,3 +248,34 @@ def test_empty_split(data_dir):
         D.build_dataloaders(_config(data_dir, bad_trials=bad), 1)
     with pytest.raises(D.DataError, match="the val split is empty"):
         D.build_dataloaders(_config(data_dir, sessions=SESSIONS[:1], days_per_batch=1), 1)
+
+
+def _stored_label_lengths(data_dir: str, split: str) -> list[int]:
+    lengths = []
+    for path in D.session_files(data_dir, SESSIONS, split):
+        if path is not None:
+            with h5py.File(path, "r") as f:
+                lengths += [int(f[key].attrs["seq_len"]) for key in f]
+    return lengths
+
+
+def test_label_padding_is_derived_from_both_splits():
+    def index(*seq_lens):
+        return {0: {"trials": list(range(len(seq_lens))), "meta": {i: {"seq_len": s} for i, s in enumerate(seq_lens)}}}
+
+    assert D.derived_label_padding(index(3, 17), index(5)) == 32
+    assert D.derived_label_padding(index(3, 17), index(33)) == 48  # the val split's longest label counts
+    assert D.derived_label_padding(index(16)) == 16
+
+
+def test_static_label_width_is_the_same_for_train_and_val(data_dir):
+    longest = max(_stored_label_lengths(data_dir, "train") + _stored_label_lengths(data_dir, "val"))
+    expected = -(-longest // 16) * 16
+    assert expected < 500
+    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=None, static_shapes=True), 4)
+    widths = {loader.dataset[i]["seq_class_ids"].shape[1] for loader in (train_loader, val_loader)
+              for i in range(len(loader.dataset))}
+    assert widths == {expected}
+    # An int still fixes the width, as upstream's 500.
+    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=200, static_shapes=True), 1)
+    assert train_loader.dataset[0]["seq_class_ids"].shape[1] == val_loader.dataset[0]["seq_class_ids"].shape[1] == 200
