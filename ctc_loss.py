@@ -62,6 +62,20 @@ def _alpha_step(carry: tuple[Tensor, Tensor], x: tuple[Tensor, Tensor]) -> tuple
     return (new_alpha, skip_bias), None
 
 
+def ctc_feasible(targets: Tensor, *, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+    """(B,) bool: the input has a frame for every label plus a blank between equal neighbours.
+
+    Decided from lengths alone, on the device, instead of thresholding the loss, so an unlikely
+    but feasible alignment is never called impossible. targets (B, S); lengths (B,).
+    """
+    targets = targets.to(torch.long)
+    input_lengths = input_lengths.to(device=targets.device, dtype=torch.long)
+    target_lengths = target_lengths.to(device=targets.device, dtype=torch.long)
+    position = torch.arange(1, targets.shape[1], device=targets.device).unsqueeze(0)  # (1, S-1)
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & (position < target_lengths.unsqueeze(1))).sum(1)
+    return input_lengths >= target_lengths + repeats
+
+
 def ctc_loss_dense(
     log_probs: Tensor,
     targets: Tensor,
@@ -132,11 +146,7 @@ def ctc_loss_dense(
     end_label = torch.where(target_lengths > 0, end_label, torch.full_like(end_label, _LOG_ZERO))
     nll = -_logaddexp(end_blank, end_label)
 
-    # Feasibility from lengths alone (a repeated label needs a blank frame between its copies)
-    # instead of thresholding nll, so an unlikely but feasible alignment is never called impossible.
-    position = torch.arange(1, n_labels, device=device).unsqueeze(0)  # (1, S-1)
-    repeats = ((targets[:, 1:] == targets[:, :-1]) & (position < target_lengths.unsqueeze(1))).sum(1)
-    feasible = input_lengths >= target_lengths + repeats
+    feasible = ctc_feasible(targets, input_lengths=input_lengths, target_lengths=target_lengths)
     # torch.where sends zero gradient into the branch it does not pick.
     fill = 0.0 if zero_infinity else float("inf")
     return torch.where(feasible, nll, torch.full_like(nll, fill))

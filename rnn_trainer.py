@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import rnn_model
 from config import Config, OptimizerConfig, config_to_dict, save_config
-from ctc_loss import ctc_loss
+from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
 from dataset import build_dataloaders
 from evaluate_model_helpers import count_edits, greedy_ctc_decode
@@ -45,6 +45,8 @@ from evaluate_model_helpers import count_edits, greedy_ctc_decode
 CHECKPOINT_DIR = "checkpoint"
 BEST_CHECKPOINT = "best_checkpoint.pt"
 LAST_CHECKPOINT = "last_checkpoint.pt"
+# Loss terms that count trials: summed over a step's micro-batches rather than averaged.
+_COUNT_TERMS = ("ctc_infeasible",)
 DEVICE_KEYS = ("input_features", "n_time_steps", "seq_class_ids", "phone_seq_lens", "day_indices", "row_mask")
 
 
@@ -131,16 +133,31 @@ def _forward(model: nn.Module, batch: Mapping[str, Tensor], *, model_type: str, 
         return (model(features, day_indices),)
 
 
+def _ctc_counted_rows(batch: Mapping[str, Tensor], *, input_lengths: Tensor) -> Tensor:
+    """(B,) bool: real trials (row_mask) whose input is long enough for their labels.
+
+    random_cut shortens inputs after the loader's length check, so a trial can become
+    infeasible on the device; it is left out of the loss instead of making the step infinite.
+    """
+    feasible = ctc_feasible(batch["seq_class_ids"], input_lengths=input_lengths, target_lengths=batch["phone_seq_lens"])
+    return batch["row_mask"] & feasible
+
+
 def _per_sample_ctc(
     logits: Tensor, batch: Mapping[str, Tensor], *, input_lengths: Tensor, use_dense_ctc: bool
 ) -> Tensor:
-    """CTC negative log likelihood per trial (B,), float32, padding rows set to 0."""
+    """CTC negative log likelihood per trial (B,), float32; 0 with zero gradient for padding rows
+    and infeasible trials (see _ctc_counted_rows)."""
+    counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
+    # Rows left out get no labels, so their CTC is finite in both implementations (torch's
+    # backward of an infinite loss is NaN even where its gradient is then multiplied by 0).
+    target_lengths = torch.where(counted, batch["phone_seq_lens"], torch.zeros_like(batch["phone_seq_lens"]))
     log_probs = logits.float().log_softmax(dim=-1)  # (B, T', C); float32 whatever autocast did
     per_sample = ctc_loss(
-        log_probs, batch["seq_class_ids"], input_lengths, batch["phone_seq_lens"], blank=0, use_dense=use_dense_ctc
+        log_probs, batch["seq_class_ids"], input_lengths, target_lengths, blank=0, use_dense=use_dense_ctc
     )
-    # where, not multiply: a padding row's inf/NaN times 0 would still poison the sum.
-    return torch.where(batch["row_mask"], per_sample, torch.zeros_like(per_sample))
+    # where, not multiply: a left-out row's inf/NaN times 0 would still poison the sum.
+    return torch.where(counted, per_sample, torch.zeros_like(per_sample))
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -154,7 +171,9 @@ def compute_loss(
     """Forward pass and the total loss with each term by name.
 
     total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2)
-    Each CTC term is the mean over real trials (row_mask) of per-trial sums, as upstream.
+    Each CTC term is the mean over real trials (row_mask) of per-trial sums, as upstream; trials
+    whose (augmented) input is too short for their labels are left out and counted in the
+    `ctc_infeasible` term, a device tensor like the others.
     `adversarial_gate` is a 0/1 device tensor, so switching the adversarial terms on after the
     warm-up changes values, not the traced graph.
     """
@@ -163,14 +182,15 @@ def compute_loss(
         batch["n_time_steps"], patch_size=m.patch_size, patch_stride=m.patch_stride
     )
     row_mask = batch["row_mask"]
-    n_rows = row_mask.sum().clamp(min=1)
+    counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
+    n_rows = counted.sum().clamp(min=1)
     outputs = _forward(
         model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
     )
     ctc = functools.partial(_per_sample_ctc, batch=batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
     ctc_clean = ctc(outputs[0]).sum() / n_rows
-    terms = {"ctc_clean": ctc_clean}
+    terms = {"ctc_clean": ctc_clean, "ctc_infeasible": (row_mask & ~counted).sum().to(torch.float32)}
     total = ctc_clean
     if m.type == "triple":
         _, noisy_logits, noise = outputs
@@ -260,7 +280,8 @@ def train_step(
             accelerator.backward(total)  # divides by the accumulation steps
             finite = finite & torch.isfinite(total)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
+                share = 1.0 if name in _COUNT_TERMS else 1.0 / len(micro_batches)  # counts add up, losses average
+                sums[name] = sums.get(name, 0.0) + value.detach() * share
     # Clip and check without error_if_nonfinite: that option reads the norm on the host.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_norm_clip_value)
     finite = finite & torch.isfinite(grad_norm)
@@ -562,7 +583,8 @@ def _format_train_line(
     parts = [f"step {step:>{width}}/{n_steps}", f"loss {values['loss']:.3f}", f"ctc_clean {values['ctc_clean']:.3f}"]
     if "ctc_noisy" in values:
         parts += [f"ctc_noisy {values['ctc_noisy']:.3f}", f"noise_l2 {values['noise_l2']:.3g}"]
-    parts += [f"grad {values['grad_norm']:.3g}", f"lr {lr:.2e}", f"skipped {n_skipped}", f"{ms:.0f} ms"]
+    parts += [f"ctc_infeasible {values['ctc_infeasible']:.0f}", f"grad {values['grad_norm']:.3g}", f"lr {lr:.2e}",
+              f"skipped {n_skipped}", f"{ms:.0f} ms"]
     return " | ".join(parts)
 
 

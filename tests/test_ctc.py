@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_xla, run_xla_script
-from ctc_loss import ctc_loss, ctc_loss_dense
+from ctc_loss import ctc_feasible, ctc_loss, ctc_loss_dense
+from dataset import ctc_frames_needed
 
 N_CLASSES = 41
 
@@ -116,6 +117,17 @@ def test_infeasible_lengths(zero_infinity: bool) -> None:
     assert (grad[:2] == 0).all()
     # torch's own gradient for an inf sample is NaN unless zero_infinity; compare against that.
     torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-9)
+
+
+def test_feasibility_counts_a_blank_between_repeats() -> None:
+    targets = torch.tensor([[4, 5, 6], [2, 2, 0], [7, 7, 7], [3, 3, 9]])
+    target_lengths = torch.tensor([3, 2, 3, 1])  # row 3: the repeat lies in the padding and is not counted
+    needed = [ctc_frames_needed(row[:n].tolist()) for row, n in zip(targets, target_lengths)]
+    assert needed == [3, 3, 5, 1]
+    for extra, expected in ((0, True), (-1, False)):
+        input_lengths = torch.tensor(needed) + extra
+        feasible = ctc_feasible(targets, input_lengths=input_lengths, target_lengths=target_lengths)
+        assert feasible.tolist() == [expected] * 4
 
 
 def test_frames_past_input_length_are_ignored() -> None:

@@ -175,12 +175,13 @@ def test_resume_is_bit_exact_and_keeps_run_outputs(data_dir: Path, tmp_path: Pat
     assert log_after.startswith(log_before) and "resumed" in log_after
     steps = [line for line in (interrupted_dir / "metrics.jsonl").read_text().splitlines() if '"train/loss"' in line]
     assert len(steps) == 2  # step 2 from the first part, step 4 after resuming
+    assert all('"train/ctc_infeasible": 0.0' in line for line in steps)
 
     run = tmp_path / "straight"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "training_curves.png", "checkpoint/best_checkpoint.pt"):
         assert (run / name).is_file(), name
     line = re.compile(r"^step +4/4 \| loss [\d.]+ \| ctc_clean [\d.]+ \| ctc_noisy [\d.]+ \| noise_l2 \S+ \| "
-                      r"grad \S+ \| lr \S+ \| skipped 0 \| \d+ ms$", re.M)
+                      r"ctc_infeasible 0 \| grad \S+ \| lr \S+ \| skipped 0 \| \d+ ms$", re.M)
     assert line.search((run / "train.log").read_text())
     expected_keys = {"model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config", "step",
                      "best_val_per", "best_val_loss", "val_per", "val_loss", "rng_states", "sessions"}
@@ -256,6 +257,45 @@ def test_non_finite_step_is_skipped_and_counted(data_dir: Path, tmp_path: Path, 
     assert int(counters[1]) == 1
     assert any(not torch.equal(after[n], weights[n]) for n in weights)
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+@pytest.mark.parametrize("use_dense_ctc", [False, True], ids=["torch-ctc", "dense-ctc"])
+def test_infeasible_trial_is_left_out_of_the_loss_and_counted(data_dir: Path, tmp_path: Path, use_dense_ctc: bool):
+    cfg = make_config(data_dir, tmp_path, "model.type=baseline", "model.patch_size=0", "model.patch_stride=0")
+    logits = torch.randn(4, 10, 41, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    labels = torch.tensor([[5, 6, 7], [3, 3, 3], [8, 9, 0], [1, 0, 0]])
+    # Row 1: [3, 3, 3] needs 5 frames (blanks between the repeats) but has 4. Row 3 is padding.
+    batch = {"input_features": logits, "n_time_steps": torch.tensor([10, 4, 7, 10]), "seq_class_ids": labels,
+             "phone_seq_lens": torch.tensor([3, 3, 2, 1]), "day_indices": torch.zeros(4, dtype=torch.long),
+             "row_mask": torch.tensor([True, True, True, False])}
+    total, terms = rnn_trainer.compute_loss(model=_LogitsAreInputs(), batch=batch, cfg=cfg,
+                                            adversarial_gate=torch.tensor(0.0), use_dense_ctc=use_dense_ctc)
+    total.backward()
+
+    feasible = [0, 2]
+    alone = F.ctc_loss(logits.detach()[feasible].log_softmax(-1).transpose(0, 1), labels[feasible],
+                       batch["n_time_steps"][feasible], batch["phone_seq_lens"][feasible], reduction="none")
+    assert torch.isfinite(total)
+    assert float(total.detach()) == pytest.approx(float(alone.mean()), rel=1e-5)
+    assert float(terms["ctc_infeasible"]) == 1.0
+    assert (logits.grad[1] == 0).all() and (logits.grad[3] == 0).all()
+    assert (logits.grad[0] != 0).any() and torch.isfinite(logits.grad).all()
+
+
+def test_step_with_an_infeasible_trial_updates_the_weights(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path)
+    accelerator, model, opt, scheduler = _setup(cfg)
+    batch = _first_batch(cfg)
+    # As if random_cut had taken the frames: one patch left for labels that need several.
+    batch["n_time_steps"] = batch["n_time_steps"].clone()
+    batch["n_time_steps"][0] = cfg.model.patch_size
+    weights = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+    counters = (torch.tensor(0), torch.tensor(0))
+    terms = _step(accelerator, model, opt, scheduler, cfg, [batch, batch], counters)
+    assert torch.isfinite(terms["loss"]) and int(counters[1]) == 0
+    assert float(terms["ctc_infeasible"]) == 2.0  # one per micro-batch, summed over the step
+    after = accelerator.unwrap_model(model).state_dict()
+    assert any(not torch.equal(after[n], weights[n]) for n in weights)
 
 
 def test_early_stopping_after_validations_without_improvement(data_dir: Path, tmp_path: Path, monkeypatch):
