@@ -2,7 +2,8 @@
 
     python launch_tpu_training.py --config rnn_args.yaml --num_cores 8 [--set key=value ...] [--resume RUN_DIR]
 
-Without a TPU runtime it prints one line naming what is missing and exits with status 1.
+Without a TPU runtime it prints one line naming what is missing and exits with status 1; a bad
+config, data directory or checkpoint in any replica ends the launch with one line and status 2.
 torch_xla replicates over either one device or all of them, so --num_cores is 1 or the number
 of local TPU devices.
 """
@@ -81,8 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PJRT_DEVICE"] = "TPU"
     import torch_xla
 
-    # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
-    torch_xla.launch(_replica, args=(args.config, args.set, args.resume), debug_single_process=num_cores == 1)
+    from dataset import DataError
+
+    try:
+        # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
+        # It ignores what _replica returns, but re-raises here the first exception a replica raised.
+        torch_xla.launch(_replica, args=(args.config, args.set, args.resume), debug_single_process=num_cores == 1)
+    except (DataError, ConfigError, FileNotFoundError) as error:
+        print(f"launch_tpu_training.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

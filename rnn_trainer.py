@@ -488,7 +488,9 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # weights_only=False: our own files hold numpy/python RNG states next to the tensors.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap=True: tensor data is paged in from the file on demand instead of first reading the whole
+    # file (~8 GB of weights and AdamW moments at full size) into host memory.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if model is not None:
         rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"])
     if optimizer is not None:
@@ -589,8 +591,15 @@ def _format_train_line(
 
 
 def _plot_curves(run_dir: Path) -> None:
-    """training_curves.png: train loss and val PER against step, from the whole metrics.jsonl."""
-    import matplotlib
+    """training_curves.png: train loss and val PER against step, from the whole metrics.jsonl.
+
+    matplotlib is an optional extra (`.[plots]`); without it the plot is skipped with one line.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        tqdm.write("training_curves.png not written: matplotlib is not installed (pip install matplotlib)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -645,16 +654,17 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
         cfg.dataset.sessions = list(resume_checkpoint["sessions"])
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed, device_specific=True)  # seed + process index: different dropout per replica
-    if is_main:
-        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    _barrier(accelerator)
-    log = _RunLog(run_dir, enabled=is_main)
 
     accum = cfg.gradient_accumulation_steps
     n_steps = cfg.num_training_batches
     train_loader, val_loader, sessions = build_dataloaders(cfg, n_train_batches=n_steps * accum * world)
     n_days = len(sessions)
+    # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
+    if is_main:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _barrier(accelerator)
+    log = _RunLog(run_dir, enabled=is_main)
 
     model = rnn_model.build_model(cfg.model, n_days=n_days)
     if cfg.init_from_checkpoint:

@@ -5,6 +5,7 @@
 
 --resume RUN_DIR continues RUN_DIR from checkpoint/last_checkpoint.pt; without --config_path it
 reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a finished run).
+A bad config, data directory or checkpoint ends the run with one line on stderr and exit status 2.
 """
 
 import argparse
@@ -26,7 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _fail(error: Exception) -> None:
+    """One line on stderr, then exit status 2. SystemExit rather than a return value: on TPU
+    `accelerate launch` calls main() in each replica through torch_xla's spawn, which ignores what
+    main() returns but passes a replica's SystemExit on to the launching process."""
+    print(f"train_model.py: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Load the config, then train. `accelerate launch` calls main() with no arguments."""
     args = parse_args(argv)
     config_path = args.config_path
@@ -35,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, args.set)
     except ConfigError as error:
-        print(f"train_model.py: {error}", file=sys.stderr)
-        return 2
+        _fail(error)
     if not cfg.use_tpu:
         # Must precede the first `import accelerate`, which would otherwise import torch_xla and
         # pick the XLA backend (and torch_xla swaps nn.GRU for its scan version process-wide).
@@ -47,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rnn_trainer.train(cfg, resume_dir=args.resume)
     except (DataError, ConfigError, FileNotFoundError) as error:
-        print(f"train_model.py: {error}", file=sys.stderr)
-        return 2
-    return 0
+        _fail(error)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -403,3 +403,79 @@ def test_launcher_without_tpu_prints_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert lines[0].startswith("launch_tpu_training.py: no TPU runtime: ")
+
+
+def test_train_model_bad_data_dir_exits_2_without_a_run_directory(data_dir: Path, tmp_path: Path, capsys):
+    import train_model
+    from config import save_config
+
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "config.yaml"
+    save_config(make_config(tmp_path / "no_such_data", run_dir), config_path)
+    # SystemExit, not a return value: under accelerate's TPU launcher main() runs in spawned replicas.
+    with pytest.raises(SystemExit) as exit_info:
+        train_model.main(["--config_path", str(config_path)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train_model.py: ") and "no_such_data" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_train_model_bad_config_exits_2_with_one_line(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "train_model.py", "--config_path", "rnn_args.yaml", "--set", "dataset.batch_sise=8"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "dataset.batch_sise" in lines[0], proc.stderr
+
+
+def test_launcher_replica_failure_exits_2_with_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    import types
+
+    import launch_tpu_training
+    from config import save_config
+
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "config.yaml"
+    save_config(make_config(tmp_path / "no_such_data", run_dir), config_path)
+    launched = []
+
+    def launch(fn, args=(), debug_single_process=False):
+        # Like torch_xla.launch: the replica's return value is dropped, its exception goes on.
+        launched.append(fn)
+        fn(0, *args)
+
+    monkeypatch.setitem(sys.modules, "torch_xla", types.SimpleNamespace(launch=launch))
+    monkeypatch.setattr(launch_tpu_training, "missing_tpu_runtime", lambda: None)
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # main() sets TPU; restored after the test
+    assert launch_tpu_training.main(["--config", str(config_path), "--num_cores", "1"]) == 2
+    assert launched == [launch_tpu_training._replica]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch_tpu_training.py: ") and "no_such_data" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_plot_is_skipped_with_one_line_without_matplotlib(tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "train/loss": 1.5}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    rnn_trainer._plot_curves(tmp_path)
+    assert not (tmp_path / "training_curves.png").exists()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "matplotlib is not installed" in lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see memory maps")
+def test_checkpoint_is_memory_mapped_when_loaded(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    state = _small_state(cfg)
+    rnn_trainer.save_checkpoint(path, step=1, **state)
+    model = rnn_model.build_model(cfg.model, n_days=3)
+    checkpoint = rnn_trainer.load_checkpoint(path, model=model)
+    # Read in place from the file (pages on demand), not copied whole into host memory first.
+    assert str(path) in Path("/proc/self/maps").read_text()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state["model"].state_dict()[name]), name
+    del checkpoint
