@@ -11,6 +11,7 @@ A bad config, data directory or checkpoint ends the run with one line on stderr 
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from config import ConfigError, load_config
 
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception) -> NoReturn:
     """One line on stderr, then exit status 2. SystemExit rather than a return value: on TPU
     `accelerate launch` calls main() in each replica through torch_xla's spawn, which ignores what
     main() returns but passes a replica's SystemExit on to the launching process."""
