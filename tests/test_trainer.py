@@ -22,6 +22,7 @@ import rnn_model
 import rnn_trainer
 from config import apply_overrides, config_from_dict
 from dataset import build_dataloaders
+from conftest import requires_xla, run_xla_script
 from make_synthetic_data import generate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -479,3 +480,33 @@ def test_checkpoint_is_memory_mapped_when_loaded(data_dir: Path, tmp_path: Path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state["model"].state_dict()[name]), name
     del checkpoint
+
+
+_REPLICA_FAILURE_SCRIPT = """
+import sys
+import torch_xla
+import launch_tpu_training
+from dataset import DataError
+
+if __name__ == "__main__":
+    try:
+        torch_xla.launch(launch_tpu_training._replica, args=(sys.argv[1], [], None))
+    except DataError as error:
+        print("DataError:", error)
+"""
+
+
+@requires_xla
+def test_replica_error_reaches_the_launching_process(tmp_path: Path):
+    # What launch_tpu_training.main relies on: torch_xla.launch runs _replica in a spawned process
+    # (one on the CPU backend) and re-raises its DataError in the launcher, where main catches it.
+    from config import save_config
+
+    save_config(make_config(tmp_path / "no_such_data", tmp_path / "run"), tmp_path / "config.yaml")
+    script = tmp_path / "launch.py"
+    script.write_text(_REPLICA_FAILURE_SCRIPT)
+    code = f"import runpy, sys; sys.argv = ['launch.py', {str(tmp_path / 'config.yaml')!r}]; " \
+           f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    out = run_xla_script(code)
+    assert "DataError: " in out and "no_such_data: dataset directory does not exist" in out, out
+    assert not (tmp_path / "run").exists()
