@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xla_gru import GRU
+
 # Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -80,7 +82,7 @@ def _new_day_parameters(neural_dim: int, n_days: int) -> tuple[nn.ParameterList,
     return weights, biases
 
 
-def _init_gru_weights(gru: nn.GRU) -> None:
+def _init_gru_weights(gru: GRU) -> None:
     """The baseline's rule: orthogonal recurrent weights, xavier input weights, default biases."""
     for name, param in gru.named_parameters():
         if "weight_hh" in name:
@@ -100,16 +102,18 @@ def _new_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
-def _run_gru(gru: nn.GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+def _run_gru(gru: GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
     """Run a GRU with autocast off and inputs in the weights' dtype (float32 under autocast).
 
     A bf16 recurrence accumulates rounding error over hundreds of steps, so mixed precision
-    stops at the GRU's boundary. x: (B, T, I); states: (n_layers, B, H).
+    stops at the GRU's boundary; under autocast the XLA GRU keeps the activations it saves for
+    backward in bf16 (the carry stays float32). x: (B, T, I); states: (n_layers, B, H).
     """
     dtype = gru.weight_hh_l0.dtype
+    save_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
         # expand()ed initial states are strided views; cuDNN wants a contiguous hx.
-        return gru(x.to(dtype), states.to(dtype).contiguous())
+        return gru(x.to(dtype), states.to(dtype).contiguous(), save_dtype=save_dtype)
 
 
 class GRUDecoder(nn.Module):
@@ -147,7 +151,7 @@ class GRUDecoder(nn.Module):
         self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
         self.input_size = patched_size(neural_dim, patch_size)
-        self.gru = nn.GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
+        self.gru = GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
         _init_gru_weights(self.gru)
         self.out = _new_linear(n_units, n_classes)
         self.h0 = _new_initial_state(n_units)
@@ -196,7 +200,7 @@ class GRUBranch(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.n_layers = n_layers
-        self.gru = nn.GRU(input_size, hidden_size, n_layers, dropout=dropout, batch_first=True)
+        self.gru = GRU(input_size, hidden_size, n_layers, dropout=dropout, batch_first=True)
         _init_gru_weights(self.gru)
         self.h0 = _new_initial_state(hidden_size)
         self.out = _new_linear(hidden_size, output_size) if output_size > 0 else None

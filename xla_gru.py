@@ -1,0 +1,162 @@
+"""A GRU for XLA whose backward memory grows with T'·B·H, not with T'·H².
+
+torch_xla replaces `nn.GRU` with a scan whose carry holds the weight matrices, and scan saves
+every step's carry for the backward pass: one copy of W_ih and W_hh per time step (about 2.65 GB
+per frame for the full TripleGRUDecoder). This GRU instead
+
+- projects the inputs of all time steps in one matmul before the recurrence (x @ W_ih^T);
+- runs the recurrence as one compiled loop (torch_xla.experimental.scan's loop builder on XLA,
+  a Python loop elsewhere), saving only the per-step gates and hidden states;
+- runs its own backward as a reverse loop that returns per-step gate gradients, then forms the
+  weight gradients as single matmuls over all steps, outside the loop.
+
+The weights ride in the loop carry, where a while loop keeps one copy whatever the length; they
+are never stacked per step. `GRU` subclasses torch's own `nn.GRU` class (not torch_xla's patched
+one), so parameter names and shapes are nn.GRU's and every checkpoint loads unchanged. It uses
+this recurrence on XLA devices, or anywhere with `use_scan = True` (how the tests compare it with
+torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA).
+
+Used as a library: `from xla_gru import GRU`.
+Tested by: `.venv/bin/python -m pytest tests/test_xla_gru.py -q`.
+"""
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.rnn import GRU as _TorchGRU  # the class itself, never torch_xla's replacement
+from torch.utils._pytree import tree_map
+
+
+def _loop(step: Any, carry: Any, xs: Any, *, reverse: bool = False) -> tuple[Any, Any]:
+    """carry, ys = step(carry, xs[t]) for every t (last to first when reverse); ys stacked on dim 0.
+
+    On XLA this is one compiled while loop. torch_xla's public `scan` wraps the same loop in an
+    autograd Function that saves the whole carry of every step for its backward; the loop
+    builder below it saves nothing, and `_GRURecurrence` supplies the backward.
+    """
+    first = next(iter(xs)) if isinstance(xs, (tuple, list)) else xs
+    if first.device.type == "xla":
+        from torch_xla.experimental.scan import _scan_impl_pytree
+
+        return _scan_impl_pytree(step, carry, xs, reverse=reverse)
+    steps = range(first.shape[0] - 1, -1, -1) if reverse else range(first.shape[0])
+    ys = []
+    for t in steps:
+        carry, y = step(carry, tree_map(lambda v: v[t], xs))
+        ys.append(y)
+    if reverse:
+        ys.reverse()
+    return carry, tree_map(lambda *ts: torch.stack(ts), *ys)
+
+
+def _forward_step(carry: tuple[Tensor, Tensor, Tensor], gi_t: Tensor, *, save_dtype: torch.dtype) -> tuple[Any, Any]:
+    """One GRU step (torch's gate order r, z, n). carry: h (B, H), w_hh (3H, H), b_hh (3H,)."""
+    h, w_hh, b_hh = carry
+    gh = torch.addmm(b_hh, h, w_hh.t())  # (B, H) @ (H, 3H) -> (B, 3H)
+    gi_r, gi_z, gi_n = gi_t.chunk(3, dim=-1)
+    gh_r, gh_z, gh_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(gi_r + gh_r)
+    z = torch.sigmoid(gi_z + gh_z)
+    n = torch.tanh(gi_n + r * gh_n)
+    h_new = n + z * (h - n)  # (1 - z) * n + z * h
+    gates = torch.cat([r, z, n, gh_n], dim=-1).to(save_dtype)  # 4 x (B, H) -> (B, 4H)
+    return (h_new, w_hh, b_hh), (h_new, gates)
+
+
+def _backward_step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor, Tensor]) -> tuple[Any, Tensor]:
+    """Reverse step: gradient of the pre-activations gi_t (B, 3H) and of h_{t-1}.
+
+    carry: dh (B, H) flowing back from step t+1, w_hh (3H, H). xs: dL/dh_t from the layer's
+    output (B, H), the saved gates (B, 4H), h_{t-1} (B, H).
+    """
+    dh_next, w_hh = carry
+    d_out, gates, h_prev = xs
+    r, z, n, gh_n = gates.float().chunk(4, dim=-1)
+    dh = dh_next + d_out
+    da_n = dh * (1 - z) * (1 - n * n)  # through n = tanh(a_n)
+    da_z = dh * (h_prev - n) * z * (1 - z)  # through z = sigmoid(a_z)
+    da_r = da_n * gh_n * r * (1 - r)  # a_n = gi_n + r * gh_n
+    dgi = torch.cat([da_r, da_z, da_n], dim=-1)  # (B, 3H)
+    dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (B, 3H)
+    dh_prev = dh * z + dgh @ w_hh  # (B, 3H) @ (3H, H) -> (B, H)
+    return (dh_prev, w_hh), dgi
+
+
+class _GRURecurrence(torch.autograd.Function):
+    """hs = GRU recurrence over precomputed input projections, with a memory-lean backward.
+
+    Saves hs (T, B, H) and the gates r, z, n, W_hn h + b_hn (T, B, 4H) in `save_dtype`; the
+    backward returns dgi per step and dW_hh, db_hh as one matmul / sum over all steps.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype) -> Tensor:
+        """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
+        _, (hs, gates) = _loop(functools.partial(_forward_step, save_dtype=save_dtype), (h0, w_hh, b_hh), gi)
+        ctx.save_for_backward(h0, w_hh, hs, gates)
+        return hs
+
+    @staticmethod
+    def backward(ctx: Any, d_hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        h0, w_hh, hs, gates = ctx.saved_tensors
+        h_prev = torch.cat([h0[None], hs[:-1]])  # h_{t-1} for every t: (T, B, H)
+        (dh0, _), dgi = _loop(_backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=True)
+        r = gates[..., : h0.shape[-1]].float()
+        da_r, da_z, da_n = dgi.chunk(3, dim=-1)
+        dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (T, B, 3H)
+        dgh_flat = dgh.reshape(-1, dgh.shape[-1])  # (T, B, 3H) -> (T*B, 3H)
+        dw_hh = dgh_flat.t() @ h_prev.reshape(-1, h_prev.shape[-1])  # (3H, T*B) @ (T*B, H) -> (3H, H)
+        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None
+
+
+def gru_scan(
+    x: Tensor, hx: Tensor, weights: list[tuple[Tensor, Tensor, Tensor, Tensor]], *, dropout: float,
+    training: bool, save_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Multi-layer unidirectional GRU, batch first, with nn.GRU's equations and dropout rule.
+
+    x: (B, T, I); hx: (L, B, H); weights: per layer (w_ih, w_hh, b_ih, b_hh). Returns the last
+    layer's outputs (B, T, H) and the final states (L, B, H). Float32 throughout, with the saved
+    activations in `save_dtype`.
+    """
+    layer_input = x.transpose(0, 1)  # (B, T, I) -> (T, B, I): the loop runs over dim 0
+    finals = []
+    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        if layer > 0:
+            layer_input = F.dropout(layer_input, dropout, training)
+        gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, 3H)
+        layer_input = _GRURecurrence.apply(gi, hx[layer], w_hh, b_hh, save_dtype)  # (T, B, H)
+        finals.append(layer_input[-1])
+    return layer_input.transpose(0, 1), torch.stack(finals)  # (T, B, H) -> (B, T, H); L x (B, H) -> (L, B, H)
+
+
+class GRU(_TorchGRU):
+    """nn.GRU (unidirectional, with biases) that runs `gru_scan` on XLA or when `use_scan` is set.
+
+    `forward(x, hx, save_dtype=...)`: `save_dtype` (bf16 under mixed precision) applies to the
+    activations the scan saves for backward; torch's kernels ignore it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.bidirectional or not self.bias or self.proj_size:
+            raise ValueError("xla_gru.GRU supports unidirectional GRUs with biases and no projection")
+        self.use_scan = False  # a plain attribute, not state: checkpoints stay nn.GRU's
+
+    def forward(self, x: Tensor, hx: Tensor | None = None, save_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """x: (B, T, I) when batch_first else (T, B, I); hx: (L, B, H). Returns (output, h_n)."""
+        if not (self.use_scan or x.device.type == "xla"):
+            return super().forward(x, hx)
+        if not self.batch_first:
+            x = x.transpose(0, 1)  # (T, B, I) -> (B, T, I)
+        if hx is None:
+            hx = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+        weights = [tuple(getattr(self, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                   for layer in range(self.num_layers)]
+        output, h_n = gru_scan(x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=save_dtype)
+        if not self.batch_first:
+            output = output.transpose(0, 1)  # (B, T, H) -> (T, B, H)
+        return output, h_n
