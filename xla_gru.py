@@ -52,8 +52,13 @@ def _loop(step: Any, carry: Any, xs: Any, *, reverse: bool = False) -> tuple[Any
     return carry, tree_map(lambda *ts: torch.stack(ts), *ys)
 
 
-def _forward_step(carry: tuple[Tensor, Tensor, Tensor], gi_t: Tensor, *, save_dtype: torch.dtype) -> tuple[Any, Any]:
-    """One GRU step (torch's gate order r, z, n). carry: h (B, H), w_hh (3H, H), b_hh (3H,)."""
+def _forward_step(
+    carry: tuple[Tensor, Tensor, Tensor], gi_t: Tensor, *, save_dtype: torch.dtype | None
+) -> tuple[Any, Any]:
+    """One GRU step (torch's gate order r, z, n). carry: h (B, H), w_hh (3H, H), b_hh (3H,).
+
+    Returns h_t, plus the gates in `save_dtype` for the backward unless save_dtype is None.
+    """
     h, w_hh, b_hh = carry
     gh = torch.addmm(b_hh, h, w_hh.t())  # (B, H) @ (H, 3H) -> (B, 3H)
     gi_r, gi_z, gi_n = gi_t.chunk(3, dim=-1)
@@ -62,6 +67,8 @@ def _forward_step(carry: tuple[Tensor, Tensor, Tensor], gi_t: Tensor, *, save_dt
     z = torch.sigmoid(gi_z + gh_z)
     n = torch.tanh(gi_n + r * gh_n)
     h_new = n + z * (h - n)  # (1 - z) * n + z * h
+    if save_dtype is None:  # inference: nothing to save
+        return (h_new, w_hh, b_hh), h_new
     gates = torch.cat([r, z, n, gh_n], dim=-1).to(save_dtype)  # 4 x (B, H) -> (B, 4H)
     return (h_new, w_hh, b_hh), (h_new, gates)
 
@@ -95,6 +102,9 @@ class _GRURecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype) -> Tensor:
         """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
+        if not any(ctx.needs_input_grad[:4]):  # no_grad / inference: keep no gates
+            _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi)
+            return hs
         _, (hs, gates) = _loop(functools.partial(_forward_step, save_dtype=save_dtype), (h0, w_hh, b_hh), gi)
         ctx.save_for_backward(h0, w_hh, hs, gates)
         return hs

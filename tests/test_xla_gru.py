@@ -198,3 +198,11 @@ print("control ok")
 def test_xla_gru_matches_cpu_and_compiles_one_loop_without_stacked_weights():
     stdout = run_xla_script(XLA_SCRIPT)
     assert "matches" in stdout and "control ok" in stdout, stdout
+
+
+def test_inference_without_grad_matches():
+    reference, ours = _pair(5, 7, 2, batch_first=True)
+    x, h0 = torch.randn(2, 6, 5), torch.randn(2, 2, 7)
+    with torch.no_grad():
+        for want, got in zip(reference(x, h0), ours(x, h0)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,219 @@
+"""Device memory of one training micro-batch of the full-width models on XLA, and what fits a TPU.
+
+    python benchmarks/xla_memory.py [--frames 8 24] [--batch 2] [--gru ours|torch_xla] [--use_amp true|false]
+
+For each model of rnn_args.yaml at full width -- baseline 5x768, triple with the 7168-wide noise
+GRU, triple with noise_hidden_size 768 -- and each patched length T' in --frames, a fresh
+subprocess (PJRT_DEVICE=CPU, XLA_FLAGS=--xla_dump_to) places the model on the XLA device, traces
+rnn_trainer.compute_loss (dense CTC) and its backward for a batch of --batch trials, and
+compiles that graph without running it. Memory is read from XLA's buffer assignment of the
+compiled graph ("Total bytes used": weights and inputs, gradients out, and the heap-simulated
+peak of every temporary), so configurations too large for this machine are measured as well.
+
+From two or more lengths it fits total = fixed + per_frame * T' and derives
+  bytes_per_trial_frame = per_frame / batch,
+  fixed_bytes = the fit's intercept (weights, gradients) + 8 bytes per parameter (AdamW moments).
+It prints one JSON line and a table: the largest per-core batch at each time bucket of
+rnn_args.yaml whose micro-batch fits TPU v4 (32 GiB HBM per chip), v5e (16 GiB), v5p (95 GiB)
+and v6e (32 GiB), with no headroom reserved for the XLA runtime. With accumulation each
+micro-batch's activations are freed before the next one starts, so the micro-batch is the unit.
+
+--gru torch_xla measures torch_xla's own scan GRU (torch_xla.experimental.gru) in place of
+xla_gru.GRU, for comparison.
+"""
+
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MODELS = {
+    "baseline": ["model.type=baseline"],
+    "triple": ["model.type=triple", "model.noise_hidden_size=0"],
+    "triple_noise768": ["model.type=triple", "model.noise_hidden_size=768"],
+}
+CHIPS_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+LABEL_LENGTH = 96  # padded phonemes per trial; real sentences have ~29 on average
+GIB = 2**30
+
+
+def _use_torch_xla_gru(model) -> None:
+    """Run every GRU of `model` through torch_xla's scan GRU (its weights stacked per step)."""
+    import types
+
+    from torch_xla.experimental.gru import GRU as ScanGRU
+
+    import xla_gru
+
+    for module in model.modules():
+        if isinstance(module, xla_gru.GRU):
+            module.forward = types.MethodType(lambda self, x, hx=None, save_dtype=None: ScanGRU.forward(self, x, hx), module)
+
+
+def measure(model_name: str, n_frames: int, batch_size: int, use_amp: bool, gru: str, dump_dir: str) -> dict:
+    """Compile one micro-batch's forward + backward; return its buffer sizes. Runs in a subprocess."""
+    import torch
+    import torch_xla
+
+    import rnn_model
+    import rnn_trainer
+    from config import load_config
+
+    device = torch_xla.device()
+    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"), [*MODELS[model_name], f"use_amp={str(use_amp).lower()}"])
+    m = cfg.model
+    n_days = len(cfg.dataset.sessions)
+    n_bins = m.patch_size + m.patch_stride * (n_frames - 1)  # the shortest length with T' frames
+    torch.manual_seed(0)
+    # Buffer sizes do not depend on weight values: skip the orthogonal initialisation (QR of
+    # 21504 x 7168 matrices at full size), which would dominate the run time.
+    rnn_model._init_gru_weights = lambda gru: None
+    model = rnn_model.build_model(m, n_days=n_days)
+    n_params = sum(p.numel() for p in model.parameters())
+    if gru == "torch_xla":
+        _use_torch_xla_gru(model)
+    model.to(device).train()
+    batch = {
+        "input_features": torch.randn(batch_size, n_bins, m.n_input_features),
+        "n_time_steps": torch.full((batch_size,), n_bins),
+        "seq_class_ids": torch.randint(1, m.n_classes, (batch_size, LABEL_LENGTH)),
+        "phone_seq_lens": torch.full((batch_size,), min(LABEL_LENGTH, n_frames // 2)),
+        "day_indices": torch.arange(batch_size) % n_days,
+        "row_mask": torch.ones(batch_size, dtype=torch.bool),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    total, _ = rnn_trainer.compute_loss(
+        model=model, batch=batch, cfg=cfg, adversarial_gate=torch.ones((), device=device), use_dense_ctc=True
+    )
+    total.backward()
+    start = time.perf_counter()
+    torch_xla._XLAC._xla_warm_up_cache([p.grad for p in model.parameters()], [])  # compile, do not run
+    compile_seconds = time.perf_counter() - start
+    return {"n_params": n_params, "compile_seconds": round(compile_seconds, 2), **_read_buffer_assignment(dump_dir)}
+
+
+def _read_buffer_assignment(dump_dir: str) -> dict:
+    """Total, parameter and temporary bytes of the largest compiled graph in an XLA dump."""
+    best = None
+    for path in Path(dump_dir).glob("*buffer-assignment.txt"):
+        text = path.read_text()
+        found = re.search(r"Total bytes used: (\d+)", text)
+        if found is None:
+            continue
+        total = int(found.group(1))
+        if best is None or total > best["total_bytes"]:
+            sizes = [(int(size), kind) for size, kind in re.findall(r"^allocation \d+: size (\d+), (\S+)", text, re.M)]
+            best = {
+                "total_bytes": total,
+                "parameter_bytes": sum(size for size, kind in sizes if kind == "parameter"),
+                "temp_bytes": sum(size for size, kind in sizes if kind.startswith("preallocated-temp")),
+            }
+    if best is None:
+        raise RuntimeError(f"no buffer assignment in {dump_dir}")
+    return best
+
+
+def _run_measurement(model_name: str, n_frames: int, batch_size: int, use_amp: bool, gru: str) -> dict:
+    with tempfile.TemporaryDirectory() as dump_dir:
+        env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1", USE_TORCH_XLA="1",
+                   XLA_FLAGS=f"--xla_dump_to={dump_dir}")
+        args = [sys.executable, os.path.abspath(__file__), "--_measure", model_name, str(n_frames), str(batch_size),
+                str(use_amp), gru, dump_dir]
+        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measurement {model_name} T'={n_frames} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _fit(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least-squares line total = intercept + slope * frames."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return mean_y - slope * mean_x, slope
+
+
+def fit_table(*, fixed_bytes: float, bytes_per_trial_frame: float, frames_per_bucket: dict[int, int]) -> dict:
+    """{chip: {bucket: largest batch}} for a micro-batch of fixed + batch * T' * per-trial-frame bytes."""
+    table = {}
+    for chip, gib in CHIPS_GIB.items():
+        free = gib * GIB - fixed_bytes
+        table[chip] = {
+            bucket: max(0, int(free // (bytes_per_trial_frame * frames))) if free > 0 else 0
+            for bucket, frames in frames_per_bucket.items()
+        }
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 24], help="patched lengths T' to measure")
+    parser.add_argument("--batch", type=int, default=2, help="trials per micro-batch")
+    parser.add_argument("--gru", choices=["ours", "torch_xla"], default="ours")
+    parser.add_argument("--use_amp", choices=["true", "false"], default="false")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--_measure", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._measure:
+        name, frames, batch, amp, gru, dump_dir = args._measure
+        print(json.dumps(measure(name, int(frames), int(batch), amp == "True", gru, dump_dir)))
+        return {}
+    if len(set(args.frames)) < 2:
+        parser.error("--frames needs two or more distinct lengths")
+
+    from config import load_config
+    from rnn_model import n_patches
+
+    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"))
+    frames_per_bucket = {
+        b: n_patches(b, cfg.model.patch_size, cfg.model.patch_stride) for b in cfg.dataset.time_buckets
+    }
+    use_amp = args.use_amp == "true"
+    report = {"gru": args.gru, "use_amp": use_amp, "batch": args.batch, "frames": args.frames,
+              "measured_by": "XLA CPU buffer assignment (Total bytes used) of the compiled micro-batch graph",
+              "models": {}}
+    for name in args.models:
+        runs = [_run_measurement(name, frames, args.batch, use_amp, args.gru) for frames in args.frames]
+        intercept, slope = _fit([(frames, run["total_bytes"]) for frames, run in zip(args.frames, runs)])
+        n_params = runs[0]["n_params"]
+        fixed = intercept + 8 * n_params  # + AdamW's two float32 moments
+        per_trial_frame = slope / args.batch
+        report["models"][name] = {
+            "n_params": n_params,
+            "total_bytes": [run["total_bytes"] for run in runs],
+            "temp_bytes": [run["temp_bytes"] for run in runs],
+            "compile_seconds": [run["compile_seconds"] for run in runs],
+            "bytes_per_trial_frame": round(per_trial_frame),
+            "fixed_bytes": round(fixed),
+            "fit": fit_table(fixed_bytes=fixed, bytes_per_trial_frame=per_trial_frame,
+                             frames_per_bucket=frames_per_bucket),
+        }
+    print(json.dumps(report))
+    _print_table(report, frames_per_bucket)
+    return report
+
+
+def _print_table(report: dict, frames_per_bucket: dict[int, int]) -> None:
+    buckets = list(frames_per_bucket)
+    print(f"\nlargest per-core micro-batch per time bucket (bins / T'), gru={report['gru']}, use_amp={report['use_amp']}")
+    header = f"{'model':<16} {'chip':<5} " + " ".join(f"{f'{b}/{frames_per_bucket[b]}':>9}" for b in buckets)
+    print(header)
+    for name, result in report["models"].items():
+        print(f"{name:<16} per trial-frame {result['bytes_per_trial_frame'] / 2**20:.3f} MiB, "
+              f"fixed {result['fixed_bytes'] / GIB:.2f} GiB, compile {result['compile_seconds']} s")
+        for chip, row in result["fit"].items():
+            print(f"{'':<16} {chip:<5} " + " ".join(f"{row[b]:>9}" for b in buckets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The full-width TripleGRUDecoder's training memory on XLA: per trial-frame, and what fits a TPU v4.
+
+    python -m pytest tests/test_xla_memory.py -q
+
+Runs benchmarks/xla_memory.py for the shipped rnn_args.yaml model (noise GRU 7168 wide,
+687.6M parameters) at three patched lengths; each length compiles (without running) one
+micro-batch's forward and backward on torch_xla's CPU backend and reads XLA's buffer assignment.
+"""
+
+import sys
+
+from conftest import REPO_ROOT, requires_xla
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+MIB = 2**20
+
+
+@requires_xla
+def test_full_width_triple_memory_is_linear_in_frames_and_fits_v4_at_every_bucket():
+    import xla_memory
+
+    frames = [64, 128, 192]
+    report = xla_memory.main(["--models", "triple", "--frames", *map(str, frames), "--batch", "4"])
+    result = report["models"]["triple"]
+    assert result["n_params"] == 687_568_466
+    per_trial_frame = result["bytes_per_trial_frame"]
+    # torch_xla's scan GRU needs ~640 MiB per trial-frame here (its weights stacked per step).
+    assert per_trial_frame <= 1 * MIB, result
+    # The same bytes per frame over both intervals: nothing grows faster than T'.
+    first, second = (result["total_bytes"][i + 1] - result["total_bytes"][i] for i in range(2))
+    assert abs(second - first) <= 0.05 * first, result
+    assert all(batch >= 32 for batch in result["fit"]["v4"].values()), result  # rnn_args.yaml: 32 per core
