@@ -597,6 +597,34 @@ def _plot_curves(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- training loop
 
 
+def _build_replica_model(
+    cfg: Config, *, n_days: int, device: torch.device, rank: int, broadcast: bool
+) -> nn.Module:
+    """This replica's model on its device, holding the same weights as every other replica.
+
+    The weights are drawn under one seed for all replicas. On XLA, Accelerate does not wrap the
+    model in DDP (whose constructor broadcasts rank 0's weights), so with `broadcast` replica 0's
+    parameters and buffers are sent to the others explicitly. Afterwards the global RNG is
+    per replica, for dropout and augmentation: replica r > 0 reseeds with seed + r, replica 0
+    continues the stream it built with, so a one-process run draws what it always drew.
+    """
+    set_seed(cfg.seed)
+    model = rnn_model.build_model(cfg.model, n_days=n_days)
+    if cfg.init_from_checkpoint:
+        init_path = Path(cfg.init_from_checkpoint)
+        if init_path.is_dir():
+            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
+        load_checkpoint(init_path, model=model)
+    model.to(device)
+    if broadcast:
+        import torch_xla.core.xla_model as xm
+
+        xm.broadcast_master_param(model)  # in-graph, then one sync
+    if rank > 0:
+        set_seed(cfg.seed + rank)
+    return model
+
+
 def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
 
@@ -622,7 +650,6 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resume_checkpoint["sessions"])
     run_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed, device_specific=True)  # seed + process index: different dropout per replica
     if is_main:
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -634,13 +661,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     train_loader, val_loader, sessions = build_dataloaders(cfg, n_train_batches=n_steps * accum * world)
     n_days = len(sessions)
 
-    model = rnn_model.build_model(cfg.model, n_days=n_days)
-    if cfg.init_from_checkpoint:
-        init_path = Path(cfg.init_from_checkpoint)
-        if init_path.is_dir():
-            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
-        load_checkpoint(init_path, model=model)
-    model.to(device)
+    model = _build_replica_model(cfg, n_days=n_days, device=device, rank=rank, broadcast=is_xla and world > 1)
     optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)

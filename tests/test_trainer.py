@@ -363,3 +363,19 @@ def test_launcher_without_tpu_prints_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert lines[0].startswith("launch_tpu_training.py: no TPU runtime: ")
+
+
+def test_every_replica_starts_from_the_same_weights(tmp_path: Path):
+    # The set-up as process 0 and as process 1 of one run: no data is read, no step is taken.
+    cfg = make_config(tmp_path / "unused", tmp_path)
+    states, draws = [], []
+    for rank in (0, 1):
+        model = rnn_trainer._build_replica_model(
+            cfg, n_days=3, device=torch.device("cpu"), rank=rank, broadcast=False
+        )
+        states.append(model.state_dict())
+        draws.append(torch.rand(8))  # what dropout would draw next on this replica
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+    assert not torch.equal(draws[0], draws[1])  # dropout masks and augmentations stay per replica
