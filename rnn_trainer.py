@@ -495,13 +495,39 @@ class _IndexSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _make_loader(dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device) -> Any:
+def _pad_to_common_length(micro_batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Pad one step's micro-batches (on the host) to the longest time length among them.
+
+    A step traces all its micro-batches into one graph, so micro-batches left in different time
+    buckets would compile a graph per combination of buckets; padded alike, the step compiles once
+    per bucket. The added frames are zeros past every trial's n_time_steps, like bucket padding.
+    """
+    n_time = max(batch["input_features"].shape[1] for batch in micro_batches)
+    padded = []
+    for batch in micro_batches:
+        features = batch["input_features"]  # (B, T, D) -> (B, n_time, D)
+        padded.append({**batch, "input_features": nn.functional.pad(features, (0, 0, 0, n_time - features.shape[1]))})
+    return padded
+
+
+def _make_loader(
+    dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device, *, batches_per_step: int = 0
+) -> Any:
     """DataLoader over given batch indices, with its own generator so iterating it never touches
-    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching."""
+    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching.
+
+    With batches_per_step, an item is the list of one step's micro-batches (consecutive indices),
+    padded to one length under static shapes before the transfer.
+    """
+    if batches_per_step:
+        steps = [list(indices[i : i + batches_per_step]) for i in range(0, len(indices), batches_per_step)]
+        collate = _pad_to_common_length if cfg.dataset.static_shapes else list
+        grouping = {"batch_sampler": steps, "collate_fn": collate}
+    else:
+        grouping = {"batch_size": None, "sampler": _IndexSampler(indices)}
     loader = DataLoader(
         dataset,
-        batch_size=None,
-        sampler=_IndexSampler(indices),
+        **grouping,
         num_workers=cfg.dataset.num_dataloader_workers,
         generator=torch.Generator().manual_seed(cfg.dataset.loader_seed),
         pin_memory=device.type == "cuda",
@@ -693,7 +719,9 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     train_indices = [
         (step * accum + micro) * world + rank for step in range(start_step, n_steps) for micro in range(accum)
     ]
-    train_batches = iter(_make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device))
+    train_steps = iter(
+        _make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device, batches_per_step=accum)
+    )
     val_indices = list(range(rank, len(val_loader.dataset), world))
     val_batches = _make_loader(val_loader.dataset, indices=val_indices, cfg=cfg, device=device)
 
@@ -709,7 +737,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     step = start_step
     try:
         for step in range(start_step + 1, n_steps + 1):
-            micro_batches = [next(train_batches) for _ in range(accum)]
+            micro_batches = next(train_steps)
             if not is_xla:
                 micro_batches = [_to_device(b, device) for b in micro_batches]
             terms = train_step(

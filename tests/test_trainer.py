@@ -379,3 +379,26 @@ def test_every_replica_starts_from_the_same_weights(tmp_path: Path):
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
     assert not torch.equal(draws[0], draws[1])  # dropout masks and augmentations stay per replica
+
+
+def test_one_steps_micro_batches_share_one_padded_length(data_dir: Path, tmp_path: Path):
+    # Fine buckets put the two micro-batches of some steps in different buckets.
+    cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[256,320,352,384,448,512,768]",
+                      "gradient_accumulation_steps=2", "dataset.num_dataloader_workers=0")
+    train_loader, _, _ = build_dataloaders(cfg, n_train_batches=16)
+    dataset = train_loader.dataset
+    loader = rnn_trainer._make_loader(dataset, indices=range(16), cfg=cfg, device=torch.device("cpu"),
+                                      batches_per_step=2)
+    n_mixed = 0
+    for step, micro_batches in enumerate(loader):
+        originals = [dataset[2 * step], dataset[2 * step + 1]]
+        lengths = [b["input_features"].shape[1] for b in originals]
+        n_mixed += lengths[0] != lengths[1]
+        for padded, original in zip(micro_batches, originals):
+            assert padded["input_features"].shape[1] == max(lengths)  # a bucket: the longer one's
+            assert torch.equal(padded["input_features"][:, : original["input_features"].shape[1]],
+                               original["input_features"])
+            assert not padded["input_features"][:, original["input_features"].shape[1]:].any()
+            for key in ("n_time_steps", "seq_class_ids", "row_mask"):
+                assert torch.equal(padded[key], original[key]), key
+    assert step == 7 and n_mixed > 0  # the padding was exercised
