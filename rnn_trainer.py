@@ -222,6 +222,22 @@ def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> 
             new.copy_(torch.where(finite, new, old))
 
 
+def _sum_over_replicas(values: Tensor, *, accelerator: Accelerator) -> Tensor:
+    """Sum a device tensor over replicas without leaving the graph being traced.
+
+    accelerator.reduce would cut the XLA graph (mark_step before and after its all-reduce) and
+    split a step into several graphs; xm.all_reduce stays in the step's one graph. The gloo and
+    NCCL path uses torch.distributed directly.
+    """
+    if accelerator.distributed_type == DistributedType.XLA:
+        import torch_xla.core.xla_model as xm
+
+        return xm.all_reduce(xm.REDUCE_SUM, values)
+    summed = values.clone()
+    torch.distributed.all_reduce(summed)
+    return summed
+
+
 def train_step(
     *,
     accelerator: Accelerator,
@@ -265,8 +281,13 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_norm_clip_value)
     finite = finite & torch.isfinite(grad_norm)
     if accelerator.num_processes > 1:
-        # Every replica must take the same decision, or the weights drift apart.
-        finite = accelerator.reduce((~finite).to(torch.float32), reduction="sum") == 0
+        # Every replica must take the same skip decision, or the weights drift apart; the logged
+        # terms become means over replicas. One collective, traced into the step's graph.
+        names = list(sums)
+        local = torch.stack([*(sums[name] for name in names), (~finite).to(torch.float32)])
+        summed = _sum_over_replicas(local, accelerator=accelerator)
+        sums = {name: summed[i] / accelerator.num_processes for i, name in enumerate(names)}
+        finite = summed[-1] == 0
     _masked_optimizer_step(optimizer, finite)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
