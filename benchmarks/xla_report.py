@@ -12,6 +12,7 @@ once at the end, and prints ONE JSON line:
   step_lengths (padded length of each micro-batch as train_step received it, one list per step),
   train_buckets (the distinct lengths among them), val_buckets (padded lengths of the validation
   batches), graphs_per_step (graphs launched by each train_step: cached + uncached compiles),
+  compiles_per_step (of those, graphs compiled anew),
   steps_per_second after warm-up (median step time of the log windows after the first two).
 """
 
@@ -50,15 +51,16 @@ def main(argv: list[str] | None = None) -> dict:
     import rnn_trainer
     from dataset import build_dataloaders
 
-    step_lengths, graphs_per_step = [], []
+    step_lengths, graphs_per_step, compiles_per_step = [], [], []
     train_step = rnn_trainer.train_step
 
     def recording_train_step(**kwargs):
         """train_step, noting the shapes it was given and how many graphs it launched."""
         step_lengths.append([batch["input_features"].shape[1] for batch in kwargs["micro_batches"]])
-        launched_before = _graphs_launched(met)
+        launched_before, compiled_before = _graphs_launched(met), met.counter_value("UncachedCompile") or 0
         result = train_step(**kwargs)
         graphs_per_step.append(_graphs_launched(met) - launched_before)
+        compiles_per_step.append((met.counter_value("UncachedCompile") or 0) - compiled_before)
         return result
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_buckets": sorted({n for lengths in step_lengths for n in lengths}),
         "val_buckets": val_buckets,
         "graphs_per_step": graphs_per_step,
+        "compiles_per_step": compiles_per_step,
         "steps_per_second": round(1000.0 / statistics.median(step_ms), 3) if step_ms else None,
     }
     print(json.dumps(report))
