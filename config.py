@@ -35,6 +35,7 @@ class ModelConfig:
     n_clean_layers: int = 3
     n_noisy_layers: int = 2
     noise_hidden_size: int = 0  # 0: noise GRU as wide as the patched input (the design)
+    gru_save_dtype: str = "float32"  # activations the XLA GRU saves for backward: 'float32' or 'bfloat16'
 
 
 @dataclass

@@ -106,14 +106,12 @@ def _run_gru(gru: GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
     """Run a GRU with autocast off and inputs in the weights' dtype (float32 under autocast).
 
     A bf16 recurrence accumulates rounding error over hundreds of steps, so mixed precision
-    stops at the GRU's boundary; under autocast the XLA GRU keeps the activations it saves for
-    backward in bf16 (the carry stays float32). x: (B, T, I); states: (n_layers, B, H).
+    stops at the GRU's boundary. x: (B, T, I); states: (n_layers, B, H).
     """
     dtype = gru.weight_hh_l0.dtype
-    save_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
         # expand()ed initial states are strided views; cuDNN wants a contiguous hx.
-        return gru(x.to(dtype), states.to(dtype).contiguous(), save_dtype=save_dtype)
+        return gru(x.to(dtype), states.to(dtype).contiguous())
 
 
 class GRUDecoder(nn.Module):
@@ -403,17 +401,25 @@ def build_model(cfg_model: Any, n_days: int) -> nn.Module:
         patch_size=cfg_model.patch_size,
         patch_stride=cfg_model.patch_stride,
     )
+    save_dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if cfg_model.gru_save_dtype not in save_dtypes:
+        raise ValueError(f"model.gru_save_dtype must be 'float32' or 'bfloat16', got {cfg_model.gru_save_dtype!r}")
     if cfg_model.type == "baseline":
-        return GRUDecoder(**common, n_layers=cfg_model.n_layers)
-    if cfg_model.type == "triple":
-        return TripleGRUDecoder(
+        model = GRUDecoder(**common, n_layers=cfg_model.n_layers)
+    elif cfg_model.type == "triple":
+        model = TripleGRUDecoder(
             **common,
             n_noise_layers=cfg_model.n_noise_layers,
             n_clean_layers=cfg_model.n_clean_layers,
             n_noisy_layers=cfg_model.n_noisy_layers,
             noise_hidden_size=cfg_model.noise_hidden_size,
         )
-    raise ValueError(f"model.type must be 'baseline' or 'triple', got {cfg_model.type!r}")
+    else:
+        raise ValueError(f"model.type must be 'baseline' or 'triple', got {cfg_model.type!r}")
+    for module in model.modules():
+        if isinstance(module, GRU):
+            module.save_dtype = save_dtypes[cfg_model.gru_save_dtype]
+    return model
 
 
 def parameter_summary(model: nn.Module) -> dict[str, Any]:

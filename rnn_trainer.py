@@ -233,13 +233,58 @@ def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> 
         for p in params
         if p in inner.state
     }
-    optimizer.step()
+    weight_decays = _decay_as_device_data(inner)
+    try:
+        optimizer.step()
+    finally:
+        for group, weight_decay in zip(inner.param_groups, weight_decays):
+            group["weight_decay"] = weight_decay
     for p, old in zip(params, old_params):
         p.copy_(torch.where(finite, p, old))
     for p, state in old_state.items():
         for key, old in state.items():
             new = inner.state[p][key]
             new.copy_(torch.where(finite, new, old))
+
+
+def _sum_over_replicas(values: Tensor, *, accelerator: Accelerator) -> Tensor:
+    """Sum a device tensor over replicas without leaving the graph being traced.
+
+    accelerator.reduce would cut the XLA graph (mark_step before and after its all-reduce) and
+    split a step into several graphs; xm.all_reduce stays in the step's one graph. The gloo and
+    NCCL path uses torch.distributed directly.
+    """
+    if accelerator.distributed_type == DistributedType.XLA:
+        import torch_xla.core.xla_model as xm
+
+        return xm.all_reduce(xm.REDUCE_SUM, values)
+    summed = values.clone()
+    torch.distributed.all_reduce(summed)
+    return summed
+
+
+@torch.no_grad()
+def _decay_as_device_data(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Apply AdamW's decoupled weight decay, p *= 1 - lr * wd, with the factor sent as a tensor,
+    and set each group's weight_decay to 0 for the step that follows. Returns the old values.
+
+    AdamW multiplies by the Python float 1 - lr * wd. torch_xla bakes a scalar that is 0 or 1 in
+    float32 into the graph as a constant and passes any other as data, and early in the warm-up
+    the factor rounds to 1.0: every bucket would compile once more when it stops doing so. A
+    transferred tensor is always data. Same float32 factor, same order as AdamW (decay first).
+    """
+    weight_decays = []
+    for group in optimizer.param_groups:
+        weight_decays.append(group["weight_decay"])
+        params = [p for p in group["params"] if p.grad is not None]
+        if group["weight_decay"] and params:
+            # Shape (1,): torch_xla treats a transferred 0-dim tensor of 1.0 as a constant too.
+            factor = torch.tensor([1.0 - group["lr"] * group["weight_decay"]], dtype=torch.float32)
+            factor = factor.to(params[0].device)
+            for p in params:
+                p.mul_(factor)
+        group["weight_decay"] = 0.0
+    return weight_decays
 
 
 def train_step(
@@ -286,8 +331,14 @@ def train_step(
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_norm_clip_value)
     finite = finite & torch.isfinite(grad_norm)
     if accelerator.num_processes > 1:
-        # Every replica must take the same decision, or the weights drift apart.
-        finite = accelerator.reduce((~finite).to(torch.float32), reduction="sum") == 0
+        # Every replica must take the same skip decision, or the weights drift apart; the logged
+        # losses become means over replicas, counts sums. One collective, traced into the step's graph.
+        names = list(sums)
+        local = torch.stack([*(sums[name] for name in names), (~finite).to(torch.float32)])
+        summed = _sum_over_replicas(local, accelerator=accelerator)
+        sums = {name: summed[i] if name in _COUNT_TERMS else summed[i] / accelerator.num_processes
+                for i, name in enumerate(names)}
+        finite = summed[-1] == 0
     _masked_optimizer_step(optimizer, finite)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -518,13 +569,39 @@ class _IndexSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _make_loader(dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device) -> Any:
+def _pad_to_common_length(micro_batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Pad one step's micro-batches (on the host) to the longest time length among them.
+
+    A step traces all its micro-batches into one graph, so micro-batches left in different time
+    buckets would compile a graph per combination of buckets; padded alike, the step compiles once
+    per bucket. The added frames are zeros past every trial's n_time_steps, like bucket padding.
+    """
+    n_time = max(batch["input_features"].shape[1] for batch in micro_batches)
+    padded = []
+    for batch in micro_batches:
+        features = batch["input_features"]  # (B, T, D) -> (B, n_time, D)
+        padded.append({**batch, "input_features": nn.functional.pad(features, (0, 0, 0, n_time - features.shape[1]))})
+    return padded
+
+
+def _make_loader(
+    dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device, *, batches_per_step: int = 0
+) -> Any:
     """DataLoader over given batch indices, with its own generator so iterating it never touches
-    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching."""
+    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching.
+
+    With batches_per_step, an item is the list of one step's micro-batches (consecutive indices),
+    padded to one length under static shapes before the transfer.
+    """
+    if batches_per_step:
+        steps = [list(indices[i : i + batches_per_step]) for i in range(0, len(indices), batches_per_step)]
+        collate = _pad_to_common_length if cfg.dataset.static_shapes else list
+        grouping = {"batch_sampler": steps, "collate_fn": collate}
+    else:
+        grouping = {"batch_size": None, "sampler": _IndexSampler(indices)}
     loader = DataLoader(
         dataset,
-        batch_size=None,
-        sampler=_IndexSampler(indices),
+        **grouping,
         num_workers=cfg.dataset.num_dataloader_workers,
         generator=torch.Generator().manual_seed(cfg.dataset.loader_seed),
         pin_memory=device.type == "cuda",
@@ -628,6 +705,34 @@ def _plot_curves(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- training loop
 
 
+def _build_replica_model(
+    cfg: Config, *, n_days: int, device: torch.device, rank: int, broadcast: bool
+) -> nn.Module:
+    """This replica's model on its device, holding the same weights as every other replica.
+
+    The weights are drawn under one seed for all replicas. On XLA, Accelerate does not wrap the
+    model in DDP (whose constructor broadcasts rank 0's weights), so with `broadcast` replica 0's
+    parameters and buffers are sent to the others explicitly. Afterwards the global RNG is
+    per replica, for dropout and augmentation: replica r > 0 reseeds with seed + r, replica 0
+    continues the stream it built with, so a one-process run draws what it always drew.
+    """
+    set_seed(cfg.seed)
+    model = rnn_model.build_model(cfg.model, n_days=n_days)
+    if cfg.init_from_checkpoint:
+        init_path = Path(cfg.init_from_checkpoint)
+        if init_path.is_dir():
+            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
+        load_checkpoint(init_path, model=model)
+    model.to(device)
+    if broadcast:
+        import torch_xla.core.xla_model as xm
+
+        xm.broadcast_master_param(model)  # in-graph, then one sync
+    if rank > 0:
+        set_seed(cfg.seed + rank)
+    return model
+
+
 def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
 
@@ -653,7 +758,6 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resume_checkpoint["sessions"])
     run_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed, device_specific=True)  # seed + process index: different dropout per replica
 
     accum = cfg.gradient_accumulation_steps
     n_steps = cfg.num_training_batches
@@ -666,13 +770,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     _barrier(accelerator)
     log = _RunLog(run_dir, enabled=is_main)
 
-    model = rnn_model.build_model(cfg.model, n_days=n_days)
-    if cfg.init_from_checkpoint:
-        init_path = Path(cfg.init_from_checkpoint)
-        if init_path.is_dir():
-            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
-        load_checkpoint(init_path, model=model)
-    model.to(device)
+    model = _build_replica_model(cfg, n_days=n_days, device=device, rank=rank, broadcast=is_xla and world > 1)
     optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
@@ -704,7 +802,9 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     train_indices = [
         (step * accum + micro) * world + rank for step in range(start_step, n_steps) for micro in range(accum)
     ]
-    train_batches = iter(_make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device))
+    train_steps = iter(
+        _make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device, batches_per_step=accum)
+    )
     val_indices = list(range(rank, len(val_loader.dataset), world))
     val_batches = _make_loader(val_loader.dataset, indices=val_indices, cfg=cfg, device=device)
 
@@ -720,7 +820,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     step = start_step
     try:
         for step in range(start_step + 1, n_steps + 1):
-            micro_batches = [next(train_batches) for _ in range(accum)]
+            micro_batches = next(train_steps)
             if not is_xla:
                 micro_batches = [_to_device(b, device) for b in micro_batches]
             terms = train_step(

@@ -146,17 +146,19 @@ def gru_scan(
 class GRU(_TorchGRU):
     """nn.GRU (unidirectional, with biases) that runs `gru_scan` on XLA or when `use_scan` is set.
 
-    `forward(x, hx, save_dtype=...)`: `save_dtype` (bf16 under mixed precision) applies to the
-    activations the scan saves for backward; torch's kernels ignore it.
+    `save_dtype` (float32, or bfloat16 to halve the saved gates) applies to the activations the
+    scan saves for backward; torch's kernels ignore it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.bidirectional or not self.bias or self.proj_size:
             raise ValueError("xla_gru.GRU supports unidirectional GRUs with biases and no projection")
-        self.use_scan = False  # a plain attribute, not state: checkpoints stay nn.GRU's
+        # Plain attributes, not state, so checkpoints stay nn.GRU's.
+        self.use_scan = False
+        self.save_dtype = torch.float32  # dtype of the activations the scan saves for backward
 
-    def forward(self, x: Tensor, hx: Tensor | None = None, save_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, T, I) when batch_first else (T, B, I); hx: (L, B, H). Returns (output, h_n)."""
         if not (self.use_scan or x.device.type == "xla"):
             return super().forward(x, hx)
@@ -166,7 +168,9 @@ class GRU(_TorchGRU):
             hx = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
         weights = [tuple(getattr(self, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                    for layer in range(self.num_layers)]
-        output, h_n = gru_scan(x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=save_dtype)
+        output, h_n = gru_scan(
+            x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=self.save_dtype
+        )
         if not self.batch_first:
             output = output.transpose(0, 1)  # (B, T, H) -> (T, B, H)
         return output, h_n

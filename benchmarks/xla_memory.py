@@ -1,6 +1,6 @@
 """Device memory of one training micro-batch of the full-width models on XLA, and what fits a TPU.
 
-    python benchmarks/xla_memory.py [--frames 8 24] [--batch 2] [--gru ours|torch_xla] [--use_amp true|false]
+    python benchmarks/xla_memory.py [--frames 64 125 250] [--batch 4] [--gru ours|torch_xla] [--set key=value ...]
 
 For each model of rnn_args.yaml at full width -- baseline 5x768, triple with the 7168-wide noise
 GRU, triple with noise_hidden_size 768 -- and each patched length T' in --frames, a fresh
@@ -15,8 +15,10 @@ From two or more lengths it fits total = fixed + per_frame * T' and derives
   fixed_bytes = the fit's intercept (weights, gradients) + 8 bytes per parameter (AdamW moments).
 It prints one JSON line and a table: the largest per-core batch at each time bucket of
 rnn_args.yaml whose micro-batch fits TPU v4 (32 GiB HBM per chip), v5e (16 GiB), v5p (95 GiB)
-and v6e (32 GiB), with no headroom reserved for the XLA runtime. With accumulation each
-micro-batch's activations are freed before the next one starts, so the micro-batch is the unit.
+and v6e (32 GiB), with no headroom reserved for the XLA runtime. The unit is one micro-batch:
+the trainer's step graph also holds the optimizer update and, with accumulation, the next
+micro-batch, which this benchmark does not measure. XLA's CPU compiler lays out memory as
+TPU's does not (no tile padding, its own fusions), so the table is an estimate for TPU.
 
 --gru torch_xla measures torch_xla's own scan GRU (torch_xla.experimental.gru) in place of
 xla_gru.GRU, for comparison.
@@ -59,7 +61,7 @@ def _use_torch_xla_gru(model) -> None:
             module.forward = types.MethodType(lambda self, x, hx=None, save_dtype=None: ScanGRU.forward(self, x, hx), module)
 
 
-def measure(model_name: str, n_frames: int, batch_size: int, use_amp: bool, gru: str, dump_dir: str) -> dict:
+def measure(model_name: str, n_frames: int, batch_size: int, overrides: list[str], gru: str, dump_dir: str) -> dict:
     """Compile one micro-batch's forward + backward; return its buffer sizes. Runs in a subprocess."""
     import torch
     import torch_xla
@@ -69,7 +71,7 @@ def measure(model_name: str, n_frames: int, batch_size: int, use_amp: bool, gru:
     from config import load_config
 
     device = torch_xla.device()
-    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"), [*MODELS[model_name], f"use_amp={str(use_amp).lower()}"])
+    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"), [*MODELS[model_name], *overrides])
     m = cfg.model
     n_days = len(cfg.dataset.sessions)
     n_bins = m.patch_size + m.patch_stride * (n_frames - 1)  # the shortest length with T' frames
@@ -122,12 +124,12 @@ def _read_buffer_assignment(dump_dir: str) -> dict:
     return best
 
 
-def _run_measurement(model_name: str, n_frames: int, batch_size: int, use_amp: bool, gru: str) -> dict:
+def _run_measurement(model_name: str, n_frames: int, batch_size: int, overrides: list[str], gru: str) -> dict:
     with tempfile.TemporaryDirectory() as dump_dir:
         env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="1", USE_TORCH_XLA="1",
                    XLA_FLAGS=f"--xla_dump_to={dump_dir}")
         args = [sys.executable, os.path.abspath(__file__), "--_measure", model_name, str(n_frames), str(batch_size),
-                str(use_amp), gru, dump_dir]
+                json.dumps(overrides), gru, dump_dir]
         proc = subprocess.run(args, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"measurement {model_name} T'={n_frames} failed:\n{proc.stderr[-4000:]}")
@@ -157,16 +159,18 @@ def fit_table(*, fixed_bytes: float, bytes_per_trial_frame: float, frames_per_bu
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 24], help="patched lengths T' to measure")
-    parser.add_argument("--batch", type=int, default=2, help="trials per micro-batch")
+    # Long enough that activations, not weight-sized temporaries, set the peak.
+    parser.add_argument("--frames", type=int, nargs="+", default=[64, 125, 250], help="patched lengths T' to measure")
+    parser.add_argument("--batch", type=int, default=4, help="trials per micro-batch")
     parser.add_argument("--gru", choices=["ours", "torch_xla"], default="ours")
-    parser.add_argument("--use_amp", choices=["true", "false"], default="false")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override rnn_args.yaml, e.g. use_amp=false or model.gru_save_dtype=bfloat16")
     parser.add_argument("--_measure", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._measure:
-        name, frames, batch, amp, gru, dump_dir = args._measure
-        print(json.dumps(measure(name, int(frames), int(batch), amp == "True", gru, dump_dir)))
+        name, frames, batch, overrides, gru, dump_dir = args._measure
+        print(json.dumps(measure(name, int(frames), int(batch), json.loads(overrides), gru, dump_dir)))
         return {}
     if len(set(args.frames)) < 2:
         parser.error("--frames needs two or more distinct lengths")
@@ -174,16 +178,16 @@ def main(argv: list[str] | None = None) -> dict:
     from config import load_config
     from rnn_model import n_patches
 
-    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"))
+    cfg = load_config(os.path.join(REPO_ROOT, "rnn_args.yaml"), args.set)
     frames_per_bucket = {
         b: n_patches(b, cfg.model.patch_size, cfg.model.patch_stride) for b in cfg.dataset.time_buckets
     }
-    use_amp = args.use_amp == "true"
-    report = {"gru": args.gru, "use_amp": use_amp, "batch": args.batch, "frames": args.frames,
+    report = {"gru": args.gru, "use_amp": cfg.use_amp, "gru_save_dtype": cfg.model.gru_save_dtype,
+              "batch": args.batch, "frames": args.frames,
               "measured_by": "XLA CPU buffer assignment (Total bytes used) of the compiled micro-batch graph",
               "models": {}}
     for name in args.models:
-        runs = [_run_measurement(name, frames, args.batch, use_amp, args.gru) for frames in args.frames]
+        runs = [_run_measurement(name, frames, args.batch, args.set, args.gru) for frames in args.frames]
         intercept, slope = _fit([(frames, run["total_bytes"]) for frames, run in zip(args.frames, runs)])
         n_params = runs[0]["n_params"]
         fixed = intercept + 8 * n_params  # + AdamW's two float32 moments
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_table(report: dict, frames_per_bucket: dict[int, int]) -> None:
     buckets = list(frames_per_bucket)
-    print(f"\nlargest per-core micro-batch per time bucket (bins / T'), gru={report['gru']}, use_amp={report['use_amp']}")
+    print(f"\nlargest per-core micro-batch per time bucket (bins / T'), gru={report['gru']}, "
+          f"use_amp={report['use_amp']}, gru_save_dtype={report['gru_save_dtype']}")
     header = f"{'model':<16} {'chip':<5} " + " ".join(f"{f'{b}/{frames_per_bucket[b]}':>9}" for b in buckets)
     print(header)
     for name, result in report["models"].items():

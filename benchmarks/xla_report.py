@@ -1,7 +1,7 @@
 """Compilation, fallback and host-sync report of the training loop on torch_xla's CPU backend.
 
     python benchmarks/xla_report.py [--config rnn_args_demo.yaml] [--steps 24] [--time_buckets "[256,...]"]
-        [--set key=value ...]
+        [--set key=value ...]    # e.g. --set gradient_accumulation_steps=2
 
 Writes a tiny synthetic dataset (make_synthetic_data.generate_dataset) to a temp dir, trains
 --steps steps of the config through rnn_trainer.train on XLA (PJRT_DEVICE=CPU) with static
@@ -9,8 +9,11 @@ shapes over fine length buckets (so trials of varied length pad to several shape
 once at the end, and prints ONE JSON line:
   n_compilations (torch_xla 'CompileTime' count), compile_seconds, aten_fallbacks
   ({counter: count} of aten:: fallbacks), local_scalar_dense (aten::_local_scalar_dense count),
-  train_buckets / val_buckets (padded lengths the batches used), steps_per_second after warm-up
-  (median step time of the log windows after the first two).
+  step_lengths (padded length of each micro-batch as train_step received it, one list per step),
+  train_buckets (the distinct lengths among them), val_buckets (padded lengths of the validation
+  batches), graphs_per_step (graphs launched by each train_step: cached + uncached compiles),
+  compiles_per_step (of those, graphs compiled anew),
+  steps_per_second after warm-up (median step time of the log windows after the first two).
 """
 
 import os
@@ -48,6 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     import rnn_trainer
     from dataset import build_dataloaders
 
+    step_lengths, graphs_per_step, compiles_per_step = [], [], []
+    train_step = rnn_trainer.train_step
+
+    def recording_train_step(**kwargs):
+        """train_step, noting the shapes it was given and how many graphs it launched."""
+        step_lengths.append([batch["input_features"].shape[1] for batch in kwargs["micro_batches"]])
+        launched_before, compiled_before = _graphs_launched(met), met.counter_value("UncachedCompile") or 0
+        result = train_step(**kwargs)
+        graphs_per_step.append(_graphs_launched(met) - launched_before)
+        compiles_per_step.append((met.counter_value("UncachedCompile") or 0) - compiled_before)
+        return result
+
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         generate_dataset(str(data_dir), n_sessions=3, n_train_trials=24, n_val_trials=6, n_test_trials=1, seed=0)
@@ -58,15 +73,17 @@ def main(argv: list[str] | None = None) -> dict:
             "dataset.num_dataloader_workers=0", f"dataset.time_buckets={args.time_buckets}", *args.set,
         ]
         cfg = load_config(args.config, overrides)
-        train_loader, val_loader, _ = build_dataloaders(
-            cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps
-        )
-        train_set, val_set = train_loader.dataset, val_loader.dataset
-        train_buckets = sorted({train_set[i]["input_features"].shape[1] for i in range(len(train_set))})
+        # One process: the trainer validates on every validation batch.
+        _, val_loader, _ = build_dataloaders(cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps)
+        val_set = val_loader.dataset
         val_buckets = sorted({val_set[i]["input_features"].shape[1] for i in range(len(val_set))})
 
         met.clear_all()
-        rnn_trainer.train(cfg)
+        rnn_trainer.train_step = recording_train_step
+        try:
+            rnn_trainer.train(cfg)
+        finally:
+            rnn_trainer.train_step = train_step
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
 
     n_compilations, compile_ns, _ = met.metric_data("CompileTime") or (0, 0, None)
@@ -78,12 +95,21 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_seconds": round(compile_ns / 1e9, 2),
         "aten_fallbacks": {name: met.counter_value(name) for name in met.counter_names() if name.startswith("aten::")},
         "local_scalar_dense": met.counter_value("aten::_local_scalar_dense") or 0,
-        "train_buckets": train_buckets,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "step_lengths": step_lengths,
+        "train_buckets": sorted({n for lengths in step_lengths for n in lengths}),
         "val_buckets": val_buckets,
+        "graphs_per_step": graphs_per_step,
+        "compiles_per_step": compiles_per_step,
         "steps_per_second": round(1000.0 / statistics.median(step_ms), 3) if step_ms else None,
     }
     print(json.dumps(report))
     return report
+
+
+def _graphs_launched(met) -> int:
+    """Graphs launched so far: every sync looks its graph up in the compile cache, hit or miss."""
+    return (met.counter_value("CachedCompile") or 0) + (met.counter_value("UncachedCompile") or 0)
 
 
 if __name__ == "__main__":

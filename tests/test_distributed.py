@@ -1,4 +1,4 @@
-"""Data parallelism on the CPU: two gloo processes through Accelerate train and stay in sync.
+"""Data parallelism on the CPU: two gloo processes through Accelerate start and stay in sync.
 
     python -m pytest tests/test_distributed.py -q
 
@@ -25,6 +25,16 @@ import torch
 import rnn_trainer
 from config import load_config
 
+build_replica_model = rnn_trainer._build_replica_model
+
+
+def recording_build(*args, **kwargs):  # the set-up as train() calls it; keeps the weights as built
+    model = build_replica_model(*args, **kwargs)
+    torch.save(model.state_dict(), os.path.join(sys.argv[2], f"initial{{os.environ['RANK']}}.pt"))
+    return model
+
+
+rnn_trainer._build_replica_model = recording_build
 result = rnn_trainer.train(load_config(sys.argv[1]))
 state = result["model"].state_dict()
 torch.save({{"state": state, "step": result["step"]}}, os.path.join(sys.argv[2], f"rank{{os.environ['RANK']}}.pt"))
@@ -50,6 +60,11 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
+    # Equal before the first step as built, not only because DDP broadcasts rank 0's weights.
+    initial0, initial1 = torch.load(tmp_path / "initial0.pt"), torch.load(tmp_path / "initial1.pt")
+    assert initial0.keys() == initial1.keys()
+    for name, value in initial0.items():
+        assert torch.equal(value, initial1[name]), name
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert rank0["step"] == rank1["step"] == 2

@@ -182,15 +182,18 @@ def test_build_model_reads_config_section():
     cfg = types.SimpleNamespace(
         type="triple", n_input_features=8, n_units=6, n_classes=5, rnn_dropout=0.0, input_dropout=0.0,
         n_layers=2, patch_size=4, patch_stride=2, n_noise_layers=1, n_clean_layers=2, n_noisy_layers=1,
-        noise_hidden_size=3,
+        noise_hidden_size=3, gru_save_dtype="bfloat16",
     )
     triple = build_model(cfg, n_days=4)
+    assert {m.save_dtype for m in triple.modules() if hasattr(m, "save_dtype")} == {torch.bfloat16}
     assert isinstance(triple, TripleGRUDecoder) and len(triple.clean_model.day_layer.day_weights) == 4
     assert triple.noise_model.branch.gru.hidden_size == 3 and triple.clean_model.branch.gru.num_layers == 2
     baseline = build_model(types.SimpleNamespace(**{**vars(cfg), "type": "baseline"}), n_days=4)
     assert isinstance(baseline, GRUDecoder) and baseline.gru.num_layers == 2 and baseline.input_size == 32
     with pytest.raises(ValueError, match="baseline"):
         build_model(types.SimpleNamespace(**{**vars(cfg), "type": "transformer"}), n_days=4)
+    with pytest.raises(ValueError, match="gru_save_dtype"):
+        build_model(types.SimpleNamespace(**{**vars(cfg), "gru_save_dtype": "float16"}), n_days=4)
 
 
 @pytest.mark.parametrize("wrap", ["checkpoint_orig_mod", "bare_module", "bare_plain"])

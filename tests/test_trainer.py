@@ -510,3 +510,66 @@ def test_replica_error_reaches_the_launching_process(tmp_path: Path):
     out = run_xla_script(code)
     assert "DataError: " in out and "no_such_data: dataset directory does not exist" in out, out
     assert not (tmp_path / "run").exists()
+
+
+def test_every_replica_starts_from_the_same_weights(tmp_path: Path):
+    # The set-up as process 0 and as process 1 of one run: no data is read, no step is taken.
+    cfg = make_config(tmp_path / "unused", tmp_path)
+    states, draws = [], []
+    for rank in (0, 1):
+        model = rnn_trainer._build_replica_model(
+            cfg, n_days=3, device=torch.device("cpu"), rank=rank, broadcast=False
+        )
+        states.append(model.state_dict())
+        draws.append(torch.rand(8))  # what dropout would draw next on this replica
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+    assert not torch.equal(draws[0], draws[1])  # dropout masks and augmentations stay per replica
+
+
+def test_one_steps_micro_batches_share_one_padded_length(data_dir: Path, tmp_path: Path):
+    # Fine buckets put the two micro-batches of some steps in different buckets.
+    cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[256,320,352,384,448,512,768]",
+                      "gradient_accumulation_steps=2", "dataset.num_dataloader_workers=0")
+    train_loader, _, _ = build_dataloaders(cfg, n_train_batches=16)
+    dataset = train_loader.dataset
+    loader = rnn_trainer._make_loader(dataset, indices=range(16), cfg=cfg, device=torch.device("cpu"),
+                                      batches_per_step=2)
+    n_mixed = 0
+    for step, micro_batches in enumerate(loader):
+        originals = [dataset[2 * step], dataset[2 * step + 1]]
+        lengths = [b["input_features"].shape[1] for b in originals]
+        n_mixed += lengths[0] != lengths[1]
+        for padded, original in zip(micro_batches, originals):
+            assert padded["input_features"].shape[1] == max(lengths)  # a bucket: the longer one's
+            assert torch.equal(padded["input_features"][:, : original["input_features"].shape[1]],
+                               original["input_features"])
+            assert not padded["input_features"][:, original["input_features"].shape[1]:].any()
+            for key in ("n_time_steps", "seq_class_ids", "row_mask"):
+                assert torch.equal(padded[key], original[key]), key
+    assert step == 7 and n_mixed > 0  # the padding was exercised
+
+
+def test_where_select_step_equals_adamw_with_weight_decay():
+    # The path XLA takes applies AdamW's decoupled decay itself (as device data); the update must
+    # be AdamW's to the bit, over several steps with a warm-up lr and per-group decay.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    groups = lambda m: [{"params": [m[0].weight], "weight_decay": 0.01}, {"params": [m[1].weight, m[0].bias]},
+                        {"params": [m[1].bias], "weight_decay": 0.0}]
+    ours = torch.optim.AdamW(groups(model), lr=1e-3, eps=0.1, weight_decay=0.1, fused=False)
+    reference = torch.optim.AdamW(groups(twin), lr=1e-3, eps=0.1, weight_decay=0.1, fused=False)
+    for step in range(4):
+        x = torch.randn(8, 6)
+        for m, opt in ((model, ours), (twin, reference)):
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * step / 3  # starts at 0 like the warm-up
+            m(x).square().mean().backward()
+        rnn_trainer._masked_optimizer_step(ours, torch.tensor(True))
+        reference.step()
+        ours.zero_grad(), reference.zero_grad()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b)
+    assert [g["weight_decay"] for g in ours.param_groups] == [0.01, 0.1, 0.0]  # restored

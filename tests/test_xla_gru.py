@@ -26,10 +26,10 @@ def _pair(input_size: int, hidden_size: int, n_layers: int, dtype: torch.dtype =
     return reference, ours
 
 
-def _outputs_and_grads(gru, x: torch.Tensor, h0: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+def _outputs_and_grads(gru, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
     """[output, h_n, d/dx, d/dh0, d/dparam...] for a fixed random linear loss on output and h_n."""
     x, h0 = x.clone().requires_grad_(), h0.clone().requires_grad_()
-    output, h_n = gru(x, h0, **kwargs)
+    output, h_n = gru(x, h0)
     g = torch.Generator().manual_seed(1)
     loss = (output * torch.randn(output.shape, generator=g, dtype=output.dtype)).sum()
     loss = loss + (h_n * torch.randn(h_n.shape, generator=g, dtype=h_n.dtype)).sum()
@@ -83,7 +83,8 @@ def test_bf16_saved_activations_keep_outputs_and_approximate_gradients():
     _, ours = _pair(5, 8, 2, batch_first=True)
     x, h0 = torch.randn(3, 10, 5), torch.randn(2, 3, 8)
     full = _outputs_and_grads(ours, x, h0)
-    half = _outputs_and_grads(ours, x, h0, save_dtype=torch.bfloat16)
+    ours.save_dtype = torch.bfloat16
+    half = _outputs_and_grads(ours, x, h0)
     torch.testing.assert_close(half[0], full[0], rtol=0, atol=0)  # the float32 carry is untouched
     for want, got in zip(full[2:], half[2:]):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
@@ -92,7 +93,8 @@ def test_bf16_saved_activations_keep_outputs_and_approximate_gradients():
 
 def test_parameters_and_checkpoints_are_nn_grus():
     reference, ours = _pair(4, 6, 2, batch_first=True)
-    assert list(ours.state_dict()) == list(reference.state_dict())  # use_scan is not state
+    ours.save_dtype = torch.bfloat16
+    assert list(ours.state_dict()) == list(reference.state_dict())  # use_scan, save_dtype are not state
     assert all(a.shape == b.shape for a, b in zip(ours.state_dict().values(), reference.state_dict().values()))
     reference.load_state_dict(ours.state_dict(), strict=True)
 
@@ -123,6 +125,7 @@ def test_decoders_match_with_the_scan_gru(use_amp: bool):
             for module in model.modules():
                 if isinstance(module, xla_gru.GRU):
                     module.use_scan = use_scan
+                    module.save_dtype = torch.bfloat16 if use_amp else torch.float32
             model.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
                 outputs = model(x, day_idx, mode="full", grl_lambda=0.5) if isinstance(model, TripleGRUDecoder) else (model(x, day_idx),)
