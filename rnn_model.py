@@ -6,7 +6,8 @@ its checkpoints load with `load_state_dict_compat`. `TripleGRUDecoder` separates
 estimate from the speech signal: a noise model, a clean-speech decoder of (input - noise) and a
 noisy-speech decoder fed the noise through gradient reversal.
 
-Both run under bf16 autocast (GRU recurrences stay in float32) and on torch_xla.
+Both run under bf16 autocast (GRU recurrences stay in float32) and on torch_xla, where their
+GRUs run through `xla_gru.GRU` (same parameters as nn.GRU, backward memory linear in length).
 
 Used as a library: `from rnn_model import build_model, GRUDecoder, TripleGRUDecoder`.
 Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
