@@ -144,11 +144,10 @@ def _ctc_counted_rows(batch: Mapping[str, Tensor], *, input_lengths: Tensor) -> 
 
 
 def _per_sample_ctc(
-    logits: Tensor, batch: Mapping[str, Tensor], *, input_lengths: Tensor, use_dense_ctc: bool
+    logits: Tensor, batch: Mapping[str, Tensor], *, input_lengths: Tensor, counted: Tensor, use_dense_ctc: bool
 ) -> Tensor:
-    """CTC negative log likelihood per trial (B,), float32; 0 with zero gradient for padding rows
-    and infeasible trials (see _ctc_counted_rows)."""
-    counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
+    """CTC negative log likelihood per trial (B,), float32; 0 with zero gradient for the rows that
+    `counted` (from _ctc_counted_rows) leaves out: padding rows and infeasible trials."""
     # Rows left out get no labels, so their CTC is finite in both implementations (torch's
     # backward of an infinite loss is NaN even where its gradient is then multiplied by 0).
     target_lengths = torch.where(counted, batch["phone_seq_lens"], torch.zeros_like(batch["phone_seq_lens"]))
@@ -188,7 +187,9 @@ def compute_loss(
         model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
     )
-    ctc = functools.partial(_per_sample_ctc, batch=batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
+    ctc = functools.partial(
+        _per_sample_ctc, batch=batch, input_lengths=input_lengths, counted=counted, use_dense_ctc=use_dense_ctc
+    )
     ctc_clean = ctc(outputs[0]).sum() / n_rows
     terms = {"ctc_clean": ctc_clean, "ctc_infeasible": (row_mask & ~counted).sum().to(torch.float32)}
     total = ctc_clean
@@ -359,7 +360,7 @@ def _sum_across_processes(values: Tensor, accelerator: Accelerator | None) -> Te
     if accelerator is None or accelerator.num_processes == 1:
         return values
     # float32 on the wire: TPUs have no float64; counts stay exact below 2**24.
-    summed = accelerator.reduce(values.to(device=accelerator.device, dtype=torch.float32), reduction="sum")
+    summed = _sum_over_replicas(values.to(device=accelerator.device, dtype=torch.float32), accelerator=accelerator)
     return summed.cpu().to(values.dtype)
 
 
@@ -395,7 +396,10 @@ def evaluate(
         input_lengths = rnn_model.n_patches(
             n_time_steps, patch_size=cfg.model.patch_size, patch_stride=cfg.model.patch_stride
         )
-        per_sample = _per_sample_ctc(logits, batch, input_lengths=input_lengths, use_dense_ctc=use_dense_ctc)
+        counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
+        per_sample = _per_sample_ctc(
+            logits, batch, input_lengths=input_lengths, counted=counted, use_dense_ctc=use_dense_ctc
+        )
         if is_xla:
             import torch_xla
 
