@@ -114,6 +114,8 @@ class _GRURecurrence(torch.autograd.Function):
         h0, w_hh, hs, gates = ctx.saved_tensors
         h_prev = torch.cat([h0[None], hs[:-1]])  # h_{t-1} for every t: (T, B, H)
         (dh0, _), dgi = _loop(_backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=True)
+        # dgh differs from dgi only in its n block (times r): rebuilt here rather than stacked by
+        # the loop as a second (T, B, 3H) output.
         r = gates[..., : h0.shape[-1]].float()
         da_r, da_z, da_n = dgi.chunk(3, dim=-1)
         dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (T, B, 3H)
