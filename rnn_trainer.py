@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
@@ -120,19 +121,6 @@ def build_lr_scheduler(
 # ----------------------------------------------------------------------------- loss
 
 
-def _forward(model: nn.Module, batch: Mapping[str, Tensor], *, model_type: str, use_amp: bool,
-             mode: str = "inference", grl_lambda: float | Tensor = 0.0) -> tuple[Tensor, ...]:
-    """Model outputs as a tuple (clean logits first), under bf16 autocast when use_amp.
-
-    The GRU recurrences stay float32 inside the model; the CTC that follows runs in float32.
-    """
-    features, day_indices = batch["input_features"], batch["day_indices"]
-    with torch.autocast(device_type=features.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        if model_type == "triple":
-            return tuple(model(features, day_indices, mode=mode, grl_lambda=grl_lambda))
-        return (model(features, day_indices),)
-
-
 def _ctc_counted_rows(batch: Mapping[str, Tensor], *, input_lengths: Tensor) -> Tensor:
     """(B,) bool: real trials (row_mask) whose input is long enough for their labels.
 
@@ -183,8 +171,8 @@ def compute_loss(
     row_mask = batch["row_mask"]
     counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
     n_rows = counted.sum().clamp(min=1)
-    outputs = _forward(
-        model, batch, model_type=m.type, use_amp=cfg.use_amp, mode="full",
+    outputs = rnn_model.decoder_outputs(
+        model, batch["input_features"], batch["day_indices"], use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
     )
     ctc = functools.partial(
@@ -193,7 +181,7 @@ def compute_loss(
     ctc_clean = ctc(outputs[0]).sum() / n_rows
     terms = {"ctc_clean": ctc_clean, "ctc_infeasible": (row_mask & ~counted).sum().to(torch.float32)}
     total = ctc_clean
-    if m.type == "triple":
+    if len(outputs) == 3:  # the triple model: (clean_logits, noisy_logits, noise)
         _, noisy_logits, noise = outputs
         ctc_noisy = ctc(noisy_logits).sum() / n_rows
         frames = torch.arange(noise.shape[1], device=noise.device)
@@ -392,9 +380,8 @@ def evaluate(
             training=False, generator=None, static_shapes=cfg.dataset.static_shapes,
         )
         batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
-        logits = _forward(model, batch, model_type=cfg.model.type, use_amp=cfg.use_amp)[0]
-        input_lengths = rnn_model.n_patches(
-            n_time_steps, patch_size=cfg.model.patch_size, patch_stride=cfg.model.patch_stride
+        logits, input_lengths = rnn_model.infer(
+            model, features, batch["day_indices"], n_time_steps, use_amp=cfg.use_amp
         )
         counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
         per_sample = _per_sample_ctc(
@@ -529,87 +516,40 @@ def save_checkpoint(
     _atomic_save(checkpoint, path)
 
 
-def load_checkpoint(
-    path: str | Path,
+def restore_checkpoint(
+    checkpoint: Mapping[str, Any],
     *,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     generator: torch.Generator | None = None,
     restore_rng: bool = False,
-) -> dict[str, Any]:
-    """Read a checkpoint (on the CPU) and load whichever of model/optimizer/scheduler/RNG are given."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only=False: our own files hold numpy/python RNG states next to the tensors.
-    # mmap=True: tensor data is paged in from the file on demand instead of first reading the whole
-    # file (~8 GB of weights and AdamW moments at full size) into host memory.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    source: str | Path | None = None,
+) -> None:
+    """Load whichever of model/optimizer/scheduler/RNG states are given from a checkpoint dict."""
     if model is not None:
-        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"])
+        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"], source=source)
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
     if restore_rng:
         _set_rng_states(checkpoint["rng_states"], generator=generator)
+
+
+def load_checkpoint(path: str | Path, **states: Any) -> dict[str, Any]:
+    """Read a checkpoint (rnn_model.read_checkpoint: a file or a model directory, on the CPU) and
+    restore the states given as keywords (see restore_checkpoint); returns the checkpoint dict."""
+    checkpoint = rnn_model.read_checkpoint(path)
+    restore_checkpoint(checkpoint, source=rnn_model.checkpoint_file(path), **states)
     return checkpoint
 
 
 # ----------------------------------------------------------------------------- data plumbing
 
 
-class _IndexSampler(Sampler[int]):
-    """Yields dataset indices in a fixed order; the dataset's item i is a whole batch."""
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        self.indices = list(indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _pad_to_common_length(micro_batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-    """Pad one step's micro-batches (on the host) to the longest time length among them.
-
-    A step traces all its micro-batches into one graph, so micro-batches left in different time
-    buckets would compile a graph per combination of buckets; padded alike, the step compiles once
-    per bucket. The added frames are zeros past every trial's n_time_steps, like bucket padding.
-    """
-    n_time = max(batch["input_features"].shape[1] for batch in micro_batches)
-    padded = []
-    for batch in micro_batches:
-        features = batch["input_features"]  # (B, T, D) -> (B, n_time, D)
-        padded.append({**batch, "input_features": nn.functional.pad(features, (0, 0, 0, n_time - features.shape[1]))})
-    return padded
-
-
-def _make_loader(
-    dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device, *, batches_per_step: int = 0
-) -> Any:
-    """DataLoader over given batch indices, with its own generator so iterating it never touches
-    the global RNG (that keeps resumed runs bit-exact); an MpDeviceLoader on XLA for prefetching.
-
-    With batches_per_step, an item is the list of one step's micro-batches (consecutive indices),
-    padded to one length under static shapes before the transfer.
-    """
-    if batches_per_step:
-        steps = [list(indices[i : i + batches_per_step]) for i in range(0, len(indices), batches_per_step)]
-        collate = _pad_to_common_length if cfg.dataset.static_shapes else list
-        grouping = {"batch_sampler": steps, "collate_fn": collate}
-    else:
-        grouping = {"batch_size": None, "sampler": _IndexSampler(indices)}
-    loader = DataLoader(
-        dataset,
-        **grouping,
-        num_workers=cfg.dataset.num_dataloader_workers,
-        generator=torch.Generator().manual_seed(cfg.dataset.loader_seed),
-        pin_memory=device.type == "cuda",
-    )
+def _on_device(loader: DataLoader, device: torch.device) -> Any:
+    """On XLA, a loader that moves batches to the device in a background thread (prefetching)."""
     if device.type == "xla":
         import torch_xla.distributed.parallel_loader as pl
 
@@ -719,14 +659,12 @@ def _build_replica_model(
     parameters and buffers are sent to the others explicitly. Afterwards the global RNG is
     per replica, for dropout and augmentation: replica r > 0 reseeds with seed + r, replica 0
     continues the stream it built with, so a one-process run draws what it always drew.
+    `init_from_checkpoint` may name a checkpoint file, a run directory or an upstream model directory.
     """
     set_seed(cfg.seed)
     model = rnn_model.build_model(cfg.model, n_days=n_days)
     if cfg.init_from_checkpoint:
-        init_path = Path(cfg.init_from_checkpoint)
-        if init_path.is_dir():
-            init_path = init_path / CHECKPOINT_DIR / BEST_CHECKPOINT
-        load_checkpoint(init_path, model=model)
+        load_checkpoint(cfg.init_from_checkpoint, model=model)
     model.to(device)
     if broadcast:
         import torch_xla.core.xla_model as xm
@@ -737,156 +675,193 @@ def _build_replica_model(
     return model
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between its steps."""
+
+    cfg: Config
+    accelerator: Accelerator
+    run_dir: Path
+    sessions: list[str]
+    model: nn.Module  # as prepared by Accelerate (DDP-wrapped with several CUDA/CPU processes)
+    unwrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator | None
+    train_steps: Iterator[list[dict[str, Tensor]]]
+    val_batches: Any
+    log: _RunLog
+    start_step: int = 0
+    best_val_per: float = math.inf
+    best_val_loss: float = math.inf
+    n_bad_vals: int = 0
+    n_skipped: Tensor | None = None  # device scalar
+    step_counter: Tensor | None = None  # device scalar
+
+    @property
+    def is_xla(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.XLA
+
+
+def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
+    """Accelerator, data, run directory, model, optimizer and schedule; a resumed run's states."""
+    # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
+    # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
+    # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="no",
+    )
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    is_xla = accelerator.distributed_type == DistributedType.XLA
+
+    resumed = None
+    if resume_dir is not None:
+        resumed = rnn_model.read_checkpoint(Path(resume_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)
+        cfg.output_dir = str(resume_dir)
+        # Day indices are positions in the session list, so a resumed run must reuse the list.
+        cfg.dataset.sessions = list(resumed["sessions"])
+    start_step = resumed["step"] if resumed is not None else 0
+    train_loader, val_loader, sessions = build_dataloaders(
+        cfg, n_steps=cfg.num_training_batches, start_step=start_step, batches_per_step=cfg.gradient_accumulation_steps,
+        n_replicas=world, rank=rank, pin_memory=device.type == "cuda",
+    )
+    run_dir = Path(cfg.output_dir)
+    # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
+    if accelerator.is_main_process:
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _barrier(accelerator)
+
+    model = _build_replica_model(cfg, n_days=len(sessions), device=device, rank=rank, broadcast=is_xla and world > 1)
+    optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
+    # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
+    scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = _Run(
+        cfg=cfg, accelerator=accelerator, run_dir=run_dir, sessions=sessions, model=model,
+        unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+        # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
+        generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
+        train_steps=iter(_on_device(train_loader, device)), val_batches=_on_device(val_loader, device),
+        log=_RunLog(run_dir, enabled=accelerator.is_main_process), start_step=start_step,
+    )
+    n_skipped = 0
+    if resumed is not None:
+        _resume(run, resumed)
+        n_skipped = resumed.get("n_skipped_steps", 0)
+    run.step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
+    run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
+    if is_xla:
+        import torch_xla
+
+        torch_xla.sync()  # materialise the placed weights in a setup graph of their own
+    return run
+
+
+def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
+    """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics, RNG."""
+    is_main = run.accelerator.is_main_process
+    restore_checkpoint(
+        checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler,
+        generator=run.generator, restore_rng=is_main,
+    )
+    if not is_main:  # the checkpoint holds the main process's RNG states only
+        set_seed(run.cfg.seed + 1000 * checkpoint["step"], device_specific=True)
+    run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
+    run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
+
+
+def _log_train(run: _Run, *, step: int, terms: Mapping[str, Tensor], ms: float) -> None:
+    """The training log line and metrics record; the only host reads of training metrics."""
+    n_steps = run.cfg.num_training_batches
+    values = {name: float(value.cpu()) for name, value in terms.items()}
+    skipped = int(run.n_skipped.cpu())
+    lr = run.scheduler.get_last_lr()[-1]
+    run.log.line(_format_train_line(step=step, n_steps=n_steps, values=values, lr=lr, n_skipped=skipped, ms=ms))
+    run.log.record({"step": step, **{f"train/{k}": v for k, v in values.items()},
+                    "train/lr": lr, "train/n_skipped": skipped, "train/ms_per_step": ms})
+
+
+def _validate_and_save(run: _Run, *, step: int) -> bool:
+    """Validate, log, write the best and last checkpoints; True when early stopping says stop."""
+    cfg, n_steps = run.cfg, run.cfg.num_training_batches
+    start = time.perf_counter()
+    result = evaluate(run.unwrapped, run.val_batches, cfg=cfg, n_days=len(run.sessions),
+                      use_dense_ctc=run.is_xla, accelerator=run.accelerator)
+    val_per, val_loss = result["per"], result["loss"]
+    improved = (val_per, val_loss) < (run.best_val_per, run.best_val_loss)  # PER first, ties by loss
+    if improved:
+        run.best_val_per, run.best_val_loss, run.n_bad_vals = val_per, val_loss, 0
+    else:
+        run.n_bad_vals += 1
+    run.log.line(f"val  {step:>{len(str(n_steps))}}/{n_steps} | loss {val_loss:.3f} | per {val_per:.4f} | "
+                 f"best {run.best_val_per:.4f} | {result['n_trials']} trials | "
+                 f"{1000 * (time.perf_counter() - start):.0f} ms")
+    run.log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
+                    "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
+    if run.accelerator.is_main_process:
+        saved = dict(
+            model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=cfg, step=step,
+            best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=val_per, val_loss=val_loss,
+            sessions=run.sessions, generator=run.generator, n_skipped_steps=int(run.n_skipped.cpu()),
+        )
+        if improved and cfg.save_best_checkpoint:
+            save_checkpoint(run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, **saved)
+        if cfg.save_final_model:
+            save_checkpoint(run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, **saved)
+    _barrier(run.accelerator)
+    if cfg.early_stopping and run.n_bad_vals >= cfg.early_stopping_val_steps:
+        run.log.line(f"early stopping at step {step}: no better val PER in {run.n_bad_vals} validations")
+        return True
+    return False
+
+
 def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
 
     Returns {'step', 'best_val_per', 'best_val_loss', 'n_skipped_steps', 'run_dir', 'model'}
     (the unwrapped model).
     """
-    # mixed_precision="no": the bf16 autocast is ours (see _forward); Accelerate's bf16 on TPU
-    # would set XLA_USE_BF16 and turn the master weights bf16 too.
-    # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="no",
-    )
-    device = accelerator.device
-    is_xla = accelerator.distributed_type == DistributedType.XLA
-    is_main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    resume_checkpoint = None
-    if resume_dir is not None:
-        resume_checkpoint = load_checkpoint(Path(resume_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)
-        cfg.output_dir = str(resume_dir)
-        # Day indices are positions in the session list, so a resumed run must reuse the list.
-        cfg.dataset.sessions = list(resume_checkpoint["sessions"])
-    run_dir = Path(cfg.output_dir)
-
-    accum = cfg.gradient_accumulation_steps
-    n_steps = cfg.num_training_batches
-    train_loader, val_loader, sessions = build_dataloaders(cfg, n_train_batches=n_steps * accum * world)
-    n_days = len(sessions)
-    # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
-    if is_main:
-        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    _barrier(accelerator)
-    log = _RunLog(run_dir, enabled=is_main)
-
-    model = _build_replica_model(cfg, n_days=n_days, device=device, rank=rank, broadcast=is_xla and world > 1)
-    optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
-    # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
-    scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
-    generator = None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank)
-
-    start_step, best_val_per, best_val_loss, n_skipped_start = 0, math.inf, math.inf, 0
-    if resume_checkpoint is not None:
-        unwrapped.load_state_dict(resume_checkpoint["model_state_dict"])
-        optimizer.load_state_dict(resume_checkpoint["optimizer_state_dict"])
-        scheduler.load_state_dict(resume_checkpoint["scheduler_state_dict"])
-        if is_main:
-            _set_rng_states(resume_checkpoint["rng_states"], generator=generator)
-        else:
-            set_seed(cfg.seed + 1000 * resume_checkpoint["step"], device_specific=True)
-        start_step = resume_checkpoint["step"]
-        best_val_per, best_val_loss = resume_checkpoint["best_val_per"], resume_checkpoint["best_val_loss"]
-        n_skipped_start = resume_checkpoint.get("n_skipped_steps", 0)
-        resume_checkpoint = None  # free the host copy
-        log.line(f"resumed {run_dir} at step {start_step}")
-
-    log.line(f"device {device} ({accelerator.distributed_type}, {world} process(es)), {n_days} sessions")
-    log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(unwrapped)))
-
-    use_dense_ctc = is_xla  # torch's CTC falls back to aten on XLA every step
-    # Batch index of (step, micro-batch, process) is fixed, so resuming at step k starts here.
-    train_indices = [
-        (step * accum + micro) * world + rank for step in range(start_step, n_steps) for micro in range(accum)
-    ]
-    train_steps = iter(
-        _make_loader(train_loader.dataset, indices=train_indices, cfg=cfg, device=device, batches_per_step=accum)
-    )
-    val_indices = list(range(rank, len(val_loader.dataset), world))
-    val_batches = _make_loader(val_loader.dataset, indices=val_indices, cfg=cfg, device=device)
-
-    step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
-    n_skipped = torch.tensor(n_skipped_start, dtype=torch.int64, device=device)
-    if is_xla:
-        import torch_xla
-
-        torch_xla.sync()  # materialise the placed weights in a setup graph of their own
-    val_per, val_loss, n_bad_vals = math.nan, math.nan, 0
-    progress = tqdm(total=n_steps, initial=start_step, disable=not is_main, dynamic_ncols=True, desc="train")
+    run = _set_up(cfg, resume_dir)
+    accelerator, n_steps = run.accelerator, cfg.num_training_batches
+    run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
+                 f"process(es)), {len(run.sessions)} sessions")
+    run.log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(run.unwrapped)))
+    progress = tqdm(total=n_steps, initial=run.start_step, disable=not accelerator.is_main_process,
+                    dynamic_ncols=True, desc="train")
     window_start, window_steps = time.perf_counter(), 0
-    step = start_step
+    step = run.start_step
     try:
-        for step in range(start_step + 1, n_steps + 1):
-            micro_batches = next(train_steps)
-            if not is_xla:
-                micro_batches = [_to_device(b, device) for b in micro_batches]
+        for step in range(run.start_step + 1, n_steps + 1):
+            micro_batches = next(run.train_steps)
+            if not run.is_xla:
+                micro_batches = [_to_device(b, accelerator.device) for b in micro_batches]
             terms = train_step(
-                accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                micro_batches=micro_batches, cfg=cfg, step_counter=step_counter, n_skipped=n_skipped,
-                generator=generator, use_dense_ctc=use_dense_ctc,
+                accelerator=accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                micro_batches=micro_batches, cfg=cfg, step_counter=run.step_counter, n_skipped=run.n_skipped,
+                generator=run.generator, use_dense_ctc=run.is_xla,  # torch's CTC falls back to aten on XLA
             )
             progress.update(1)
             window_steps += 1
-
             if step % cfg.batches_per_train_log == 0 or step == n_steps:
-                # The only host reads of training metrics: one transfer per value, on log steps.
-                values = {name: float(value.cpu()) for name, value in terms.items()}
-                skipped = int(n_skipped.cpu())
-                ms = 1000.0 * (time.perf_counter() - window_start) / window_steps
-                lr = scheduler.get_last_lr()[-1]
-                log.line(_format_train_line(step=step, n_steps=n_steps, values=values, lr=lr, n_skipped=skipped, ms=ms))
-                log.record({"step": step, **{f"train/{k}": v for k, v in values.items()},
-                            "train/lr": lr, "train/n_skipped": skipped, "train/ms_per_step": ms})
+                _log_train(run, step=step, terms=terms, ms=1000.0 * (time.perf_counter() - window_start) / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
-
             if step % cfg.batches_per_val_step == 0 or step == n_steps:
-                val_start = time.perf_counter()
-                result = evaluate(unwrapped, val_batches, cfg=cfg, n_days=n_days,
-                                  use_dense_ctc=use_dense_ctc, accelerator=accelerator)
-                val_per, val_loss = result["per"], result["loss"]
-                improved = (val_per, val_loss) < (best_val_per, best_val_loss)  # PER first, ties by loss
-                if improved:
-                    best_val_per, best_val_loss, n_bad_vals = val_per, val_loss, 0
-                else:
-                    n_bad_vals += 1
-                log.line(f"val  {step:>{len(str(n_steps))}}/{n_steps} | loss {val_loss:.3f} | per {val_per:.4f} | "
-                         f"best {best_val_per:.4f} | {result['n_trials']} trials | "
-                         f"{1000 * (time.perf_counter() - val_start):.0f} ms")
-                log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
-                            "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
-                if is_main:
-                    saved = dict(
-                        model=unwrapped, optimizer=optimizer, scheduler=scheduler, cfg=cfg, step=step,
-                        best_val_per=best_val_per, best_val_loss=best_val_loss, val_per=val_per,
-                        val_loss=val_loss, sessions=sessions, generator=generator,
-                        n_skipped_steps=int(n_skipped.cpu()),
-                    )
-                    if improved and cfg.save_best_checkpoint:
-                        save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, **saved)
-                    if cfg.save_final_model:
-                        save_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, **saved)
-                _barrier(accelerator)
+                stop = _validate_and_save(run, step=step)
                 window_start = time.perf_counter()  # validation time is not training time
-                if cfg.early_stopping and n_bad_vals >= cfg.early_stopping_val_steps:
-                    log.line(f"early stopping at step {step}: no better val PER in {n_bad_vals} validations")
+                if stop:
                     break
     finally:
         progress.close()
-        log.close()
-    if is_main and (run_dir / "metrics.jsonl").exists():
-        _plot_curves(run_dir)
+        run.log.close()
+    if accelerator.is_main_process and (run.run_dir / "metrics.jsonl").exists():
+        _plot_curves(run.run_dir)
     return {
         "step": step,
-        "best_val_per": best_val_per,
-        "best_val_loss": best_val_loss,
-        "n_skipped_steps": int(n_skipped.cpu()),
-        "run_dir": str(run_dir),
-        "model": unwrapped,
+        "best_val_per": run.best_val_per,
+        "best_val_loss": run.best_val_loss,
+        "n_skipped_steps": int(run.n_skipped.cpu()),
+        "run_dir": str(run.run_dir),
+        "model": run.unwrapped,
     }

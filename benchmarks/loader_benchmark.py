@@ -1,8 +1,8 @@
 """Training-loader throughput on the synthetic set: batches per second, printed as one JSON line.
 
-Reads the dataset section of a config (default rnn_args_demo.yaml) at batch 64, builds the loaders
-with dataset.build_dataloaders and times the training batches after the first (which opens the
-files). Generate the data first with `python make_synthetic_data.py --out data/synthetic`.
+Reads the dataset section of a config (default rnn_args_demo.yaml) at batch 64, builds the
+training loader with dataset.build_dataloaders exactly as the trainer does (one item per optimizer
+step) and times its items after the first (which opens the files). Generate the data first with `python make_synthetic_data.py --out data/synthetic`.
 
 Run: `.venv/bin/python benchmarks/loader_benchmark.py [--n_batches 40 --num_workers 0 --static_shapes]`
 """
@@ -36,15 +36,21 @@ def main() -> None:
     ]
     cfg = load_config(args.config_path, overrides)
     start = time.perf_counter()
-    train_loader, _, sessions = build_dataloaders(cfg, n_train_batches=args.n_batches + 1)
+    # The loader training iterates: one item per optimizer step, the step's micro-batches.
+    accum = cfg.gradient_accumulation_steps
+    n_steps = -(-(args.n_batches + 1) // accum)
+    train_loader, _, sessions = build_dataloaders(cfg, n_steps=n_steps, batches_per_step=accum)
     index_seconds = time.perf_counter() - start
-    batches = iter(train_loader)
-    next(batches)  # warm-up: opens the files (and starts the workers)
+    steps = iter(train_loader)
+    next(steps)  # warm-up: opens the files (and starts the workers)
     start = time.perf_counter()
-    n_trials = sum(int(batch["row_mask"].sum()) for batch in batches)
+    n_batches, n_trials = 0, 0
+    for micro_batches in steps:
+        n_batches += len(micro_batches)
+        n_trials += sum(int(batch["row_mask"].sum()) for batch in micro_batches)
     seconds = time.perf_counter() - start
     print(json.dumps({
-        "batches_per_s": round(args.n_batches / seconds, 2),
+        "batches_per_s": round(n_batches / seconds, 2),
         "trials_per_s": round(n_trials / seconds, 1),
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         cfg = load_config(args.config, overrides)
         # One process: the trainer validates on every validation batch.
-        _, val_loader, _ = build_dataloaders(cfg, n_train_batches=args.steps * cfg.gradient_accumulation_steps)
+        _, val_loader, _ = build_dataloaders(cfg, n_steps=args.steps)
         val_set = val_loader.dataset
         val_buckets = sorted({val_set[i]["input_features"].shape[1] for i in range(len(val_set))})
 

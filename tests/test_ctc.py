@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import requires_xla, run_xla_script
 from ctc_loss import ctc_feasible, ctc_loss, ctc_loss_dense
-from dataset import ctc_frames_needed
+from ctc_loss import ctc_frames_needed
 
 N_CLASSES = 41
 

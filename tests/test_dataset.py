@@ -47,7 +47,7 @@ def _config(data_dir: str, **overrides) -> types.SimpleNamespace:
 
 def test_phoneme_classes_match_the_contract():
     assert len(D.PHONEMES) == 41 and D.PHONEMES[0] == "BLANK" and D.PHONEMES[40] == " | "
-    assert D.PHONEMES == synth.PHONEME_CLASSES
+    assert synth.PHONEMES is D.PHONEMES
 
 
 def test_sessions_are_discovered_sorted_and_split_files_found(data_dir):
@@ -152,24 +152,60 @@ def test_feature_subset(data_dir):
 
 
 def test_build_dataloaders_with_workers_matches_in_process(data_dir):
-    train, val, sessions = D.build_dataloaders(_config(data_dir, num_dataloader_workers=1), 4)
+    train, val, sessions = D.build_dataloaders(_config(data_dir, num_dataloader_workers=1), n_steps=4)
     assert sessions == SESSIONS
-    train0, val0, _ = D.build_dataloaders(_config(data_dir), 4)
+    train0, val0, _ = D.build_dataloaders(_config(data_dir), n_steps=4)
     for a, b in zip(train, train0):
         assert torch.equal(a["input_features"], b["input_features"])
     val_days = {int(b["day_indices"][0]) for b in val0}
     assert val_days == {1, 2, 3}  # day index = position in the session list, day 0 has no val data
     assert sum(int(b["row_mask"].sum()) for b in val) == N_VAL * 3
-    resumed, _, _ = D.build_dataloaders(_config(data_dir), 4, start_batch=3)
+    resumed, _, _ = D.build_dataloaders(_config(data_dir), n_steps=4, start_step=3)
     assert torch.equal(next(iter(resumed))["input_features"], list(train0)[3]["input_features"])
 
 
-def test_load_split_trials_yields_test_trials_in_order(data_dir):
-    trials = list(D.load_split_trials(data_dir, None, "test"))
-    assert [(int(t["day_indices"]), t["trial_index"]) for t in trials] == [(d, i) for d in (1, 2, 3) for i in range(N_TEST)]
-    assert "seq_class_ids" not in trials[0] and trials[0]["input_features"].shape[-1] == 512
-    val = next(D.load_split_trials(data_dir, SESSIONS, "val"))
-    assert val["seq_class_ids"].shape == (1, int(val["phone_seq_lens"])) and val["sentence_label"].endswith(".")
+def test_replicas_and_micro_batches_partition_the_batches(data_dir):
+    # Batch (step * accumulation + micro) * replicas + rank: each replica's steps hold its own
+    # micro-batches, and together the replicas visit every batch once.
+    cfg = _config(data_dir)
+    whole, _, _ = D.build_dataloaders(cfg, n_steps=8)
+    whole = [b["input_features"] for b in whole]
+    seen, val_seen = [], []
+    for rank in range(2):
+        train, val, _ = D.build_dataloaders(cfg, n_steps=2, batches_per_step=2, n_replicas=2, rank=rank)
+        for step, micro_batches in enumerate(train):
+            assert len(micro_batches) == 2
+            for micro, batch in enumerate(micro_batches):
+                index = (step * 2 + micro) * 2 + rank
+                assert torch.equal(batch["input_features"], whole[index])
+                seen.append(index)
+        val_seen += list(val.sampler)
+    assert sorted(seen) == list(range(8))
+    assert sorted(val_seen) == list(range(len(val.dataset)))
+
+
+def test_eval_loader_visits_every_trial_in_order(data_dir):
+    test = D.build_eval_loader(data_dir, SESSIONS, "test", batch_size=3)
+    rows = [pair for i in test.sampler for pair in test.dataset.batch_trials(i)]
+    assert rows == [(d, i) for d in (1, 2, 3) for i in range(N_TEST)]
+    batch = next(iter(test))
+    assert "seq_class_ids" not in batch and batch["input_features"].shape[-1] == 512
+    val = D.build_eval_loader(data_dir, SESSIONS, "val", batch_size=3)
+    batch = next(iter(val))
+    day, trial = val.dataset.batch_trials(0)[0]
+    assert val.dataset.trial_indices[day]["meta"][trial]["sentence_label"].endswith(".")
+    assert int(batch["phone_seq_lens"][0]) <= batch["seq_class_ids"].shape[1]
+    # Static shapes: full batches, padded to a training bucket, with a bucket added for longer trials.
+    static = D.build_eval_loader(data_dir, SESSIONS, "val", batch_size=4, static_shapes=True, time_buckets=[64])
+    lengths = {b["input_features"].shape for b in static}
+    assert all(shape[0] == 4 for shape in lengths)
+    assert {shape[1] for shape in lengths} <= set(static.dataset.time_buckets) and static.dataset.time_buckets[0] == 64
+
+
+def test_read_labels_returns_every_trials_sentence_and_phonemes(data_dir):
+    sentences, labels = D.read_labels(data_dir, SESSIONS, "val")
+    assert len(sentences) == len(labels) == N_VAL * 3
+    assert all(s.endswith(".") for s in sentences) and all(1 <= p < len(D.PHONEMES) for lab in labels for p in lab)
 
 
 # --- bad input: one DataError naming the file and trial ---------------------------------------
@@ -195,11 +231,11 @@ def _replace(group: h5py.Group, name: str, data: np.ndarray) -> None:
 
 def test_missing_directory_and_session(data_dir, tmp_path):
     with pytest.raises(D.DataError, match="nowhere: dataset directory does not exist"):
-        D.build_dataloaders(_config(str(tmp_path / "nowhere")), 1)
+        D.build_dataloaders(_config(str(tmp_path / "nowhere")), n_steps=1)
     with pytest.raises(D.DataError, match="no session folders"):
         D.discover_sessions(str(tmp_path))
     with pytest.raises(D.DataError, match=r"t15\.2099\.01\.01: session folder does not exist"):
-        D.build_dataloaders(_config(data_dir, sessions=[SESSIONS[1], "t15.2099.01.01"]), 1)
+        D.build_dataloaders(_config(data_dir, sessions=[SESSIONS[1], "t15.2099.01.01"]), n_steps=1)
 
 
 def test_truncated_file(bad_dir):
@@ -207,7 +243,7 @@ def test_truncated_file(bad_dir):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(D.DataError, match=f"{path}: cannot open HDF5 file"):
-        D.build_dataloaders(_config(bad_dir), 1)
+        D.build_dataloaders(_config(bad_dir), n_steps=1)
 
 
 @pytest.mark.parametrize(
@@ -223,9 +259,9 @@ def test_bad_trial_is_named_or_skipped(bad_dir, edit, problem):
     path = os.path.join(bad_dir, SESSIONS[1], "data_train.hdf5")
     _damage(path, 3, edit)
     with pytest.raises(D.DataError, match=f"{path} trial_0003: .*{problem}"):
-        D.build_dataloaders(_config(bad_dir), 1)
+        D.build_dataloaders(_config(bad_dir), n_steps=1)
     with pytest.warns(UserWarning, match=f"skipped 1 bad trial.*\n  {path} trial_0003: .*{problem}"):
-        train, _, _ = D.build_dataloaders(_config(bad_dir, on_bad_trial="skip"), 1)
+        train, _, _ = D.build_dataloaders(_config(bad_dir, on_bad_trial="skip"), n_steps=1)
     assert 3 not in train.dataset.trial_indices[1]["trials"] and len(train.dataset.trial_indices[1]["trials"]) == N_TRAIN - 1
 
 
@@ -245,9 +281,9 @@ def test_nan_features_found_when_loaded(bad_dir):
 def test_empty_split(data_dir):
     bad = {s: {b: list(range(10)) for b in range(1, 10)} for s in SESSIONS}
     with pytest.raises(D.DataError, match="the train split is empty"):
-        D.build_dataloaders(_config(data_dir, bad_trials=bad), 1)
+        D.build_dataloaders(_config(data_dir, bad_trials=bad), n_steps=1)
     with pytest.raises(D.DataError, match="the val split is empty"):
-        D.build_dataloaders(_config(data_dir, sessions=SESSIONS[:1], days_per_batch=1), 1)
+        D.build_dataloaders(_config(data_dir, sessions=SESSIONS[:1], days_per_batch=1), n_steps=1)
 
 
 def _stored_label_lengths(data_dir: str, split: str) -> list[int]:
@@ -272,10 +308,10 @@ def test_static_label_width_is_the_same_for_train_and_val(data_dir):
     longest = max(_stored_label_lengths(data_dir, "train") + _stored_label_lengths(data_dir, "val"))
     expected = -(-longest // 16) * 16
     assert expected < 500
-    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=None, static_shapes=True), 4)
+    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=None, static_shapes=True), n_steps=4)
     widths = {loader.dataset[i]["seq_class_ids"].shape[1] for loader in (train_loader, val_loader)
               for i in range(len(loader.dataset))}
     assert widths == {expected}
     # An int still fixes the width, as upstream's 500.
-    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=200, static_shapes=True), 1)
+    train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=200, static_shapes=True), n_steps=1)
     assert train_loader.dataset[0]["seq_class_ids"].shape[1] == val_loader.dataset[0]["seq_class_ids"].shape[1] == 200

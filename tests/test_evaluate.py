@@ -111,7 +111,7 @@ def test_evaluation_per_equals_trainer_validation_per(data_dir: Path, run_dir: P
     cfg = tiny_config(data_dir, run_dir)
     model = rnn_model.build_model(cfg.model, n_days=len(SESSIONS))
     rnn_trainer.load_checkpoint(run_dir / "checkpoint" / "best_checkpoint.pt", model=model)
-    _, val_loader, sessions = build_dataloaders(cfg, n_train_batches=1)
+    _, val_loader, sessions = build_dataloaders(cfg, n_steps=1)
     expected = rnn_trainer.evaluate(model, val_loader, cfg=cfg, n_days=len(sessions))
 
     # A different batch size from the trainer's: padding must not change a trial's logits.

@@ -93,7 +93,7 @@ def test_identity_day_layers_give_softsign():
     torch.manual_seed(0)
     x = torch.randn(4, 9, 6)
     day_idx = torch.tensor([0, 2, 1, 2])
-    layer = DayInputLayer(6, n_days=3, input_dropout=0.5).eval()
+    layer = DayInputLayer(neural_dim=6, n_days=3, input_dropout=0.5).eval()
     torch.testing.assert_close(layer(x, day_idx), F.softsign(x))
     baseline = GRUDecoder(6, 4, 3, 5, n_layers=1).eval()
     assert all(torch.equal(w, torch.eye(6)) for w in baseline.day_weights)
@@ -101,7 +101,7 @@ def test_identity_day_layers_give_softsign():
 
 def test_day_layer_applies_each_trials_own_day():
     torch.manual_seed(0)
-    layer = DayInputLayer(6, n_days=3)
+    layer = DayInputLayer(neural_dim=6, n_days=3)
     with torch.no_grad():
         for w, b in zip(layer.day_weights, layer.day_biases):
             w.normal_()
@@ -167,11 +167,11 @@ def test_modes_and_sub_models_return_documented_shapes():
     with pytest.raises(ValueError, match="mode"):
         model(x, day_idx, mode="train")
 
-    noise_alone = NoiseModel(8, 3, patch_size=4, patch_stride=2, noise_hidden_size=7)(x, day_idx)
+    noise_alone = NoiseModel(neural_dim=8, n_days=3, patch_size=4, patch_stride=2, noise_hidden_size=7)(x, day_idx)
     assert noise_alone.shape == (2, 9, 32)
-    clean_alone = CleanSpeechModel(8, 6, 3, 5, patch_size=4, patch_stride=2)
+    clean_alone = CleanSpeechModel(neural_dim=8, n_units=6, n_days=3, n_classes=5, patch_size=4, patch_stride=2)
     assert clean_alone(x, day_idx).shape == clean_alone(x, day_idx, noise_alone).shape == (2, 9, 5)
-    assert NoisySpeechModel(32, 6, 5)(noise_alone).shape == (2, 9, 5)
+    assert NoisySpeechModel(input_size=32, n_units=6, n_classes=5)(noise_alone).shape == (2, 9, 5)
 
     baseline = GRUDecoder(8, 6, 3, 5, n_layers=2, patch_size=0, patch_stride=0)
     logits, hidden = baseline(x, day_idx, return_state=True)

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
+import dataset as D
 import make_synthetic_data as synth
 from tests.conftest import REPO_ROOT
 
@@ -90,15 +91,15 @@ def test_labels_are_the_cmudict_phonemes_of_the_sentence(tiny_dir):
         words = attrs["sentence_label"].rstrip(".").lower().split()
         ids = datasets["seq_class_ids"][: attrs["seq_len"]].tolist()
         assert ids == synth.phonemize(words)
-        assert ids.count(synth.SILENCE_CLASS) == len(words) and ids[-1] == synth.SILENCE_CLASS
-    assert synth.phonemize(["cat"]) == [synth.PHONEME_CLASSES.index(p) for p in ("K", "AE", "T")] + [40]
+        assert ids.count(D.SIL_ID) == len(words) and ids[-1] == D.SIL_ID
+    assert synth.phonemize(["cat"]) == [synth.PHONEMES.index(p) for p in ("K", "AE", "T")] + [40]
 
 
 def test_vocabulary_is_in_cmudict_and_large():
     words = {w for slot in synth.WORDS.values() for w in slot}
     words |= {w for template in synth.TEMPLATES for w in template.split() if w not in synth.WORDS}
     assert len(words) >= 200
-    missing = [w for w in words if w not in synth._cmudict()]
+    missing = [w for w in words if w not in D.load_cmudict()]
     assert missing == []
 
 

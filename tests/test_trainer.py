@@ -97,7 +97,7 @@ def _setup(cfg, n_days: int = 3, optimizer: str = "adamw"):
 
 
 def _first_batch(cfg) -> dict:
-    train_loader, _, _ = build_dataloaders(cfg, n_train_batches=1)
+    train_loader, _, _ = build_dataloaders(cfg, n_steps=1)
     return rnn_trainer._to_device(train_loader.dataset[0], torch.device("cpu"))
 
 
@@ -314,6 +314,8 @@ def test_early_stopping_after_validations_without_improvement(data_dir: Path, tm
 
 class _LogitsAreInputs(torch.nn.Module):
     """Stand-in decoder whose logits are its input features, to script the greedy paths."""
+
+    patch_size, patch_stride = 0, 0  # no patching: one output frame per input bin
 
     def __init__(self) -> None:
         super().__init__()
@@ -532,10 +534,8 @@ def test_one_steps_micro_batches_share_one_padded_length(data_dir: Path, tmp_pat
     # Fine buckets put the two micro-batches of some steps in different buckets.
     cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[256,320,352,384,448,512,768]",
                       "gradient_accumulation_steps=2", "dataset.num_dataloader_workers=0")
-    train_loader, _, _ = build_dataloaders(cfg, n_train_batches=16)
-    dataset = train_loader.dataset
-    loader = rnn_trainer._make_loader(dataset, indices=range(16), cfg=cfg, device=torch.device("cpu"),
-                                      batches_per_step=2)
+    loader, _, _ = build_dataloaders(cfg, n_steps=8, batches_per_step=2)
+    dataset = loader.dataset
     n_mixed = 0
     for step, micro_batches in enumerate(loader):
         originals = [dataset[2 * step], dataset[2 * step + 1]]

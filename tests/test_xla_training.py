@@ -103,7 +103,7 @@ model = rnn_trainer._build_replica_model(cfg, n_days=3, device=device, rank=0, b
 optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
 scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
 model, optimizer = accelerator.prepare(model, optimizer)
-train_loader, _, _ = build_dataloaders(cfg, n_train_batches=4)
+train_steps = iter(build_dataloaders(cfg, n_steps=2, batches_per_step=2)[0])
 step_counter = torch.tensor(0, device=device)
 n_skipped = torch.tensor(0, device=device)
 torch_xla.sync()
@@ -114,8 +114,7 @@ def counters():
 
 
 for step in range(2):
-    host = [train_loader.dataset[2 * step], train_loader.dataset[2 * step + 1]]
-    micro_batches = [rnn_trainer._to_device(b, device) for b in rnn_trainer._pad_to_common_length(host)]
+    micro_batches = [rnn_trainer._to_device(b, device) for b in next(train_steps)]
     before = counters()
     terms = rnn_trainer.train_step(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
