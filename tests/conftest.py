@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU tests keep accelerate off torch_xla; XLA tests get a marker.
+"""Shared pytest setup: CPU tests keep accelerate off torch_xla; XLA tests get a marker; the tiny
+config and the synthetic dataset that the trainer, evaluator and distributed tests share.
 
 Importing torch_xla replaces nn.GRU process-wide, so CPU tests must never import it. XLA tests
 run their work in a subprocess with PJRT_DEVICE=CPU (see `run_xla_script`).
@@ -13,6 +14,9 @@ from pathlib import Path
 os.environ.setdefault("USE_TORCH_XLA", "0")
 
 import pytest  # noqa: E402
+
+from config import apply_overrides, config_from_dict  # noqa: E402
+from make_synthetic_data import generate_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,48 @@ def run_xla_script(code: str, timeout: float = 900) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"XLA subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc.stdout
+
+
+# No augmentation, no dropout: runs are then deterministic functions of the weights and data.
+QUIET_TRANSFORMS = {
+    "white_noise_std": 0.0, "constant_offset_std": 0.0, "random_walk_std": 0.0, "static_gain_std": 0.0,
+    "random_cut": 0, "smooth_data": False, "jitter_max": 0,
+}
+
+
+def tiny_config_dict(data_dir: str, output_dir: str) -> dict:
+    """A config small enough to train a step in well under a second on one core."""
+    return {
+        "output_dir": output_dir,
+        "seed": 7,
+        "num_training_batches": 4,
+        "batches_per_train_log": 2,
+        "batches_per_val_step": 2,
+        "use_amp": False,
+        "model": {
+            "type": "triple", "n_input_features": 24, "n_units": 16, "rnn_dropout": 0.0, "input_dropout": 0.1,
+            "n_layers": 1, "n_noise_layers": 1, "n_clean_layers": 1, "n_noisy_layers": 1, "noise_hidden_size": 16,
+        },
+        "adversarial": {"warmup_steps": 1},
+        "dataset": {
+            "dataset_dir": data_dir, "batch_size": 4, "val_batch_size": 4, "days_per_batch": 2,
+            "feature_subset": list(range(24)),
+            "data_transforms": {**QUIET_TRANSFORMS, "white_noise_std": 0.5},
+        },
+        "optimizer": {
+            "lr_warmup_steps": 0, "lr_warmup_steps_day": 0, "lr_decay_steps": 100, "lr_decay_steps_day": 100,
+        },
+    }
+
+
+def make_config(data_dir: Path, output_dir: Path, *overrides: str):
+    """tiny_config_dict as a Config, with dotted `key=value` overrides."""
+    return config_from_dict(apply_overrides(tiny_config_dict(str(data_dir), str(output_dir)), overrides))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic sessions (the first train-only): 8 train, 4 val and 3 test trials each."""
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
+    return out

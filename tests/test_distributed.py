@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from make_synthetic_data import generate_dataset
-from test_trainer import tiny_config_dict
+from conftest import tiny_config_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +40,7 @@ torch.save({{"state": state, "step": result["step"]}}, os.path.join(sys.argv[2],
 """
 
 
-def test_two_gloo_processes_hold_identical_weights(tmp_path: Path):
-    data_dir = tmp_path / "data"
-    generate_dataset(str(data_dir), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=1, seed=0)
+def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Path):
     values = tiny_config_dict(str(data_dir), str(tmp_path / "run"))
     values.update(num_training_batches=2, batches_per_train_log=1, batches_per_val_step=2)
     values["model"]["rnn_dropout"] = 0.1  # replicas draw different dropout masks; weights must still agree

@@ -17,7 +17,6 @@ import evaluate_model
 import rnn_model
 from config import config_from_dict, save_config
 from evaluate_model_helpers import count_edits, error_rates_by, greedy_ctc_decode, read_corpus_map, write_submission
-from make_synthetic_data import generate_dataset
 
 SESSIONS = ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]  # the first one is train-only
 
@@ -75,13 +74,6 @@ def tiny_config(data_dir: Path, run_dir: Path, model_type: str = "triple"):
             "val_batch_size": 3, "num_dataloader_workers": 0,
         },
     })
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
-    return out
 
 
 @pytest.fixture(scope="module")

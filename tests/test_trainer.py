@@ -20,58 +20,14 @@ from accelerate.state import AcceleratorState
 
 import rnn_model
 import rnn_trainer
-from config import apply_overrides, config_from_dict
+from config import config_from_dict
 from dataset import build_dataloaders
-from conftest import requires_xla, run_xla_script
-from make_synthetic_data import generate_dataset
+from conftest import QUIET_TRANSFORMS, make_config, requires_xla, run_xla_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# No augmentation, no dropout: runs are then deterministic functions of the weights and data.
-QUIET_TRANSFORMS = {
-    "white_noise_std": 0.0, "constant_offset_std": 0.0, "random_walk_std": 0.0, "static_gain_std": 0.0,
-    "random_cut": 0, "smooth_data": False, "jitter_max": 0,
-}
-
-
-def tiny_config_dict(data_dir: str, output_dir: str) -> dict:
-    """A config small enough to train a step in well under a second on one core."""
-    return {
-        "output_dir": output_dir,
-        "seed": 7,
-        "num_training_batches": 4,
-        "batches_per_train_log": 2,
-        "batches_per_val_step": 2,
-        "use_amp": False,
-        "model": {
-            "type": "triple", "n_input_features": 24, "n_units": 16, "rnn_dropout": 0.0, "input_dropout": 0.1,
-            "n_layers": 1, "n_noise_layers": 1, "n_clean_layers": 1, "n_noisy_layers": 1, "noise_hidden_size": 16,
-        },
-        "adversarial": {"warmup_steps": 1},
-        "dataset": {
-            "dataset_dir": data_dir, "batch_size": 4, "val_batch_size": 4, "days_per_batch": 2,
-            "feature_subset": list(range(24)),
-            "data_transforms": {**QUIET_TRANSFORMS, "white_noise_std": 0.5},
-        },
-        "optimizer": {
-            "lr_warmup_steps": 0, "lr_warmup_steps_day": 0, "lr_decay_steps": 100, "lr_decay_steps_day": 100,
-        },
-    }
-
-
 def _quiet_transforms():
     return config_from_dict({"dataset": {"data_transforms": QUIET_TRANSFORMS}}).dataset.data_transforms
-
-
-def make_config(data_dir: Path, output_dir: Path, *overrides: str):
-    return config_from_dict(apply_overrides(tiny_config_dict(str(data_dir), str(output_dir)), overrides))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=1, seed=0)
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +77,60 @@ def test_overfitting_one_batch_reduces_the_loss(data_dir: Path, tmp_path: Path, 
     losses = [float(_step(accelerator, model, opt, scheduler, cfg, [batch], counters)["ctc_clean"]) for _ in range(12)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+@torch.no_grad()
+def test_compute_loss_is_clean_plus_gated_weighted_adversarial_terms(data_dir: Path, tmp_path: Path):
+    # total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2), each
+    # term recomputed here from the model's outputs with torch's CTC and an explicit frame mask.
+    cfg = make_config(data_dir, tmp_path, "adversarial.noisy_loss_weight=0.3", "adversarial.noise_l2_weight=0.7",
+                      "model.input_dropout=0.0")
+    torch.manual_seed(0)
+    model = rnn_model.build_model(cfg.model, n_days=3).eval()
+    batch = _first_batch(cfg)
+    lengths = batch["n_time_steps"]
+    assert lengths.min() < batch["input_features"].shape[1]  # some rows have padded frames
+
+    clean, noisy, noise = model(batch["input_features"], batch["day_indices"], mode="full")
+    frames = rnn_model.n_patches(lengths, cfg.model.patch_size, cfg.model.patch_stride)
+    by_hand = {}
+    for name, logits in (("ctc_clean", clean), ("ctc_noisy", noisy)):
+        per_trial = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), batch["seq_class_ids"], frames,
+                               batch["phone_seq_lens"], reduction="none")
+        by_hand[name] = per_trial.mean()
+    valid = torch.arange(noise.shape[1])[None, :] < frames[:, None]  # (B, T')
+    by_hand["noise_l2"] = noise.pow(2).mean(-1)[valid].mean()
+
+    for gate in (0.0, 1.0):
+        total, terms = rnn_trainer.compute_loss(model=model, batch=batch, cfg=cfg,
+                                                adversarial_gate=torch.tensor(gate), use_dense_ctc=False)
+        for name, value in by_hand.items():
+            assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
+        expected = by_hand["ctc_clean"] + gate * (0.3 * by_hand["ctc_noisy"] + 0.7 * by_hand["noise_l2"])
+        assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    assert 0.3 * by_hand["ctc_noisy"] + 0.7 * by_hand["noise_l2"] > 1e-3  # the gate visibly matters
+
+    # Padded frames stay out of the L2 term: garbage past every trial's end changes nothing.
+    padded = batch["input_features"].clone()
+    for row, n in enumerate(lengths.tolist()):
+        padded[row, n:] = 1e3
+    _, garbage_terms = rnn_trainer.compute_loss(model=model, batch={**batch, "input_features": padded}, cfg=cfg,
+                                                adversarial_gate=torch.tensor(1.0), use_dense_ctc=False)
+    assert float(garbage_terms["noise_l2"]) == pytest.approx(float(by_hand["noise_l2"]), rel=1e-5)
+
+
+def test_adversarial_gate_is_closed_before_the_warm_up(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path, "adversarial.warmup_steps=1", "model.input_dropout=0.0")
+    accelerator, model, opt, scheduler = _setup(cfg)
+    batch = _first_batch(cfg)
+    counters = (torch.tensor(0), torch.tensor(0))
+    first = _step(accelerator, model, opt, scheduler, cfg, [batch], counters)
+    second = _step(accelerator, model, opt, scheduler, cfg, [batch], counters)
+    assert float(first["loss"]) == float(first["ctc_clean"])  # step 0: the gate is closed
+    expected = second["ctc_clean"] + cfg.adversarial.noisy_loss_weight * second["ctc_noisy"] \
+        + cfg.adversarial.noise_l2_weight * second["noise_l2"]
+    assert float(second["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(second["loss"]) != float(second["ctc_clean"])
 
 
 def test_gradient_accumulation_matches_one_large_batch(data_dir: Path, tmp_path: Path):

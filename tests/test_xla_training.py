@@ -88,7 +88,7 @@ import rnn_trainer
 from config import config_from_dict
 from dataset import build_dataloaders
 from make_synthetic_data import generate_dataset
-from test_trainer import tiny_config_dict
+from conftest import tiny_config_dict
 
 Accelerator.num_processes = property(lambda self: 2)
 tmp = tempfile.mkdtemp()
