@@ -33,106 +33,40 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
-from config import ConfigError, TransformsConfig, config_from_dict, load_config
-from data_augmentations import augment_batch
+from config import ConfigError
 from dataset import PHONEMES, DataError, build_eval_loader, discover_sessions, read_labels, session_files
 from evaluate_model_helpers import (
     BeamSearchOptions,
     Lexicon,
     PronunciationLookup,
+    TrialRecord,
     WordBeamDecoder,
     build_lexicon,
+    compute_logits,
     count_edits,
     error_rates_by,
     greedy_ctc_decode,
+    load_logits,
     normalize_text,
     read_arpa_vocab,
     read_corpus_map,
+    save_logits,
     write_arpa,
     write_submission,
 )
 
-UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading a model
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    sessions: list[str]  # day index = position
-    transforms: TransformsConfig  # only the smoothing keys matter at evaluation
-    time_buckets: list[int]  # padded lengths on XLA, as in training
-    feature_subset: list[int] | None = None
-    source: str = ""
-
-
-def load_run_model(model_path: str | Path) -> LoadedModel:
-    """A run directory of this repo: config.yaml + checkpoint/best_checkpoint.pt."""
-    run_dir = Path(model_path)
-    if not run_dir.is_dir():
-        raise DataError(f"model directory not found: {run_dir}")
-    path = run_dir / rnn_model.CHECKPOINT_NAMES[0]
-    checkpoint = rnn_model.read_checkpoint(path)
-    config_path = run_dir / "config.yaml"
-    cfg = load_config(config_path) if config_path.is_file() else config_from_dict(checkpoint.get("config") or {})
-    sessions = list(checkpoint.get("sessions") or cfg.dataset.sessions)
-    if not sessions:
-        raise DataError(f"{path}: the checkpoint names no sessions (day order unknown)")
-    if cfg.dataset.sessions and list(cfg.dataset.sessions) != sessions:
-        raise DataError(f"{run_dir}: config.yaml and the checkpoint list different sessions; day indices would not match")
-    model = rnn_model.build_model(cfg.model, n_days=len(sessions))
-    rnn_model.load_state_dict_compat(model, checkpoint, source=path)
-    return LoadedModel(
-        model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms,
-        time_buckets=list(cfg.dataset.time_buckets), feature_subset=cfg.dataset.feature_subset, source=str(path),
-    )
-
-
-def load_upstream_model(model_path: str | Path) -> LoadedModel:
-    """An upstream (nejm-brain-to-text) model directory: checkpoint/args.yaml + checkpoint/best_checkpoint."""
-    model_dir = Path(model_path)
-    args_path = model_dir / UPSTREAM_ARGS
-    if not args_path.is_file():
-        raise DataError(f"upstream args file not found: {args_path}")
-    try:
-        args = yaml.safe_load(args_path.read_text()) or {}
-        m, d = args["model"], args["dataset"]
-        sessions = list(d["sessions"])
-        model = rnn_model.GRUDecoder(
-            neural_dim=int(m["n_input_features"]),
-            n_units=int(m["n_units"]),
-            n_days=len(sessions),
-            n_classes=int(d["n_classes"]),
-            rnn_dropout=float(m["rnn_dropout"]),
-            input_dropout=float(m.get("input_network", {}).get("input_layer_dropout", 0.0)),
-            n_layers=int(m["n_layers"]),
-            patch_size=int(m["patch_size"]),
-            patch_stride=int(m["patch_stride"]),
-        )
-        known = set(TransformsConfig.__dataclass_fields__)
-        transforms = TransformsConfig(**{k: v for k, v in (d.get("data_transforms") or {}).items() if k in known})
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
-        raise DataError(f"{args_path}: not an upstream args file ({type(error).__name__}: {error})") from None
-    path = model_dir / rnn_model.CHECKPOINT_NAMES[1]
-    rnn_model.load_state_dict_compat(model, rnn_model.read_checkpoint(path), source=path)
-    return LoadedModel(
-        model=model.eval(), sessions=sessions, transforms=transforms, time_buckets=[],
-        feature_subset=d.get("feature_subset"), source=str(path),
-    )
+# Checking the data against the model
 
 
 def check_sessions(model_sessions: Sequence[str], data_dir: str, split: str) -> None:
@@ -166,112 +100,6 @@ def resolve_device(name: str) -> torch.device:
 
         return torch_xla.device()
     raise DataError(f"unknown device {name!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the model
-
-
-@dataclass
-class TrialRecord:
-    session: str
-    day_index: int
-    block_num: int
-    trial_num: int
-    logits: np.ndarray  # (T', C) float32
-    true_phonemes: list[int] | None = None
-    sentence_label: str | None = None
-    fields: dict[str, Any] = field(default_factory=dict)  # decoded outputs filled in later
-
-
-@torch.no_grad()
-def compute_logits(loaded: LoadedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False) -> list[TrialRecord]:
-    """Run the model over a dataset.build_eval_loader loader; one record per trial, in order.
-
-    A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
-    with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
-    """
-    dataset = loader.dataset
-    model = loaded.model.to(device).eval()
-    records: list[TrialRecord] = []
-    n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
-    progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
-    for batch_index, batch in zip(loader.sampler, loader):
-        features, n_time_steps = augment_batch(
-            batch["input_features"].to(device), batch["n_time_steps"].to(device), loaded.transforms,
-            training=False, static_shapes=dataset.static_shapes,
-        )
-        logits, out_lengths = rnn_model.infer(
-            model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
-        )
-        logits, out_lengths = logits.float().cpu(), out_lengths.cpu()  # (B, T', C), (B,)
-        for i, (day, trial) in enumerate(dataset.batch_trials(batch_index)):
-            if not batch["row_mask"][i]:
-                continue  # a trial dropped as bad (dataset.on_bad_trial=skip)
-            meta = dataset.trial_indices[day]["meta"][trial]
-            labelled = "seq_class_ids" in batch
-            records.append(
-                TrialRecord(
-                    session=loaded.sessions[day],
-                    day_index=day,
-                    block_num=meta["block_num"],
-                    trial_num=meta["trial_num"],
-                    logits=logits[i, : int(out_lengths[i])].numpy().copy(),
-                    true_phonemes=batch["seq_class_ids"][i, : int(batch["phone_seq_lens"][i])].tolist() if labelled else None,
-                    sentence_label=meta.get("sentence_label") if labelled else None,
-                )
-            )
-        progress.update(int(batch["row_mask"].sum()))
-    progress.close()
-    return records
-
-
-def save_logits(path: Path, records: Sequence[TrialRecord], sessions: Sequence[str], split: str) -> None:
-    """One npz, no pickles: logits concatenated over trials with per-trial frame counts."""
-    labels = [r.true_phonemes or [] for r in records]
-    np.savez_compressed(
-        path,
-        logits=np.concatenate([r.logits for r in records]).astype(np.float32),
-        n_frames=np.array([len(r.logits) for r in records], dtype=np.int64),
-        session=np.array([r.session for r in records]),
-        day_index=np.array([r.day_index for r in records], dtype=np.int64),
-        block_num=np.array([r.block_num for r in records], dtype=np.int64),
-        trial_num=np.array([r.trial_num for r in records], dtype=np.int64),
-        labels=np.array([p for lab in labels for p in lab], dtype=np.int64),
-        n_labels=np.array([len(lab) if r.true_phonemes is not None else -1 for lab, r in zip(labels, records)], dtype=np.int64),
-        sentence_label=np.array([r.sentence_label if r.sentence_label is not None else "" for r in records]),
-        sessions=np.array(list(sessions)),
-        split=np.array(split),
-    )
-
-
-def load_logits(path: str | Path) -> tuple[list[TrialRecord], list[str], str]:
-    """Inverse of save_logits: (records, model sessions, split)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"logits file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-        frame_ends = np.cumsum(data["n_frames"])
-        n_labels = data["n_labels"]
-        label_ends = np.cumsum(np.maximum(n_labels, 0))
-        records = []
-        for i in range(len(frame_ends)):
-            labels = data["labels"][label_ends[i] - max(n_labels[i], 0) : label_ends[i]].tolist()
-            records.append(
-                TrialRecord(
-                    session=str(data["session"][i]),
-                    day_index=int(data["day_index"][i]),
-                    block_num=int(data["block_num"][i]),
-                    trial_num=int(data["trial_num"][i]),
-                    logits=data["logits"][frame_ends[i] - data["n_frames"][i] : frame_ends[i]],
-                    true_phonemes=labels if n_labels[i] >= 0 else None,
-                    sentence_label=str(data["sentence_label"][i]) if n_labels[i] >= 0 else None,
-                )
-            )
-        return records, [str(s) for s in data["sessions"]], str(data["split"])
-    except (KeyError, ValueError, OSError) as error:
-        raise DataError(f"{path}: not a logits file written by evaluate_model.py ({error})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,7 +328,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         if not args.model_path or not args.data_dir:
             raise DataError("--model_path and --data_dir are required unless --logits_in is given")
-        loaded = load_upstream_model(args.model_path) if args.upstream else load_run_model(args.model_path)
+        load = rnn_model.load_upstream_model if args.upstream else rnn_model.load_run_model
+        loaded = load(args.model_path)
         sessions, model_name = loaded.sessions, loaded.source
         check_sessions(sessions, args.data_dir, args.split)
         device = resolve_device(args.device)

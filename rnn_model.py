@@ -11,25 +11,30 @@ GRUs run through `xla_gru.GRU` (same parameters as nn.GRU, backward memory linea
 
 `decoder_outputs` and `infer` are the one way callers run either model (autocast policy, the
 model call, output lengths); `read_checkpoint` is the one reader of checkpoint files, this
-repo's and upstream's.
+repo's and upstream's, and `load_run_model` / `load_upstream_model` rebuild a trained decoder
+from a model directory.
 
 Used as a library: `from rnn_model import build_model, infer, read_checkpoint, GRUDecoder, TripleGRUDecoder`.
 Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
 """
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
+from config import TransformsConfig, config_from_dict, load_config
 from xla_gru import GRU
 
 # Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Where a checkpoint sits inside a model directory: this repo's run directories, then upstream's.
 CHECKPOINT_NAMES = (Path("checkpoint") / "best_checkpoint.pt", Path("checkpoint") / "best_checkpoint")
+UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"  # upstream's config, saved beside its checkpoint
 
 
 class CheckpointError(ValueError):
@@ -522,6 +527,73 @@ def build_model(cfg_model: Any, n_days: int) -> nn.Module:
         if isinstance(module, GRU):
             module.save_dtype = save_dtypes[cfg_model.gru_save_dtype]
     return model
+
+
+@dataclass
+class TrainedModel:
+    """A trained decoder with what feeding it needs: its session order and input settings."""
+
+    model: nn.Module
+    sessions: list[str]  # day index = position
+    transforms: TransformsConfig  # only the smoothing keys matter at inference
+    time_buckets: list[int]  # padded lengths on XLA, as in training
+    feature_subset: list[int] | None = None
+    source: str = ""  # the checkpoint file
+
+
+def load_run_model(model_path: str | Path) -> TrainedModel:
+    """A run directory of this repo: config.yaml + checkpoint/best_checkpoint.pt."""
+    run_dir = Path(model_path)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"model directory not found: {run_dir}")
+    path = run_dir / CHECKPOINT_NAMES[0]
+    checkpoint = read_checkpoint(path)
+    config_path = run_dir / "config.yaml"
+    cfg = load_config(config_path) if config_path.is_file() else config_from_dict(checkpoint.get("config") or {})
+    sessions = list(checkpoint.get("sessions") or cfg.dataset.sessions)
+    if not sessions:
+        raise CheckpointError(f"{path}: the checkpoint names no sessions (day order unknown)")
+    if cfg.dataset.sessions and list(cfg.dataset.sessions) != sessions:
+        raise CheckpointError(f"{run_dir}: config.yaml and the checkpoint list different sessions; day indices would not match")
+    model = build_model(cfg.model, n_days=len(sessions))
+    load_state_dict_compat(model, checkpoint, source=path)
+    return TrainedModel(
+        model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms,
+        time_buckets=list(cfg.dataset.time_buckets), feature_subset=cfg.dataset.feature_subset, source=str(path),
+    )
+
+
+def load_upstream_model(model_path: str | Path) -> TrainedModel:
+    """An upstream (nejm-brain-to-text) model directory: checkpoint/args.yaml + checkpoint/best_checkpoint."""
+    model_dir = Path(model_path)
+    args_path = model_dir / UPSTREAM_ARGS
+    if not args_path.is_file():
+        raise CheckpointError(f"upstream args file not found: {args_path}")
+    try:
+        args = yaml.safe_load(args_path.read_text()) or {}
+        m, d = args["model"], args["dataset"]
+        sessions = list(d["sessions"])
+        model = GRUDecoder(
+            neural_dim=int(m["n_input_features"]),
+            n_units=int(m["n_units"]),
+            n_days=len(sessions),
+            n_classes=int(d["n_classes"]),
+            rnn_dropout=float(m["rnn_dropout"]),
+            input_dropout=float(m.get("input_network", {}).get("input_layer_dropout", 0.0)),
+            n_layers=int(m["n_layers"]),
+            patch_size=int(m["patch_size"]),
+            patch_stride=int(m["patch_stride"]),
+        )
+        known = set(TransformsConfig.__dataclass_fields__)
+        transforms = TransformsConfig(**{k: v for k, v in (d.get("data_transforms") or {}).items() if k in known})
+    except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{args_path}: not an upstream args file ({type(error).__name__}: {error})") from None
+    path = model_dir / CHECKPOINT_NAMES[1]
+    load_state_dict_compat(model, read_checkpoint(path), source=path)
+    return TrainedModel(
+        model=model.eval(), sessions=sessions, transforms=transforms, time_buckets=[],
+        feature_subset=d.get("feature_subset"), source=str(path),
+    )
 
 
 def parameter_summary(model: nn.Module) -> dict[str, Any]:

@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("USE_TORCH_XLA", "0")
     import rnn_trainer
     from dataset import DataError
+    from rnn_model import CheckpointError
 
     try:
         rnn_trainer.train(cfg, resume_dir=args.resume)
-    except (DataError, ConfigError, FileNotFoundError) as error:
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
         _fail(error)
 
 

@@ -169,7 +169,7 @@ def test_upstream_checkpoint_gives_the_same_logits(data_dir: Path, tmp_path: Pat
     state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # as saved from torch.compile
     torch.save({"model_state_dict": state, "val_PER": 0.5}, tmp_path / "checkpoint" / "best_checkpoint")
 
-    loaded = evaluate_model.load_upstream_model(tmp_path)
+    loaded = rnn_model.load_upstream_model(tmp_path)
     assert loaded.transforms.smooth_data and loaded.transforms.smooth_kernel_std == 2
     x = torch.randn(2, 60, 512)
     day = torch.tensor([2, 1])

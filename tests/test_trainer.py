@@ -540,6 +540,24 @@ def test_every_replica_starts_from_the_same_weights(tmp_path: Path):
     assert not torch.equal(draws[0], draws[1])  # dropout masks and augmentations stay per replica
 
 
+def test_init_from_checkpoint_reads_files_run_and_upstream_directories(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path / "source", "model.type=baseline")
+    torch.manual_seed(3)
+    source = rnn_model.build_model(cfg.model, n_days=3)
+    upstream = tmp_path / "upstream"
+    (upstream / "checkpoint").mkdir(parents=True)
+    state = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}  # as upstream saves it
+    torch.save({"model_state_dict": state}, upstream / "checkpoint" / "best_checkpoint")
+    for path in (upstream, upstream / "checkpoint" / "best_checkpoint"):
+        init = make_config(data_dir, tmp_path / "run", "model.type=baseline", f"init_from_checkpoint={path}")
+        model = rnn_trainer._build_replica_model(init, n_days=3, device=torch.device("cpu"), rank=0, broadcast=False)
+        for name, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
+    missing = make_config(data_dir, tmp_path / "run", f"init_from_checkpoint={tmp_path / 'nowhere'}")
+    with pytest.raises(rnn_model.CheckpointError, match="checkpoint not found: .*nowhere"):
+        rnn_trainer._build_replica_model(missing, n_days=3, device=torch.device("cpu"), rank=0, broadcast=False)
+
+
 def test_one_steps_micro_batches_share_one_padded_length(data_dir: Path, tmp_path: Path):
     # Fine buckets put the two micro-batches of some steps in different buckets.
     cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[256,320,352,384,448,512,768]",
