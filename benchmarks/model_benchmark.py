@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rnn_model import GRUDecoder, TripleGRUDecoder, n_patches, parameter_summary  # noqa: E402
+from rnn_model import GRUDecoder, TripleGRUDecoder, decoder_outputs, n_patches, parameter_summary  # noqa: E402
 
 FULL_SIZE = dict(neural_dim=512, n_units=768, n_days=45, n_classes=41, rnn_dropout=0.4, input_dropout=0.2, patch_size=14, patch_stride=4)
 
@@ -43,10 +43,7 @@ def time_forward_backward(models: dict[str, torch.nn.Module], x: torch.Tensor, d
     for step in range(n_steps + 1):
         for name, model in models.items():
             start = time.perf_counter()
-            if isinstance(model, TripleGRUDecoder):
-                outputs = model(x, day_idx, mode="full", grl_lambda=1.0)
-            else:
-                outputs = (model(x, day_idx),)
+            outputs = decoder_outputs(model, x, day_idx, use_amp=False, mode="full", grl_lambda=1.0)
             sum(o.square().mean() for o in outputs).backward()
             model.zero_grad(set_to_none=True)
             if step > 0:
