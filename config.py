@@ -114,6 +114,7 @@ class Config:
     num_tpu_cores: int = 8
     gradient_accumulation_steps: int = 1
     use_amp: bool = True
+    log_with: str = "none"  # experiment tracker through Accelerate, fed what metrics.jsonl gets
     init_from_checkpoint: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
@@ -125,6 +126,9 @@ _CHOICES = {
     "model.type": ("baseline", "triple"),
     "dataset.on_bad_trial": ("error", "skip"),
     "optimizer.lr_scheduler_type": ("cosine", "linear"),
+    # Accelerate's trackers (accelerate.utils.LoggerType), by name; not imported here because
+    # importing accelerate picks the XLA backend before train_model.py can choose.
+    "log_with": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"),
 }
 
 

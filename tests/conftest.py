@@ -33,3 +33,14 @@ def run_xla_script(code: str, timeout: float = 900) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"XLA subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic data in the Dryad layout, 3 sessions of a few trials: the size tiny_config_dict
+    (tests/test_trainer.py) trains on."""
+    from make_synthetic_data import generate_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(str(out), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=1, seed=0)
+    return out
