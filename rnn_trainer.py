@@ -784,6 +784,17 @@ def _build_replica_model(
     return model
 
 
+def _check_xla_precision_environment() -> None:
+    """ConfigError when XLA_USE_BF16 or XLA_DOWNCAST_BF16 is set, as Accelerate's bf16 sets them on
+    TPU: torch_xla would then hold the weights, AdamW moments and CTC in bf16 too. bf16 here is
+    use_amp (autocast on float32 master weights)."""
+    for name in ("XLA_USE_BF16", "XLA_DOWNCAST_BF16"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            raise ConfigError(f"{name}={os.environ[name]} is set (Accelerate's mixed_precision bf16 on TPU): unset it "
+                              "and launch with accelerate_config_tpu.yaml (mixed_precision: 'no'); use_amp: true "
+                              "is this trainer's bf16")
+
+
 def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
 
@@ -793,6 +804,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     # mixed_precision="no": the bf16 autocast is ours (see _forward); Accelerate's bf16 on TPU
     # would set XLA_USE_BF16 and turn the master weights bf16 too.
     # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
+    _check_xla_precision_environment()
     # project_dir: where log_with's local trackers (TensorBoard) write, under the run directory.
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -62,3 +62,20 @@ def test_one_or_all_devices_launch_with_the_resolved_config(launches, argv, sing
 def test_parser_defaults_num_cores_to_the_config():
     args = launch_tpu_training.build_parser().parse_args(["--config", CONFIG])
     assert args.num_cores is None  # main() then takes num_tpu_cores from the config
+
+
+@pytest.mark.parametrize("name", ["XLA_USE_BF16", "XLA_DOWNCAST_BF16"])
+def test_accelerate_bf16_environment_stops_training_with_one_line(tiny_data_dir, tmp_path, monkeypatch, capsys, name):
+    import train_model
+    from config import save_config
+    from test_trainer import make_config
+
+    monkeypatch.setenv(name, "1")  # what `accelerate launch --mixed_precision bf16` sets on a TPU VM
+    config_path = tmp_path / "config.yaml"
+    save_config(make_config(tiny_data_dir, tmp_path / "run"), config_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_model.main(["--config_path", str(config_path)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{name}=1 is set" in lines[0] and "accelerate_config_tpu.yaml" in lines[0]
+    assert not (tmp_path / "run").exists()
