@@ -4,9 +4,13 @@ Every key of rnn_args.yaml is a field below; an unknown key or a value of the wr
 rejected with a message naming the key. Overrides use dotted keys and yaml values:
 
     python train_model.py --config_path rnn_args.yaml --set dataset.batch_size=8 --set use_amp=false
+
+A config in the published baseline's schema (its rnn_args.yaml, recognised by its top-level
+optimizer keys) is mapped onto this one by `from_upstream` and trains the baseline GRUDecoder.
 """
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +118,7 @@ class Config:
     num_tpu_cores: int = 8
     gradient_accumulation_steps: int = 1
     use_amp: bool = True
+    log_with: str = "none"  # experiment tracker through Accelerate, fed what metrics.jsonl gets
     init_from_checkpoint: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
@@ -125,6 +130,10 @@ _CHOICES = {
     "model.type": ("baseline", "triple"),
     "dataset.on_bad_trial": ("error", "skip"),
     "optimizer.lr_scheduler_type": ("cosine", "linear"),
+    # Accelerate's trackers (accelerate.utils.LoggerType), by name; not imported here because
+    # importing accelerate picks the XLA backend before train_model.py can choose.
+    "log_with": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                 "trackio"),
 }
 
 
@@ -218,8 +227,131 @@ def apply_overrides(values: dict, overrides: typing.Iterable[str]) -> dict:
     return values
 
 
+# ----------------------------------------------------------------------------- upstream configs
+
+# The published baseline's rnn_args.yaml (nejm-brain-to-text model_training/), key by key.
+# Dotted upstream key -> dotted key here.
+_UPSTREAM_KEYS = {
+    **{f"model.{k}": f"model.{k}" for k in ("n_input_features", "n_units", "rnn_dropout", "n_layers",
+                                             "patch_size", "patch_stride")},
+    "model.input_network.input_layer_dropout": "model.input_dropout",
+    **{k: k for k in ("output_dir", "seed", "use_amp", "num_training_batches", "batches_per_train_log",
+                      "batches_per_val_step", "save_best_checkpoint", "save_final_model", "early_stopping",
+                      "early_stopping_val_steps")},
+    **{f.name: f"optimizer.{f.name}" for f in dataclasses.fields(OptimizerConfig)},  # top level upstream
+    **{f"dataset.data_transforms.{k}": f"dataset.data_transforms.{k}" for k in (
+        "white_noise_std", "constant_offset_std", "random_walk_std", "random_walk_axis", "static_gain_std",
+        "random_cut", "smooth_data", "smooth_kernel_size", "smooth_kernel_std")},
+    **{f"dataset.{k}": f"dataset.{k}" for k in ("dataset_dir", "sessions", "batch_size", "days_per_batch",
+                                                 "max_seq_elements", "num_dataloader_workers", "feature_subset")},
+    "dataset.n_classes": "model.n_classes",
+    "dataset.seed": "dataset.loader_seed",
+    "dataset.must_include_days": "dataset.must_include_days",  # upstream's trainer passes None instead
+    "dataset.bad_trials_dict": "dataset.bad_trials",  # same nesting: session -> block -> trial numbers
+}
+# Upstream keys whose published value is what this trainer does; any other value is an error.
+_UPSTREAM_FIXED = {
+    "mode": "train",
+    "model.rnn_trainable": True,
+    "model.input_network.input_trainable": True,
+    "model.input_network.n_input_layers": 1,
+    "save_all_val_steps": False,
+    "batches_per_save": 0,
+    "dataset.loader_shuffle": False,
+}
+# Upstream keys not used here: its GPU set-up and its own output files. Listed in one warning line.
+_UPSTREAM_UNUSED = (
+    "gpu_number",  # Accelerate (or the launcher) picks the devices
+    "checkpoint_dir",  # checkpoints go to output_dir/checkpoint
+    "save_val_metrics", "save_val_logits", "save_val_data",  # upstream's val_metrics.pkl; metrics.jsonl here
+    "log_individual_day_val_PER", "log_val_skip_logs",  # per-day val PER is always in metrics.jsonl
+    "dataset.dataset_probability_val",  # its 0s mark the sessions that have no data_val.hdf5
+    "dataset.test_percentage",  # upstream's trainer does not read it either
+)
+# Checked against model.n_input_features, or combined into init_from_checkpoint, below.
+_UPSTREAM_SPECIAL = ("model.input_network.input_layer_sizes", "dataset.neural_dim", "init_from_checkpoint",
+                     "init_checkpoint_path")
+_UPSTREAM_SECTIONS = ("model", "model.input_network", "dataset", "dataset.data_transforms")
+
+
+def _upstream_only_keys(values: dict) -> list[str]:
+    """The top-level keys of `values` that only the upstream schema has (lr_max, gpu_number, ...)."""
+    upstream_keys = (*_UPSTREAM_KEYS, *_UPSTREAM_FIXED, *_UPSTREAM_UNUSED, *_UPSTREAM_SPECIAL)
+    upstream_top = {key.split(".")[0] for key in upstream_keys}
+    return sorted(set(values) & (upstream_top - {f.name for f in dataclasses.fields(Config)}))
+
+
+def is_upstream_config(values: dict) -> bool:
+    """True when `values` is in the upstream rnn_args.yaml schema: it has a key only that schema has."""
+    return bool(_upstream_only_keys(values))
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """Dotted keys of an upstream config, descending only into upstream's sections."""
+    flat = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if dotted in _UPSTREAM_SECTIONS and isinstance(value, dict):
+            flat.update(_flatten(value, prefix=dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def from_upstream(values: dict) -> tuple[dict, list[str]]:
+    """Map a config in the upstream rnn_args.yaml schema onto this schema (model.type baseline).
+
+    Returns the mapped values and the upstream keys present that are not used here (its GPU
+    set-up and its own output files). An unknown key, or a value this trainer does not
+    implement, is a ConfigError.
+    """
+    flat = _flatten(values)
+    known = {*_UPSTREAM_KEYS, *_UPSTREAM_FIXED, *_UPSTREAM_UNUSED, *_UPSTREAM_SPECIAL}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError("unknown upstream config key(s): " + ", ".join(f"'{k}'" for k in unknown)
+                          + f" (read in upstream's schema because of: {', '.join(_upstream_only_keys(values)[:3])})")
+    for key, supported in _UPSTREAM_FIXED.items():
+        if key in flat and flat[key] != supported:
+            raise ConfigError(f"upstream config key '{key}': only {supported!r} is supported here, got {flat[key]!r}")
+    n_features = flat.get("model.n_input_features", ModelConfig.n_input_features)
+    for key, expected in (("model.input_network.input_layer_sizes", [n_features]), ("dataset.neural_dim", n_features)):
+        if key in flat and flat[key] != expected:
+            raise ConfigError(f"upstream config key '{key}': must be {expected!r} (model.n_input_features), "
+                              f"got {flat[key]!r}")
+
+    ours: dict = {"model": {"type": "baseline"}}
+
+    def put(dotted: str, value: Any) -> None:
+        *parents, leaf = dotted.split(".")
+        node = ours
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    for key, target in _UPSTREAM_KEYS.items():
+        if key in flat:
+            put(target, flat[key])
+    for key, target, empty in (("dataset.must_include_days", "dataset.must_include_days", []),
+                               ("dataset.bad_trials_dict", "dataset.bad_trials", {})):
+        if key in flat and flat[key] is None:  # upstream's null: none
+            put(target, empty)
+    if "dataset.batch_size" in flat:
+        put("dataset.val_batch_size", flat["dataset.batch_size"])  # upstream validates at the training batch size
+    if flat.get("init_from_checkpoint"):
+        path = flat.get("init_checkpoint_path")
+        if path in (None, "None", ""):
+            raise ConfigError("upstream config: init_from_checkpoint is true but init_checkpoint_path is not set")
+        put("init_from_checkpoint", str(path))  # the model weights; --resume continues a run of this trainer
+    elif "init_from_checkpoint" in flat:
+        put("init_from_checkpoint", None)
+
+    return ours, [key for key in _UPSTREAM_UNUSED if key in flat]
+
+
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a yaml config, apply dotted overrides, and check every key and type."""
+    """Read a yaml config (ours, or upstream's through from_upstream), apply dotted overrides, and
+    check every key and type."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -229,10 +361,17 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
         raise ConfigError(f"{path}: not valid yaml ({error})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    unused: list[str] = []
     try:
-        return config_from_dict(apply_overrides(values, overrides))
+        if is_upstream_config(values):
+            values, unused = from_upstream(values)
+        cfg = config_from_dict(apply_overrides(values, overrides))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    if unused:
+        print(f"{path}: upstream rnn_args.yaml schema, trained as model.type baseline; keys not used here "
+              f"(GPU set-up, upstream's output files): {', '.join(unused)}", file=sys.stderr)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

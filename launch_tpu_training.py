@@ -2,10 +2,12 @@
 
     python launch_tpu_training.py --config rnn_args.yaml --num_cores 8 [--set key=value ...] [--resume RUN_DIR]
 
+--num_cores (default: the config's num_tpu_cores) is how many replicas this host starts. torch_xla
+replicates over one device or over all of the host's TPU devices, so it is 1 or that number; any
+other value stops the launch with one line naming the devices found and the possible values.
 Without a TPU runtime it prints one line naming what is missing and exits with status 1; a bad
-config, data directory or checkpoint in any replica ends the launch with one line and status 2.
-torch_xla replicates over either one device or all of them, so --num_cores is 1 or the number
-of local TPU devices.
+config, --num_cores, data directory or checkpoint (in any replica) ends the launch with one line
+and status 2.
 """
 
 import argparse
@@ -47,38 +49,59 @@ def missing_tpu_runtime() -> str | None:
     return "launch_tpu_training.py: no TPU runtime: " + "; ".join(missing)
 
 
-def _replica(index: int, config_path: str, overrides: list[str], resume_dir: str | None) -> None:
-    """Body of each replica: torch_xla.launch passes the replica index first."""
-    from config import load_config
+def local_tpu_devices() -> int:
+    """The TPU devices torch_xla.launch replicates over on this host (two per chip on v2 and v3,
+    one on later chips), counted without starting the XLA runtime: the replicas open it."""
+    from torch_xla._internal import tpu
+
+    return tpu.num_available_devices()
+
+
+def _replica(index: int, config_values: dict, resume_dir: str | None) -> None:
+    """Body of each replica: torch_xla.launch passes the replica index first. The config comes
+    resolved (overrides applied), so replicas do not read and check the file again."""
+    from config import config_from_dict
     import rnn_trainer
 
-    cfg = load_config(config_path, overrides)
+    cfg = config_from_dict(config_values)
     cfg.use_tpu = True
     rnn_trainer.train(cfg, resume_dir=resume_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rnn_args.yaml", help="yaml config")
     parser.add_argument(
-        "--num_cores", type=int, default=None, help="1 or all local TPU devices (default: num_tpu_cores)"
+        "--num_cores", type=int, default=None,
+        help="replicas on this host: 1 or all of its TPU devices (default: the config's num_tpu_cores)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     missing = missing_tpu_runtime()
     if missing:
         print(missing, file=sys.stderr)
         return 1
-    from config import ConfigError, load_config
+    from config import ConfigError, config_to_dict, load_config
 
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
-    num_cores = args.num_cores or cfg.num_tpu_cores
+    num_cores = cfg.num_tpu_cores if args.num_cores is None else args.num_cores
+    if num_cores != 1:
+        n_devices = local_tpu_devices()
+        if num_cores != n_devices:
+            possible = ", ".join(str(n) for n in sorted({1, n_devices}))
+            print(f"launch_tpu_training.py: --num_cores {num_cores}: found {n_devices} TPU device(s) on this host; "
+                  f"possible values: {possible}", file=sys.stderr)
+            return 2
     os.environ["PJRT_DEVICE"] = "TPU"
     import torch_xla
 
@@ -88,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
         # It ignores what _replica returns, but re-raises here an exception raised in a replica.
-        torch_xla.launch(_replica, args=(args.config, args.set, args.resume), debug_single_process=num_cores == 1)
+        torch_xla.launch(_replica, args=(config_to_dict(cfg), args.resume), debug_single_process=num_cores == 1)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
-from config import Config, OptimizerConfig, config_to_dict, save_config
+from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
 from dataset import build_dataloaders
@@ -46,6 +46,7 @@ from evaluate_model_helpers import count_edits, greedy_ctc_decode
 CHECKPOINT_DIR = "checkpoint"
 BEST_CHECKPOINT = "best_checkpoint.pt"
 LAST_CHECKPOINT = "last_checkpoint.pt"
+TRACKER_PROJECT = "brain-to-text"  # log_with's project; TensorBoard writes to RUN_DIR/brain-to-text/
 # Loss terms that count trials: summed over a step's micro-batches rather than averaged.
 _COUNT_TERMS = ("ctc_infeasible",)
 DEVICE_KEYS = ("input_features", "n_time_steps", "seq_class_ids", "phone_seq_lens", "day_indices", "row_mask")
@@ -570,16 +571,53 @@ def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, T
 # ----------------------------------------------------------------------------- run output
 
 
+def _check_tracker(log_with: str) -> str | None:
+    """The Accelerate tracker that cfg.log_with names, or None for 'none'; ConfigError when its
+    package is missing (Accelerate would only warn and go on without it)."""
+    if log_with == "none":
+        return None
+    from accelerate.tracking import get_available_trackers
+
+    if log_with not in [str(tracker) for tracker in get_available_trackers()]:
+        extra = ' (pip install -e ".[tensorboard]")' if log_with == "tensorboard" else ""
+        raise ConfigError(f"log_with: {log_with}: its package is not installed{extra}")
+    return log_with
+
+
+def _flat_scalars(values: Mapping[str, Any], *, sep: str, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened to `a{sep}b` keys; numbers, strings and booleans kept, anything else
+    (None, lists) as its string, which every tracker accepts."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_scalars(value, sep=sep, prefix=name + sep))
+        else:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 class _RunLog:
-    """Fixed-format lines to stdout (above the progress bar) and train.log, records to metrics.jsonl.
+    """Fixed-format lines to stdout (above the progress bar) and train.log, records to metrics.jsonl
+    and to the experiment tracker of cfg.log_with (Accelerate's trackers). Main process only.
 
     Files are opened in append mode so a resumed run keeps what was written before.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, accelerator: Accelerator | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.log_file = open(run_dir / "train.log", "a") if enabled else None
         self.metrics_file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tracking = enabled and accelerator is not None and bool(accelerator.log_with)
+        self.accelerator = accelerator
+        if self.tracking:
+            accelerator.init_trackers(
+                TRACKER_PROJECT, config=_flat_scalars(config or {}, sep="."),
+                init_kwargs={"wandb": {"name": run_dir.name}},
+            )
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -589,14 +627,23 @@ class _RunLog:
         self.log_file.flush()
 
     def record(self, record: Mapping[str, Any]) -> None:
+        """One metrics.jsonl line; the tracker gets the same values (nested ones as `a/b`) at its step."""
         if self.enabled:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+        if self.tracking:
+            values = {key: value for key, value in record.items() if key != "step"}
+            self.accelerator.log(_flat_scalars(values, sep="/"), step=record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self.log_file.close()
             self.metrics_file.close()
+        if self.tracking:
+            # The trackers' half of accelerator.end_training(); its other half destroys the process
+            # group, which the caller of train() may still use.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def _format_train_line(
@@ -675,6 +722,17 @@ def _build_replica_model(
     return model
 
 
+def _check_xla_precision_environment() -> None:
+    """ConfigError when XLA_USE_BF16 or XLA_DOWNCAST_BF16 is set, as Accelerate's bf16 sets them on
+    TPU: torch_xla would then hold the weights, AdamW moments and CTC in bf16 too. bf16 here is
+    use_amp (autocast on float32 master weights)."""
+    for name in ("XLA_USE_BF16", "XLA_DOWNCAST_BF16"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            raise ConfigError(f"{name}={os.environ[name]} is set (Accelerate's mixed_precision bf16 on TPU): unset it "
+                              "and launch with accelerate_config_tpu.yaml (mixed_precision: 'no'); use_amp: true "
+                              "is this trainer's bf16")
+
+
 @dataclass
 class _Run:
     """Everything one training run holds between its steps."""
@@ -708,9 +766,11 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
     # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
     # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
     # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
+    # project_dir: where log_with's local trackers (TensorBoard) write, under the run directory.
+    _check_xla_precision_environment()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="no",
+        mixed_precision="no", log_with=_check_tracker(cfg.log_with), project_dir=resume_dir or cfg.output_dir,
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA
@@ -744,7 +804,8 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
         # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
         generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
         train_steps=iter(_on_device(train_loader, device)), val_batches=_on_device(val_loader, device),
-        log=_RunLog(run_dir, enabled=accelerator.is_main_process), start_step=start_step,
+        log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
+        start_step=start_step,
     )
     n_skipped = 0
     if resumed is not None:

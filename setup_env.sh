@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (once) the project's virtualenv in .venv and install the project with the given extras.
 # Used by run_demo.sh and run_tests.sh; safe to run again: an installed venv is only updated.
-# Usage: bash setup_env.sh "plots"   (or "xla,plots,test")
+# Usage: bash setup_env.sh "plots"   (or "xla,plots,tensorboard,test")
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-plots}"

@@ -1,7 +1,9 @@
 """Model size and CPU speed: baseline GRU decoder vs triple-GRU decoder, printed as one JSON line.
 
 Parameter counts come from full-size models built on the meta device (no memory is allocated):
-the faithful triple model, the triple model with a lighter noise GRU, and the baseline.
+the faithful triple model, the triple model with a lighter noise GRU, and the baseline; in
+total, day-specific, and per sub-module (each leaf module: a GRU, a linear layer, one model's
+day weights or day biases; a learnable initial state h0 under its parent's name).
 Forward+backward time is measured on demo-size models on the CPU, alternating the two models
 step by step so both see the same machine load.
 
@@ -24,6 +26,18 @@ from rnn_model import GRUDecoder, TripleGRUDecoder, decoder_outputs, n_patches, 
 FULL_SIZE = dict(neural_dim=512, n_units=768, n_days=45, n_classes=41, rnn_dropout=0.4, input_dropout=0.2, patch_size=14, patch_stride=4)
 
 
+def parameters_by_module(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter count per leaf module (GRU, Linear, a ParameterList of day layers), in model order;
+    a parameter held directly by a module with children (h0) is counted under its own name."""
+    counts: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        is_leaf = next(module.children(), None) is None
+        for param_name, param in module.named_parameters(recurse=False):
+            key = module_name if is_leaf else ".".join(filter(None, (module_name, param_name)))
+            counts[key] = counts.get(key, 0) + param.numel()
+    return counts
+
+
 def count_full_size_parameters(lighter_noise_hidden_size: int) -> dict[str, dict]:
     """parameter_summary of each full-size model, built on the meta device."""
     with torch.device("meta"):
@@ -34,7 +48,9 @@ def count_full_size_parameters(lighter_noise_hidden_size: int) -> dict[str, dict
             ),
             "baseline": GRUDecoder(**FULL_SIZE, n_layers=5),
         }
-    return {name: parameter_summary(model) for name, model in models.items()}
+    return {
+        name: {**parameter_summary(model), "by_module": parameters_by_module(model)} for name, model in models.items()
+    }
 
 
 def time_forward_backward(models: dict[str, torch.nn.Module], x: torch.Tensor, day_idx: torch.Tensor, n_steps: int) -> dict[str, float]:
@@ -77,6 +93,7 @@ def main() -> None:
     result = {
         "params_full": {name: s["total"] for name, s in counts.items()},
         "day_specific_full": {name: s["day_specific"] for name, s in counts.items()},
+        "by_module_full": {name: s["by_module"] for name, s in counts.items()},
         "demo": {
             "batch_size": args.batch_size,
             "n_time_steps": args.n_time_steps,

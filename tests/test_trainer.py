@@ -498,11 +498,12 @@ _REPLICA_FAILURE_SCRIPT = """
 import sys
 import torch_xla
 import launch_tpu_training
+from config import config_to_dict, load_config
 from dataset import DataError
 
 if __name__ == "__main__":
     try:
-        torch_xla.launch(launch_tpu_training._replica, args=(sys.argv[1], [], None))
+        torch_xla.launch(launch_tpu_training._replica, args=(config_to_dict(load_config(sys.argv[1])), None))
     except DataError as error:
         print("DataError:", error)
 """
