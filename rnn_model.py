@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from config import TransformsConfig, config_from_dict, load_config
+from config import ConfigError, TransformsConfig, config_from_dict, from_upstream, load_config
 from xla_gru import GRU
 
 # Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
@@ -564,35 +564,29 @@ def load_run_model(model_path: str | Path) -> TrainedModel:
 
 
 def load_upstream_model(model_path: str | Path) -> TrainedModel:
-    """An upstream (nejm-brain-to-text) model directory: checkpoint/args.yaml + checkpoint/best_checkpoint."""
+    """An upstream (nejm-brain-to-text) model directory: checkpoint/args.yaml + checkpoint/best_checkpoint.
+
+    args.yaml is read through config.from_upstream, the mapping that lets upstream configs train
+    here, so the model is the baseline GRUDecoder that config describes.
+    """
     model_dir = Path(model_path)
     args_path = model_dir / UPSTREAM_ARGS
     if not args_path.is_file():
         raise CheckpointError(f"upstream args file not found: {args_path}")
     try:
         args = yaml.safe_load(args_path.read_text()) or {}
-        m, d = args["model"], args["dataset"]
-        sessions = list(d["sessions"])
-        model = GRUDecoder(
-            neural_dim=int(m["n_input_features"]),
-            n_units=int(m["n_units"]),
-            n_days=len(sessions),
-            n_classes=int(d["n_classes"]),
-            rnn_dropout=float(m["rnn_dropout"]),
-            input_dropout=float(m.get("input_network", {}).get("input_layer_dropout", 0.0)),
-            n_layers=int(m["n_layers"]),
-            patch_size=int(m["patch_size"]),
-            patch_stride=int(m["patch_stride"]),
-        )
-        known = set(TransformsConfig.__dataclass_fields__)
-        transforms = TransformsConfig(**{k: v for k, v in (d.get("data_transforms") or {}).items() if k in known})
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as error:
+        cfg = config_from_dict(from_upstream(args)[0])
+    except (ConfigError, AttributeError, yaml.YAMLError) as error:
         raise CheckpointError(f"{args_path}: not an upstream args file ({type(error).__name__}: {error})") from None
+    sessions = list(cfg.dataset.sessions)
+    if not sessions:
+        raise CheckpointError(f"{args_path}: dataset.sessions is empty (day order unknown)")
+    model = build_model(cfg.model, n_days=len(sessions))
     path = model_dir / CHECKPOINT_NAMES[1]
     load_state_dict_compat(model, read_checkpoint(path), source=path)
     return TrainedModel(
-        model=model.eval(), sessions=sessions, transforms=transforms, time_buckets=[],
-        feature_subset=d.get("feature_subset"), source=str(path),
+        model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms, time_buckets=[],
+        feature_subset=cfg.dataset.feature_subset, source=str(path),
     )
 
 
