@@ -12,11 +12,19 @@ flashlight-text's LexiconDecoder with its bundled KenLM. No Redis, no Kaldi, no 
         --data_dir data/hdf5_data_final --split val --description_csv \
         data/t15_copyTaskData_description.csv --out runs/eval_upstream_val
 
+Robustness: --perturb white_noise|channel_dropout|bursts also scores the val trials with their
+features corrupted at each of --levels (seeded per trial), writes robustness.json and a PNG of PER
+against level, with earlier runs' curves added by --compare (e.g. a baseline next to a triple):
+    python evaluate_model.py --model_path trained_models/demo --data_dir data/synthetic \
+        --split val --perturb white_noise --levels 0,0.5,1,2 --compare runs/eval_baseline \
+        --out runs/eval_demo_noise
+
 A run directory of this repo holds config.yaml and checkpoint/best_checkpoint.pt; an upstream
 model directory (--upstream) holds checkpoint/args.yaml and checkpoint/best_checkpoint.
 --logits_in FILE re-scores saved logits (the out directory's logits.npz) without the model.
 Outputs in --out: logits.npz, per_trial.csv, metrics.json, summary.txt, per_session.png, the
-ARPA file it built (lm.arpa) and, for --split test, submission.csv.
+ARPA file it built (lm.arpa), for --split test submission.csv, and with --perturb
+robustness.json and per_<kind>.png.
 
 Out-of-lexicon words: a training word missing from CMUdict takes its pronunciation from its
 trial's phoneme labels when they split into one chunk per word; otherwise it is skipped and
@@ -38,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
@@ -62,6 +71,7 @@ from evaluate_model_helpers import (
     write_arpa,
     write_submission,
 )
+from robustness import KINDS, plot_per_by_level
 
 
 
@@ -187,6 +197,42 @@ def grid_search(
 
 
 # ----------------------------------------------------------------------------------------------
+# Robustness: scores on perturbed features
+
+
+def robustness_sweep(
+    loaded: rnn_model.TrainedModel, loader: DataLoader, device: torch.device, clean: list[TrialRecord],
+    decoder: WordBeamDecoder | None, *, kind: str, levels: Sequence[float], seed: int, use_bf16: bool, name: str,
+) -> dict:
+    """PER (and WER with a decoder) at each perturbation level; level 0 reuses the clean records."""
+    results = []
+    for level in levels:
+        records = clean if level == 0 else compute_logits(
+            loaded, loader, device, use_bf16=use_bf16, perturbation=(kind, level, seed)
+        )
+        result = {"level": level, "per": score_phonemes(records, None)["per"]}
+        if decoder is not None:
+            if level != 0:
+                decode_words(decoder, records, desc=f"beam {kind} {level:g}")
+            result["wer"] = score_words(records, None)["wer"]
+        print(f"{kind} {level:g}: PER {result['per']:.4f}" + (f"  WER {result['wer']:.4f}" if "wer" in result else ""),
+              file=sys.stderr)
+        results.append(result)
+    return {"model": name, "kind": kind, "seed": seed, "levels": results}
+
+
+def _read_robustness(out_dir: Path, kind: str) -> dict:
+    """An earlier run's robustness.json, checked to hold the same kind of perturbation."""
+    path = out_dir / "robustness.json"
+    if not path.is_file():
+        raise DataError(f"--compare {out_dir}: no robustness.json (run evaluate_model.py --perturb there first)")
+    result = json.loads(path.read_text())
+    if result.get("kind") != kind:
+        raise DataError(f"--compare {path}: holds {result.get('kind')!r} perturbations, not {kind!r}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Reports
 
 
@@ -282,6 +328,10 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+# Perturbation levels swept when --levels is not given (robustness.KINDS says what a level means).
+DEFAULT_LEVELS = {"white_noise": [0.0, 0.5, 1.0, 2.0], "channel_dropout": [0.0, 0.1, 0.25, 0.5], "bursts": [0.0, 1.0, 2.0, 5.0]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", help="run directory (config.yaml + checkpoint/best_checkpoint.pt) or, with --upstream, an upstream model directory")
@@ -308,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid_lm_weights", type=_floats, default=_floats("0.5,1,2,3"))
     p.add_argument("--grid_word_scores", type=_floats, default=_floats("-2,-1,0,1"), help="comma list; write --grid_word_scores=-1,0 when it starts with a minus")
     p.add_argument("--grid_trials", type=int, default=200, help="val trials used by the grid search (spread over sessions)")
+    p.add_argument("--perturb", choices=list(KINDS), help="also score the model on features corrupted at each of --levels")
+    p.add_argument("--levels", type=_floats, help="perturbation levels, comma list (default per kind: "
+                   + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_LEVELS.items()) + ")")
+    p.add_argument("--perturb_seed", type=int, default=0, help="seed of the perturbations (one stream per trial)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="EVAL_DIR",
+                   help="earlier --perturb outputs (their robustness.json) drawn on the same PER-vs-level figure")
     p.add_argument("--out", required=True, help="output directory")
     return p
 
@@ -317,6 +373,11 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.grid_search and args.split != "val":
         raise DataError("--grid_search needs labelled trials: use it with --split val")
+    if args.perturb and (args.logits_in or args.split != "val"):
+        raise DataError("--perturb runs the model on labelled trials: use it with --model_path and --split val")
+    if args.compare and not args.perturb:
+        raise DataError("--compare adds curves to --perturb's figure: give --perturb too")
+    compared = [_read_robustness(Path(d), args.perturb) for d in args.compare]  # checked before the long part
     speed: dict[str, float] = {}
 
     # 1. Logits: from the model, or from an earlier run.
@@ -354,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
     speed["greedy"] = len(records) / max(time.perf_counter() - start, 1e-9)
 
     # 3. Words: lexicon, LM, beam search.
-    word_metrics, decoder_info, grid = {}, {}, []
+    word_metrics, decoder_info, grid, decoder = {}, {}, [], None
     if not args.no_words:
         if args.data_dir:
             train_sentences, train_labels = read_labels(args.data_dir, sessions, "train")
@@ -408,6 +469,16 @@ def run(args: argparse.Namespace) -> dict:
         if args.split == "test":
             write_submission(out / "submission.csv", [r.fields["text_decoded"] for r in records])
 
+    robustness = {}
+    if args.perturb:
+        levels = args.levels or DEFAULT_LEVELS[args.perturb]
+        robustness = robustness_sweep(loaded, loader, device, records, decoder, kind=args.perturb, levels=levels,
+                                      seed=args.perturb_seed, use_bf16=args.bf16, name=args.model_path)
+        (out / "robustness.json").write_text(json.dumps(robustness, indent=2))
+        curves = [robustness, *compared]
+        plot_per_by_level({c["model"]: {e["level"]: e["per"] for e in c["levels"]} for c in curves},
+                          kind=args.perturb, path=out / f"per_{args.perturb}.png")
+
     metrics = {
         "split": args.split,
         "model": model_name,
@@ -419,6 +490,7 @@ def run(args: argparse.Namespace) -> dict:
         "decoder": decoder_info,
         "grid_search": grid,
         "speed_trials_per_s": speed,
+        "robustness": robustness,
     }
     summary = format_summary(metrics)
     print(summary)

@@ -32,6 +32,9 @@ from tqdm import tqdm
 import rnn_model
 from data_augmentations import augment_batch
 from dataset import BLANK_ID, PHONEMES, SIL_ID, DataError, load_cmudict
+from robustness import perturb_features, trial_seeds
+
+TRIALS_PER_DAY_BOUND = 1_000_000  # (day, trial) -> one integer for the perturbation seeds
 
 
 def greedy_ctc_decode(logits: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
@@ -491,9 +494,13 @@ class TrialRecord:
 
 @torch.no_grad()
 def compute_logits(
-    loaded: rnn_model.TrainedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False
+    loaded: rnn_model.TrainedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False,
+    perturbation: tuple[str, float, int] | None = None,
 ) -> list[TrialRecord]:
     """Run the model over a dataset.build_eval_loader loader; one record per trial, in order.
+
+    With `perturbation` (kind, level, seed), the features are first corrupted by
+    robustness.perturb_features, each trial from its own seed.
 
     A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
     with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
@@ -504,8 +511,15 @@ def compute_logits(
     n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
     progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
     for batch_index, batch in zip(loader.sampler, loader):
+        features = batch["input_features"]
+        if perturbation is not None:  # on the features as read, before the smoothing
+            kind, level, seed = perturbation
+            # Seeded per trial by (day, trial), so a trial is perturbed alike in any batch.
+            seeds = trial_seeds(seed, [day * TRIALS_PER_DAY_BOUND + trial for day, trial in dataset.batch_trials(batch_index)])
+            seeds += seeds[-1:] * (len(features) - len(seeds))  # rows that pad a static-shape batch
+            features = perturb_features(features, batch["n_time_steps"], kind=kind, level=level, seeds=seeds)
         features, n_time_steps = augment_batch(
-            batch["input_features"].to(device), batch["n_time_steps"].to(device), loaded.transforms,
+            features.to(device), batch["n_time_steps"].to(device), loaded.transforms,
             training=False, static_shapes=dataset.static_shapes,
         )
         logits, out_lengths = rnn_model.infer(

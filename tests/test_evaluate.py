@@ -210,3 +210,42 @@ def test_metrics_json_is_plain_json(run_dir: Path, data_dir: Path, tmp_path: Pat
     evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--no_words", "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["split"] == "val" and "per" in metrics["phonemes"]
+
+
+# ---------------------------------------------------------------------------------- robustness
+
+
+def test_perturbed_logits_are_seeded_per_trial_whatever_the_batching(data_dir: Path, run_dir: Path):
+    from dataset import build_eval_loader
+    from evaluate_model_helpers import compute_logits
+
+    loaded = rnn_model.load_run_model(run_dir)
+
+    def logits(batch_size: int, perturbation=None) -> list[np.ndarray]:
+        loader = build_eval_loader(str(data_dir), loaded.sessions, "val", batch_size=batch_size, patch_size=14, patch_stride=4)
+        return [r.logits for r in compute_logits(loaded, loader, torch.device("cpu"), perturbation=perturbation)]
+
+    clean = logits(4)
+    noisy = logits(4, ("white_noise", 1.0, 0))
+    assert all(not np.allclose(a, b) for a, b in zip(clean, noisy))
+    for a, b in zip(noisy, logits(3, ("white_noise", 1.0, 0))):  # other batch-mates and padding
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    other_seed = logits(4, ("white_noise", 1.0, 1))
+    assert any(not np.allclose(a, b) for a, b in zip(noisy, other_seed))
+
+
+def test_robustness_sweep_writes_per_by_level_and_compares_runs(data_dir: Path, run_dir: Path, tmp_path: Path):
+    first = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "val", "--no_words",
+                      "--perturb", "channel_dropout", "--levels", "0,0.5", "--out", str(tmp_path / "a")])
+    levels = first["robustness"]["levels"]
+    assert [e["level"] for e in levels] == [0.0, 0.5]
+    assert levels[0]["per"] == first["phonemes"]["per"]  # level 0 is the clean evaluation
+    saved = json.loads((tmp_path / "a" / "robustness.json").read_text())
+    assert saved == first["robustness"] and saved["kind"] == "channel_dropout"
+    again = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "val", "--no_words",
+                      "--perturb", "channel_dropout", "--levels", "0,0.5", "--batch_size", "3",
+                      "--compare", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert again["robustness"]["levels"] == levels  # same seed, same perturbations, any batching
+    assert (tmp_path / "b" / "per_channel_dropout.png").stat().st_size > 0
+    assert evaluate_model.main(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--no_words",
+                                "--perturb", "bursts", "--compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
