@@ -293,11 +293,17 @@ def add_artifacts(features: np.ndarray, artifacts: Artifacts, rng: np.random.Gen
     out = features.astype(np.float32, copy=True)
     if a.baseline_shift_std > 0:
         # Smoothed white noise, scaled by the smoothed process's std (1 / sqrt(2 sqrt(pi) sigma))
-        # so that baseline_shift_std is its std whatever the time scale.
-        white = rng.standard_normal((n_time, N_FEATURES))
-        drift = gaussian_filter1d(white, a.baseline_shift_bins, axis=0, mode="reflect")
-        scale = np.sqrt(2 * np.sqrt(np.pi) * a.baseline_shift_bins) * a.baseline_shift_std
-        out += (drift * scale).astype(np.float32)
+        # so that baseline_shift_std is its std whatever the time scale. Drawn on a grid of one
+        # point per tenth of the time scale and interpolated linearly: as slow, and 10x fewer taps.
+        stride = max(1, int(a.baseline_shift_bins // 10))
+        sigma = a.baseline_shift_bins / stride
+        white = rng.standard_normal(((n_time - 1) // stride + 2, N_FEATURES))
+        coarse = gaussian_filter1d(white, sigma, axis=0, mode="reflect") * np.sqrt(2 * np.sqrt(np.pi) * sigma)
+        position = np.arange(n_time) / stride
+        index = position.astype(int)
+        weight = (position - index)[:, None]
+        drift = coarse[index] * (1 - weight) + coarse[index + 1] * weight  # (T', 512) -> (T, 512)
+        out += (drift * a.baseline_shift_std).astype(np.float32)
     if a.burst_rate > 0:
         n_bursts = rng.poisson(a.burst_rate * n_time * BIN_SECONDS)
         n_group = min(a.burst_electrodes, N_TC)
