@@ -83,7 +83,9 @@ class DayAdamW(torch.optim.AdamW):
         # Python floats torch_xla would bake them into the graph while they are 0 or 1 (the
         # warm-up starts at lr 0) and compile again once they are not.
         hyper = torch.tensor([group["lr"], 1.0 - group["lr"] * group["weight_decay"]], dtype=torch.float32)
-        hyper = hyper.to(device)
+        if device.type == "cuda":
+            hyper = hyper.pin_memory()  # copied asynchronously: the step does not wait for the GPU
+        hyper = hyper.to(device, non_blocking=True)
         lr, decay = hyper[0], hyper[1]
         for p, day in zip(group["params"], group["day_indices"]):
             if p.grad is None:
