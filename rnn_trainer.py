@@ -215,7 +215,9 @@ def compute_loss(
 
 
 @torch.no_grad()
-def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor, days_present: Tensor | None = None) -> None:
+def _masked_optimizer_step(
+    optimizer: torch.optim.Optimizer, finite: Tensor, days_present: Tensor | None = None
+) -> None:
     """optimizer.step() that leaves weights, AdamW moments and step counts untouched when `finite`
     is False, decided on the device (no host sync). With `days_present` ((n_days,) bool), a
     DayAdamW also leaves the day layers of absent days untouched.
