@@ -20,11 +20,20 @@ layers matter), projects the latent onto 512 channels: Poisson threshold-crossin
 (features 0-255) and log-normal spike-band power (256-511), then each block is z-scored.
 `--snr` scales the latent's effect on the channels.
 
+Recording artifacts (all off by default, so the default output does not change): transient
+high-amplitude bursts on groups of neighbouring electrodes, dead or saturated electrodes, and slow
+baseline shifts, added to the z-scored features of the chosen splits from a random stream of their
+own (see `Artifacts`):
+
+    python make_synthetic_data.py --out data/synthetic_artifacts --burst_rate 0.5 --dead_rate 0.02 \
+        --saturated_rate 0.01 --baseline_shift_std 0.5 [--artifact_splits train val test]
+
 Library use: `from make_synthetic_data import generate_dataset, generate_sentences`.
 """
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import os
 import time
@@ -58,6 +67,7 @@ TRAIN_ONLY_SESSIONS = {"t15.2023.08.11", "t15.2024.03.03", "t15.2024.04.25", "t1
 MAX_SEQ_ELEMENTS = 500  # seq_class_ids are stored zero-padded to this width, as in the release
 N_TC = N_FEATURES // 2  # features 0-255 are threshold crossings, 256-511 spike-band power
 N_LATENT = 12
+BIN_SECONDS = 0.02
 
 # A small grammar: words by role. Every word must be in CMUdict (checked at use).
 WORDS = {
@@ -230,10 +240,79 @@ def _synthesize_trial(
     return np.concatenate([counts, power], axis=1).astype(np.float32)
 
 
+def _option(default: object, help: str) -> object:
+    """A dataclass field that carries its command-line help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifacts:
+    """Recording artifacts added to the z-scored features of `splits`; every rate and std 0 (the
+    default) adds none. Times are in 20 ms bins, amplitudes in standard deviations of the block.
+
+    An electrode is a pair of features: threshold crossings (e) and spike-band power (e + 256); an
+    artifact hits both. Per trial, in this order: a slow baseline shift of every feature, bursts,
+    then dead and saturated electrodes, which hold one value for the whole trial.
+    """
+
+    burst_rate: float = _option(0.0, "bursts per second of recording (Poisson)")
+    burst_amplitude: float = _option(8.0, "mean value a burst adds; each of its features draws 0.5x-1.5x of it")
+    burst_electrodes: int = _option(32, "neighbouring electrodes one burst covers")
+    burst_bins: int = _option(5, "length of a burst in bins")
+    dead_rate: float = _option(0.0, "per trial and electrode: probability it is dead (flat at 0, the block mean)")
+    saturated_rate: float = _option(0.0, "per trial and electrode: probability it is saturated (flat)")
+    saturation_level: float = _option(6.0, "value of a saturated electrode's features")
+    baseline_shift_std: float = _option(0.0, "std of the slow baseline shift of each feature")
+    baseline_shift_bins: float = _option(100.0, "time scale of the shift: std in bins of the Gaussian smoothing")
+    splits: tuple[str, ...] = _option(("train", "val", "test"), "splits that get the artifacts")
+
+    def active(self) -> bool:
+        return self.burst_rate > 0 or self.dead_rate > 0 or self.saturated_rate > 0 or self.baseline_shift_std > 0
+
+
+def add_artifacts(features: np.ndarray, artifacts: Artifacts, rng: np.random.Generator) -> np.ndarray:
+    """(T, 512) z-scored features of one trial -> the same with `artifacts` added (float32)."""
+    a = artifacts
+    n_time = len(features)
+    out = features.astype(np.float32, copy=True)
+    if a.baseline_shift_std > 0:
+        # Smoothed white noise, scaled by the smoothed process's std (1 / sqrt(2 sqrt(pi) sigma))
+        # so that baseline_shift_std is its std whatever the time scale. Drawn on a grid of one
+        # point per tenth of the time scale and interpolated linearly: as slow, and 10x fewer taps.
+        stride = max(1, int(a.baseline_shift_bins // 10))
+        sigma = a.baseline_shift_bins / stride
+        white = rng.standard_normal(((n_time - 1) // stride + 2, N_FEATURES))
+        coarse = gaussian_filter1d(white, sigma, axis=0, mode="reflect") * np.sqrt(2 * np.sqrt(np.pi) * sigma)
+        position = np.arange(n_time) / stride
+        index = position.astype(int)
+        weight = (position - index)[:, None]
+        drift = coarse[index] * (1 - weight) + coarse[index + 1] * weight  # (T', 512) -> (T, 512)
+        out += (drift * a.baseline_shift_std).astype(np.float32)
+    if a.burst_rate > 0:
+        n_bursts = rng.poisson(a.burst_rate * n_time * BIN_SECONDS)
+        n_group = min(a.burst_electrodes, N_TC)
+        for _ in range(n_bursts):
+            start = rng.integers(n_time)
+            first = rng.integers(N_TC - n_group + 1)
+            gains = rng.uniform(0.5, 1.5, size=2 * n_group).astype(np.float32)
+            channels = np.r_[first : first + n_group, N_TC + first : N_TC + first + n_group]
+            out[start : start + a.burst_bins, channels] += a.burst_amplitude * gains
+    if a.dead_rate > 0 or a.saturated_rate > 0:
+        draw = rng.random(N_TC)
+        dead = draw < a.dead_rate
+        saturated = ~dead & (draw < a.dead_rate + a.saturated_rate)
+        out[:, np.r_[dead, dead]] = 0.0
+        out[:, np.r_[saturated, saturated]] = a.saturation_level
+    return out
+
+
 def _write_split(
-    path: str, session: str, trials: list[dict], first_block: int, trials_per_block: int, labelled: bool
+    path: str, session: str, trials: list[dict], first_block: int, trials_per_block: int, labelled: bool,
+    artifacts: Artifacts | None = None, rng: np.random.Generator | None = None,
 ) -> list[tuple[int, int]]:
-    """Z-score each block and write one HDF5 file; returns (block_num, trial_num) per trial."""
+    """Z-score each block and write one HDF5 file; returns (block_num, trial_num) per trial.
+
+    With an `rng`, `artifacts` drawn from it are added to each trial after z-scoring."""
     numbers = []
     with h5py.File(path, "w") as f:
         for start in range(0, len(trials), trials_per_block):
@@ -244,7 +323,10 @@ def _write_split(
             for k, trial in enumerate(block):
                 index = start + k
                 g = f.create_group(f"trial_{index:04d}")
-                g.create_dataset("input_features", data=((trial["features"] - mean) / std).astype(np.float32))
+                features = ((trial["features"] - mean) / std).astype(np.float32)
+                if rng is not None:
+                    features = add_artifacts(features, artifacts, rng)
+                g.create_dataset("input_features", data=features)
                 g.attrs["n_time_steps"] = np.int64(trial["features"].shape[0])
                 g.attrs["session"] = session
                 g.attrs["block_num"] = np.int64(block_num)
@@ -273,11 +355,13 @@ def generate_dataset(
     snr: float = 0.3,
     mean_phoneme_bins: float = 10.0,
     trials_per_block: int = 20,
+    artifacts: Artifacts | None = None,
 ) -> list[str]:
     """Write a synthetic dataset under `out_dir`; returns the session names (day order).
 
     Deterministic in `seed`; a session's data depends only on (seed, its position), so adding
-    sessions does not change the earlier ones.
+    sessions does not change the earlier ones. `artifacts` draw from a random stream of their own,
+    so the same seed gives the same signal and labels with and without them.
     """
     if not 1 <= n_sessions <= len(REAL_SESSIONS):
         raise ValueError(f"n_sessions must be in 1..{len(REAL_SESSIONS)}, got {n_sessions}")
@@ -286,6 +370,7 @@ def generate_dataset(
     sessions = REAL_SESSIONS[:n_sessions]
     models = _session_models(sessions, seed)
     latents = _phoneme_latents(seed)
+    artifact_splits = set(artifacts.splits) if artifacts is not None and artifacts.active() else set()
     answer_rows = []
     for day, (session, model) in enumerate(zip(sessions, models)):
         folder = os.path.join(out_dir, session)
@@ -307,7 +392,8 @@ def generate_dataset(
                     if n_patches(len(features), PATCH_SIZE, PATCH_STRIDE) >= ctc_frames_needed(class_ids):
                         break
                 trials.append({"features": features, "class_ids": class_ids, "label": _sentence_label(sentence)})
-            numbers = _write_split(path, session, trials, block, trials_per_block, labelled)
+            artifact_rng = np.random.default_rng([seed, 4, day, split_code]) if split in artifact_splits else None
+            numbers = _write_split(path, session, trials, block, trials_per_block, labelled, artifacts, artifact_rng)
             block = numbers[-1][0] + 1
             if split == "test":
                 answer_rows += [(session, *nums, trial["label"]) for nums, trial in zip(numbers, trials)]
@@ -328,10 +414,20 @@ def main() -> None:
     parser.add_argument("--n_test_trials", type=int, default=16, help="test trials per session that has test data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snr", type=float, default=0.3, help="scale of the speech signal on the channels")
+    artifacts = parser.add_argument_group("artifacts, all off by default (amplitudes in block stds, 20 ms bins)")
+    artifact_fields = [f for f in dataclasses.fields(Artifacts) if f.name != "splits"]
+    for f in artifact_fields:
+        artifacts.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                               help=f"{f.metadata['help']} (default {f.default})")
+    artifacts.add_argument("--artifact_splits", nargs="+", default=list(Artifacts.splits), choices=Artifacts.splits,
+                           help="splits that get the artifacts (default: all)")
     args = parser.parse_args()
     start = time.time()
     sessions = generate_dataset(
-        args.out, args.n_sessions, args.n_train_trials, args.n_val_trials, args.n_test_trials, args.seed, args.snr
+        args.out, args.n_sessions, args.n_train_trials, args.n_val_trials, args.n_test_trials, args.seed, args.snr,
+        artifacts=Artifacts(
+            **{f.name: getattr(args, f.name) for f in artifact_fields}, splits=tuple(args.artifact_splits)
+        ),
     )
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(args.out) for n in names)
     print(f"wrote {len(sessions)} sessions to {args.out} ({size / 1e6:.0f} MB) in {time.time() - start:.1f} s")

@@ -40,6 +40,7 @@ import rnn_model
 from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
+from day_adamw import DayAdamW, count_days, day_index_of
 from dataset import build_dataloaders
 from evaluate_model_helpers import count_edits, greedy_ctc_decode
 
@@ -55,18 +56,20 @@ DEVICE_KEYS = ("input_features", "n_time_steps", "seq_class_ids", "phone_seq_len
 # ----------------------------------------------------------------------------- optimizer
 
 
-def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> DayAdamW:
     """AdamW with the upstream parameter groups: biases (no decay), day layers, everything else.
 
     The day-specific input layers get their own peak lr and weight decay; group_type tells the
-    scheduler which warm-up/decay to use.
+    scheduler which warm-up/decay to use. Their day_indices let DayAdamW leave the days absent
+    from a step untouched, as upstream's AdamW does (see day_adamw.py).
     """
-    day_params, bias_params, other_params = [], [], []
+    day_params, day_indices, bias_params, other_params = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if "day_" in name:
+        if day_index_of(name) is not None:
             day_params.append(param)
+            day_indices.append(day_index_of(name))
         elif name.rsplit(".", 1)[-1].startswith("bias"):
             bias_params.append(param)
         else:
@@ -74,14 +77,16 @@ def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> torc
     o = cfg_optimizer
     groups = [
         {"params": bias_params, "weight_decay": 0.0, "group_type": "other"},
-        {"params": day_params, "lr": o.lr_max_day, "weight_decay": o.weight_decay_day, "group_type": "day"},
+        {"params": day_params, "lr": o.lr_max_day, "weight_decay": o.weight_decay_day, "group_type": "day",
+         "day_indices": day_indices},
         {"params": other_params, "group_type": "other"},
     ]
     # The fused kernel (CPU, CUDA) can skip a whole step on the device through `found_inf`,
     # which _masked_optimizer_step uses instead of copying every weight and moment.
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(
+    return DayAdamW(
         [g for g in groups if g["params"]],
+        n_days=max(day_indices, default=-1) + 1,
         lr=o.lr_max,
         betas=(o.beta0, o.beta1),
         eps=o.epsilon,
@@ -199,9 +204,12 @@ def compute_loss(
 
 
 @torch.no_grad()
-def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+def _masked_optimizer_step(
+    optimizer: torch.optim.Optimizer, finite: Tensor, days_present: Tensor | None = None
+) -> None:
     """optimizer.step() that leaves weights, AdamW moments and step counts untouched when `finite`
-    is False, decided on the device (no host sync).
+    is False, decided on the device (no host sync). With `days_present` ((n_days,) bool), a
+    DayAdamW also leaves the day layers of absent days untouched.
 
     Fused AdamW (CPU, CUDA) takes the flag as `found_inf` and skips the update inside its kernel.
     Elsewhere (XLA) the update is selected with torch.where against copies of the previous
@@ -213,6 +221,8 @@ def _masked_optimizer_step(optimizer: torch.optim.Optimizer, finite: Tensor) -> 
     params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
     for p in params:
         p.grad.masked_fill_(~finite, 0.0)
+    if isinstance(inner, DayAdamW) and days_present is not None:
+        inner.days_present = days_present & finite
     if inner.defaults.get("fused"):
         inner.found_inf = (~finite).to(torch.float32)
         optimizer.step()
@@ -266,6 +276,8 @@ def _decay_as_device_data(optimizer: torch.optim.Optimizer) -> list[float]:
     weight_decays = []
     for group in optimizer.param_groups:
         weight_decays.append(group["weight_decay"])
+        if group.get("day_indices") is not None:
+            continue  # DayAdamW decays the day layers itself, present days only
         params = [p for p in group["params"] if p.grad is not None]
         if group["weight_decay"] and params:
             # Shape (1,): torch_xla treats a transferred 0-dim tensor of 1.0 as a constant too.
@@ -302,7 +314,11 @@ def train_step(
     adversarial_gate = (step_counter >= cfg.adversarial.warmup_steps).to(torch.float32) * adv_on
     finite = torch.ones((), dtype=torch.bool, device=step_counter.device)
     sums: dict[str, Tensor] = {}
+    # Trials per day over the whole step, so the optimizer can leave absent days' layers alone.
+    n_days = getattr(getattr(optimizer, "optimizer", optimizer), "n_days", 0)
+    day_counts = torch.zeros(n_days, device=step_counter.device)
     for batch in micro_batches:
+        day_counts = day_counts + count_days(batch["day_indices"], batch["row_mask"], n_days=n_days)
         with accelerator.accumulate(model):
             features, n_time_steps = augment_batch(
                 batch["input_features"], batch["n_time_steps"], cfg.dataset.data_transforms,
@@ -323,13 +339,15 @@ def train_step(
     if accelerator.num_processes > 1:
         # Every replica must take the same skip decision, or the weights drift apart; the logged
         # losses become means over replicas, counts sums. One collective, traced into the step's graph.
+        # A day present on any replica has gradients on all of them after the gradient all-reduce.
         names = list(sums)
-        local = torch.stack([*(sums[name] for name in names), (~finite).to(torch.float32)])
+        local = torch.cat([torch.stack([*(sums[name] for name in names), (~finite).to(torch.float32)]), day_counts])
         summed = _sum_over_replicas(local, accelerator=accelerator)
         sums = {name: summed[i] if name in _COUNT_TERMS else summed[i] / accelerator.num_processes
                 for i, name in enumerate(names)}
-        finite = summed[-1] == 0
-    _masked_optimizer_step(optimizer, finite)
+        finite = summed[len(names)] == 0
+        day_counts = summed[len(names) + 1 :]
+    _masked_optimizer_step(optimizer, finite, days_present=day_counts > 0)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     n_skipped.add_((~finite).to(n_skipped.dtype))

@@ -3,6 +3,7 @@
 Run: .venv/bin/python -m pytest tests/test_synthetic_data.py -q
 """
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -148,3 +149,90 @@ def test_session_maps_drift_with_the_days_between_sessions():
     assert to_first[0] == pytest.approx(1.0)
     assert to_first[1] > to_first[4] > to_first[7]  # further apart in time, less alike
     assert to_first[7] < 0.5  # three weeks later the first day's input layer no longer fits
+
+
+def _file_hashes(root) -> dict:
+    hashes = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def test_artifacts_off_by_default_and_only_in_the_chosen_splits(tmp_path):
+    kwargs = {"n_sessions": 2, "n_train_trials": 3, "n_val_trials": 2, "n_test_trials": 1, "seed": 5}
+    synth.generate_dataset(str(tmp_path / "default"), **kwargs)
+    synth.generate_dataset(str(tmp_path / "zero"), **kwargs, artifacts=synth.Artifacts())
+    synth.generate_dataset(str(tmp_path / "val_only"), **kwargs,
+                           artifacts=synth.Artifacts(burst_rate=2.0, dead_rate=0.05, splits=("val",)))
+    default, zero, val_only = (_file_hashes(tmp_path / name) for name in ("default", "zero", "val_only"))
+    assert len(default) == 5 and zero == default  # every rate 0: the same bytes
+    changed = sorted(path for path in default if val_only[path] != default[path])
+    assert changed == [os.path.join(synth.REAL_SESSIONS[1], "data_val.hdf5")]
+
+    # Artifacts draw from their own stream: labels and trial lengths are those of the clean data.
+    path = os.path.join(synth.REAL_SESSIONS[1], "data_val.hdf5")
+    clean, noisy = _read_file(str(tmp_path / "default" / path)), _read_file(str(tmp_path / "val_only" / path))
+    for key in clean:
+        assert clean[key][1] == noisy[key][1]
+        np.testing.assert_array_equal(clean[key][0]["seq_class_ids"], noisy[key][0]["seq_class_ids"])
+        assert clean[key][0]["input_features"].shape == noisy[key][0]["input_features"].shape
+
+
+def test_bursts_hit_groups_of_electrodes_at_the_given_rate():
+    artifacts = synth.Artifacts(burst_rate=0.5, burst_amplitude=8.0, burst_electrodes=32, burst_bins=5)
+    n_time, rng = 5000, np.random.default_rng(0)  # 100 s per trial
+    trials = [synth.add_artifacts(np.zeros((n_time, 512), np.float32), artifacts, rng) for _ in range(20)]
+    for added in trials:
+        hit = added != 0
+        # Both features of an electrode (threshold crossings e, spike-band power e + 256) together.
+        np.testing.assert_array_equal(hit[:, :256], hit[:, 256:])
+        assert (added >= 0).all()
+        # In a bin, the hit electrodes form runs of burst_electrodes (or unions of overlapping ones).
+        for t in np.flatnonzero(hit.any(axis=1))[:50]:
+            electrodes = np.flatnonzero(hit[t, :256])
+            runs = np.split(electrodes, np.flatnonzero(np.diff(electrodes) > 1) + 1)
+            assert all(len(run) >= 32 for run in runs)
+    # Total added value: rate x seconds bursts, each 5 bins x 64 features x amplitude (gains average 1).
+    expected = 0.5 * n_time * 0.02 * 5 * 64 * 8.0
+    total = np.mean([added.sum() for added in trials])
+    assert total == pytest.approx(expected, rel=0.1)
+
+
+def test_dead_and_saturated_electrodes_are_flat_for_the_trial():
+    artifacts = synth.Artifacts(dead_rate=0.1, saturated_rate=0.05, saturation_level=6.0)
+    rng = np.random.default_rng(1)
+    n_dead, n_saturated, n_trials = 0, 0, 200
+    for _ in range(n_trials):
+        features = rng.standard_normal((80, 512)).astype(np.float32)
+        out = synth.add_artifacts(features, artifacts, rng)
+        flat = (out == out[:1]).all(axis=0)  # (512,) features that hold one value
+        dead = flat & (out[0] == 0.0)
+        saturated = flat & (out[0] == 6.0)
+        np.testing.assert_array_equal(dead[:256], dead[256:])
+        np.testing.assert_array_equal(saturated[:256], saturated[256:])
+        np.testing.assert_array_equal(out[:, ~(dead | saturated)], features[:, ~(dead | saturated)])
+        n_dead, n_saturated = n_dead + dead[:256].sum(), n_saturated + saturated[:256].sum()
+    assert n_dead / (256 * n_trials) == pytest.approx(0.1, abs=0.01)
+    assert n_saturated / (256 * n_trials) == pytest.approx(0.05, abs=0.01)
+
+
+def test_baseline_shift_is_slow_with_the_given_std():
+    artifacts = synth.Artifacts(baseline_shift_std=0.5, baseline_shift_bins=50.0)
+    shift = synth.add_artifacts(np.zeros((20000, 512), np.float32), artifacts, np.random.default_rng(2))
+    assert shift.std() == pytest.approx(0.5, rel=0.1)
+    # Gaussian-smoothed white noise of std s changes by s / (sqrt(2) * sigma) per bin (white noise: sqrt(2) s).
+    step_std = np.diff(shift, axis=0).std()
+    assert step_std == pytest.approx(0.5 / (np.sqrt(2) * 50.0), rel=0.1)
+
+
+def test_command_line_artifact_options_reach_the_chosen_split(tmp_path):
+    common = ["--n_sessions", "2", "--n_train_trials", "2", "--n_val_trials", "1", "--n_test_trials", "1", "--seed", "1"]
+    for name, extra in (("clean", []), ("bursts", ["--burst_rate", "3", "--artifact_splits", "train"])):
+        subprocess.run([sys.executable, "make_synthetic_data.py", "--out", str(tmp_path / name), *common, *extra],
+                       cwd=REPO_ROOT, check=True, capture_output=True)
+    clean, bursts = _file_hashes(tmp_path / "clean"), _file_hashes(tmp_path / "bursts")
+    changed = sorted(path for path in clean if clean[path] != bursts[path])
+    assert changed == [os.path.join(session, "data_train.hdf5") for session in synth.REAL_SESSIONS[:2]]
