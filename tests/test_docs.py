@@ -102,11 +102,14 @@ def _check_script(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch)
     import launch_tpu_training
     import train_model
 
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))  # benchmarks/ablation.py
+
     parsers = {
         "train_model.py": train_model.parse_args,
         "launch_tpu_training.py": launch_tpu_training.build_parser().parse_args,
         "evaluate_model.py": evaluate_model.build_parser().parse_args,
         "make_synthetic_data.py": lambda a: _parse_in_main("make_synthetic_data", a, monkeypatch),
+        "ablation.py": lambda a: _parse_in_main("ablation", a, monkeypatch),
     }
     assert script in parsers, f"no argument check for {script}"
     args_ns = parsers[script](args)
