@@ -16,17 +16,21 @@ Variants (overrides on top of --config and --set):
 
 Budgets:
   steps  every variant trains --steps optimizer steps.
-  time   every variant gets the wall-clock training time of the baseline's --steps steps (or
-         --seconds): its step count is that budget over its own mean step time in the steps run.
-         A variant whose count equals its steps run reuses that run. Step times on a shared
-         machine drift, so train_seconds reports what each run actually took.
+  time   every variant gets the training time of the baseline's --steps steps (or --seconds):
+         its step count is that budget over its own step time. A step time here is the fastest
+         10-step window of the variant's steps run (best-of, as in train_speed.py): on a shared
+         machine the mean follows the load of other processes (triple and triple_no_adv, of
+         equal cost, differed by 16% on means and 6% on best windows in one run). The budget
+         is the baseline's steps x its best step time. A variant whose count equals its steps
+         run reuses that run; train_seconds reports what each run actually took.
 In both, every step-valued schedule key (lr and day-lr warm-up and decay, adversarial warm-up) is
 scaled by the run's steps / the config's num_training_batches, so each run goes through the whole
 schedule; with the demo config and --steps 400 the steps runs are the demo's own training.
 
 Every run validates once, at its last step (greedy PER on the val split, the trainer's
 validation), and keeps no checkpoint. One JSON line per run (variant, budget, steps,
-train_seconds, ms_per_step, n_parameters, val_per, val_loss, data, torch_threads), then a
+train_seconds, ms_per_step (mean), ms_per_step_best, n_parameters, val_per, val_loss, data,
+torch_threads), then a
 markdown table. Runs on CPU (USE_TORCH_XLA=0); set OMP_NUM_THREADS to fix the thread count.
 For artifact data, write a second data set first, e.g.
 `python make_synthetic_data.py --out data/synthetic_artifacts --burst_rate 0.5 --dead_rate 0.02
@@ -89,17 +93,19 @@ def train_variant(
     result = rnn_trainer.train(cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # Each training record holds the mean step time of the steps since the previous one.
-    train_ms, previous = 0.0, 0
+    train_ms, previous, window_ms = 0.0, 0, []
     for record in records:
         if "train/ms_per_step" in record:
             train_ms += record["train/ms_per_step"] * (record["step"] - previous)
             previous = record["step"]
+            window_ms.append(record["train/ms_per_step"])
     last_val = [r for r in records if "val/per" in r][-1]
     return {
         "variant": variant,
         "steps": result["step"],
         "train_seconds": train_ms / 1000.0,
         "ms_per_step": train_ms / result["step"],
+        "ms_per_step_best": min(window_ms),
         "n_parameters": rnn_model.parameter_summary(result["model"])["total"],
         "val_per": last_val["val/per"],
         "val_loss": last_val["val/loss"],
@@ -107,18 +113,19 @@ def train_variant(
 
 
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
-    digits = {"train_seconds": 3, "ms_per_step": 2, "val_per": 4, "val_loss": 3}
+    digits = {"train_seconds": 3, "ms_per_step": 2, "ms_per_step_best": 2, "val_per": 4, "val_loss": 3}
     return {key: round(value, digits[key]) if key in digits else value for key, value in row.items()}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | budget | steps | train s | ms/step | parameters | val PER |",
+        "| variant | budget | steps | train s | ms/step (mean, best) | parameters | val PER |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['budget']} | {r['steps']} | {r['train_seconds']:.0f} | "
-                     f"{r['ms_per_step']:.0f} | {r['n_parameters'] / 1e6:.1f}M | {100 * r['val_per']:.1f}% |")
+                     f"{r['ms_per_step']:.0f}, {r['ms_per_step_best']:.0f} | {r['n_parameters'] / 1e6:.1f}M | "
+                     f"{100 * r['val_per']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -155,11 +162,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.seconds is not None:
             budget = args.seconds
         elif "baseline" in by_steps:
-            budget = by_steps["baseline"]["train_seconds"]
+            budget = by_steps["baseline"]["steps"] * by_steps["baseline"]["ms_per_step_best"] / 1000.0
         else:
             parser.error("the time budget needs --seconds or the baseline variant")
         for variant in args.variants:
-            n_steps = max(1, round(1000.0 * budget / by_steps[variant]["ms_per_step"]))
+            n_steps = max(1, round(1000.0 * budget / by_steps[variant]["ms_per_step_best"]))
             if n_steps == by_steps[variant]["steps"]:
                 result = by_steps[variant]
             else:
