@@ -511,11 +511,13 @@ def compute_logits(
     n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
     progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
     for batch_index, batch in zip(loader.sampler, loader):
+        plan = dataset.batch_trials(batch_index)  # (day, trial) of each row
+        labelled = "seq_class_ids" in batch
         features = batch["input_features"]
         if perturbation is not None:  # on the features as read, before the smoothing
             kind, level, seed = perturbation
             # Seeded per trial by (day, trial), so a trial is perturbed alike in any batch.
-            seeds = trial_seeds(seed, [day * TRIALS_PER_DAY_BOUND + trial for day, trial in dataset.batch_trials(batch_index)])
+            seeds = trial_seeds(seed, [day * TRIALS_PER_DAY_BOUND + trial for day, trial in plan])
             seeds += seeds[-1:] * (len(features) - len(seeds))  # rows that pad a static-shape batch
             features = perturb_features(features, batch["n_time_steps"], kind=kind, level=level, seeds=seeds)
         features, n_time_steps = augment_batch(
@@ -526,11 +528,10 @@ def compute_logits(
             model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
         )
         logits, out_lengths = logits.float().cpu(), out_lengths.cpu()  # (B, T', C), (B,)
-        for i, (day, trial) in enumerate(dataset.batch_trials(batch_index)):
+        for i, (day, trial) in enumerate(plan):
             if not batch["row_mask"][i]:
                 continue  # a trial dropped as bad (dataset.on_bad_trial=skip)
             meta = dataset.trial_indices[day]["meta"][trial]
-            labelled = "seq_class_ids" in batch
             records.append(
                 TrialRecord(
                     session=loaded.sessions[day],
