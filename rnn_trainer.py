@@ -1,7 +1,7 @@
 """Train the CTC phoneme decoders on CPU, CUDA or TPU through HuggingFace Accelerate.
 
-One trainer for every device: Accelerate places the model, wraps it for data parallelism and
-handles gradient accumulation; the loss, optimizer groups, learning-rate schedules, validation
+One trainer for every device: Accelerate places the model and wraps it for data parallelism;
+gradient accumulation is the trainer's own (one graph per step on XLA, see train_step); the loss, optimizer groups, learning-rate schedules, validation
 and checkpoints follow the upstream baseline (nejm-brain-to-text model_training/). The training
 step is written for XLA first: static shapes, no host syncs, no data-dependent Python branches.
 
@@ -15,6 +15,7 @@ save_checkpoint, load_checkpoint, train.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -304,6 +305,11 @@ def train_step(
 ) -> dict[str, Tensor]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches already on the device.
 
+    The micro-batches' losses, each scaled by 1/n, add their gradients up in one traced graph, so
+    on XLA the whole step (n forwards and backwards, clipping, update) is one graph: nothing here
+    calls Accelerate's `accumulate`, which on a TPU cuts the graph (xm.mark_step) when it opens the
+    last micro-batch. Relies on Accelerate 1.x internals (see pyproject.toml): AcceleratedOptimizer
+    steps and zeroes only while gradient_state.sync_gradients is True, which only `accumulate` changes.
     Returns the loss terms (averaged over micro-batches) and the pre-clip gradient norm as device
     tensors; nothing here reads a value back to the host. `step_counter` and `n_skipped` are
     device scalars updated in place. bf16 autocast needs no grad scaler: bf16 has float32's
@@ -317,9 +323,14 @@ def train_step(
     # Trials per day over the whole step, so the optimizer can leave absent days' layers alone.
     n_days = getattr(getattr(optimizer, "optimizer", optimizer), "n_days", 0)
     day_counts = torch.zeros(n_days, device=step_counter.device)
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         day_counts = day_counts + count_days(batch["day_indices"], batch["row_mask"], n_days=n_days)
-        with accelerator.accumulate(model):
+        # Not accelerator.accumulate: on a TPU it calls xm.mark_step() as it opens the step's last
+        # micro-batch, cutting the step into two graphs. Gradients add up in .grad within the one
+        # traced graph; DDP (CPU/CUDA processes) all-reduces them in the last backward only. On XLA
+        # the model is not DDP-wrapped and no_sync is a no-op.
+        is_last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
             features, n_time_steps = augment_batch(
                 batch["input_features"], batch["n_time_steps"], cfg.dataset.data_transforms,
                 training=True, generator=generator, static_shapes=cfg.dataset.static_shapes,
@@ -328,7 +339,9 @@ def train_step(
             total, terms = compute_loss(
                 model=model, batch=batch, cfg=cfg, adversarial_gate=adversarial_gate, use_dense_ctc=use_dense_ctc
             )
-            accelerator.backward(total)  # divides by the accumulation steps
+            # 1/n per micro-batch: the summed gradients are those of the step's mean loss. Not
+            # accelerator.backward, which divides by the Accelerator's own accumulation count.
+            (total / len(micro_batches)).backward()
             finite = finite & torch.isfinite(total)
             for name, value in terms.items():
                 share = 1.0 if name in _COUNT_TERMS else 1.0 / len(micro_batches)  # counts add up, losses average
@@ -786,9 +799,10 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
     # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
     # project_dir: where log_with's local trackers (TensorBoard) write, under the run directory.
     _check_xla_precision_environment()
+    # No gradient_accumulation_steps: train_step accumulates itself, so Accelerate's gradient state
+    # keeps sync_gradients True and its optimizer wrapper steps and zeroes on every call.
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="no", log_with=_check_tracker(cfg.log_with), project_dir=resume_dir or cfg.output_dir,
+        cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=_check_tracker(cfg.log_with), project_dir=resume_dir or cfg.output_dir,
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA

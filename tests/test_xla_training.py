@@ -136,3 +136,39 @@ def test_a_step_with_several_replicas_is_one_graph():
     for syncs, graphs, loss, n_skipped in lines:
         assert (int(syncs), int(graphs)) == (1, 1), lines  # only the step's final sync; no cut at a reduce
         assert math.isfinite(float(loss)) and int(n_skipped) == 0, lines
+
+
+# Accelerate calls xm.mark_step() when its gradient state turns sync_gradients true, but only when
+# `is_torch_xla_available(check_is_tpu=True)` (accelerate/state.py, GradientState._set_sync_gradients),
+# so on this CPU backend the cut never fires. Here Accelerate's own TPU check answers true.
+TPU_SYNC_PATH_CODE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import accelerate.state
+import torch_xla.debug.metrics as met
+
+is_torch_xla_available = accelerate.state.is_torch_xla_available
+accelerate.state.is_torch_xla_available = lambda check_is_tpu=False, **kwargs: True
+import xla_report
+
+# The TPU-only path is live in this process: opening a synced micro-batch cuts the graph.
+before = met.counter_value("MarkStep") or 0
+accelerate.state.GradientState()._set_sync_gradients(True)
+print(json.dumps({{"mark_steps_of_tpu_path": (met.counter_value("MarkStep") or 0) - before}}))
+report = xla_report.main({argv!r})
+"""
+
+
+@requires_xla
+def test_a_step_with_accumulation_is_one_graph_on_accelerates_tpu_path():
+    argv = ["--config", "rnn_args.yaml", "--steps", "3", "--log_every", "3", *TINY_MODEL,
+            "--set", "dataset.sessions=[]", "--set", "dataset.time_buckets=[768]"]
+    lines = [json.loads(line) for line in run_xla_script(TPU_SYNC_PATH_CODE.format(argv=argv)).splitlines()
+             if line.startswith("{")]
+    probe, report = lines[0], lines[-1]
+    assert probe["mark_steps_of_tpu_path"] == 1, probe
+    assert report["gradient_accumulation_steps"] == 2, report
+    # Graphs launched by each train_step (executions: cached + uncached compiles). With
+    # accelerator.accumulate this is 2 per step: the mark_step before the last micro-batch.
+    assert report["graphs_per_step"] == [1] * 3, report
+    assert report["aten_fallbacks"] == {} and report["local_scalar_dense"] == 0, report
