@@ -42,7 +42,9 @@ torch.save({{"state": state, "step": result["step"]}}, os.path.join(sys.argv[2],
 
 def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Path):
     values = tiny_config_dict(str(data_dir), str(tmp_path / "run"))
-    values.update(num_training_batches=2, batches_per_train_log=1, batches_per_val_step=2)
+    # Two micro-batches per step: DDP must skip its all-reduce in the first backward only.
+    values.update(num_training_batches=2, batches_per_train_log=1, batches_per_val_step=2,
+                  gradient_accumulation_steps=2)
     values["model"]["rnn_dropout"] = 0.1  # replicas draw different dropout masks; weights must still agree
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(values))
