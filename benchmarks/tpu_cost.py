@@ -10,21 +10,21 @@ HloCostAnalysis (jaxlib's binding of the same XLA library, `hlo_module_cost_anal
 counts a while loop's body once: every loop (the GRU recurrences forward and backward, the dense
 CTC) is costed again on its own and multiplied by its trip count, read from the loop condition.
 
-A step's cost is linear in trials and trial-frames (output frames of 80 ms, (T - 14) // 4 + 1
-per trial): FLOPs = fixed (optimizer update, clipping) + trials x (per_trial + per_frame x frames),
-per_trial holding what scales with bins or labels rather than frames (the day layers' 10 bins
-beyond the last patch, label set-up). The three terms are fitted from graphs at three small
-(batch, length) points and checked at a fourth, so the figure per trial-frame does not depend on
-the sizes traced. Combined with the real dataset's trial lengths
-(REAL_TRIAL_BINS: mean, median, max) padded to the config's time buckets, it gives FLOPs per
-step (trials_per_step trials, each padded to the bucket of the mean trial: a lower limit, since
-a batch pads to its longest trial) and per run. Hours are the compute-bound lower limit at the
-accelerators' peak bf16 rate (the recurrences are latency-bound in practice: real runs are
-slower); prices are list prices per chip-hour that must be checked before use.
+The step is traced at the real padded lengths (each trial padded to the time bucket of the
+mean real trial, and of the longest), where its cost is linear in the number of trials:
+FLOPs = fixed (optimizer update, clipping) + per_trial x trials, fitted at two batch sizes and
+checked at a third; per_trial / frames (output frames of 80 ms, (T - 14) // 4 + 1) is the cost
+per trial-frame, and its value at the two lengths shows it does not depend on the length.
+FLOPs per step are for trials_per_step trials each padded to the bucket of the mean real trial
+(REAL_TRIAL_BINS; a lower limit, since a batch pads to its longest trial), FLOPs per run for
+the config's steps. Hours are the compute-bound lower limit at the accelerators' peak bf16 rate
+(the recurrences are latency-bound in practice: real runs are slower); prices are list prices
+per chip-hour that must be checked before use. Full widths cost nothing to trace: the weights
+stay lazy, and no graph is compiled or run (about 1.5 GB of host memory, a few minutes).
 
-Prints one JSON line ({model: {flops_per_trial_frame, flops_per_step, flops_per_run, ...}},
-"check": the 6-FLOPs-per-GRU-weight comparison) and a table. `step_cost` is the core that
-tests/test_tpu_cost.py runs on a tiny config.
+Prints one JSON line ({model: {flops_per_trial_frame, flops_per_step, flops_per_run, ...,
+ratio_to_six_flops_per_gru_weight}}) and a table with the 6-FLOPs-per-GRU-weight check.
+`model_cost` is the core that tests/test_tpu_cost.py runs on a tiny config.
 """
 
 import os
@@ -41,7 +41,6 @@ import json  # noqa: E402
 import re  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from config import Config, load_config  # noqa: E402
@@ -50,9 +49,9 @@ from config import Config, load_config  # noqa: E402
 REAL_TRIAL_BINS = {"mean": 875, "median": 836, "max": 2475}
 N_DAYS = 45
 LABEL_LENGTH = 96  # padded phoneme labels (longest real sentence ~80 phonemes, rounded up to 16); CTC only
-# (batch per micro-batch, bins per trial) of the traced graphs: three to fit, one to check.
-FIT_POINTS = ((2, 64), (4, 96), (2, 128))
-CHECK_POINT = (3, 160)
+# Trials per micro-batch of the traced graphs: two to fit, one to check the line.
+BATCH_SIZES = (1, 2)
+CHECK_BATCH_SIZE = 3
 
 # Google's published Cloud TPU specs, per chip (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
 # peak bf16 FLOP/s and HBM bandwidth in bytes/s; chips per "-8" slice.
@@ -309,38 +308,51 @@ def padded_bins(n_bins: int, time_buckets: list[int]) -> int:
 
 
 def model_cost(cfg: Config, *, n_steps: int, trials_per_step: int,
-               fit_points=FIT_POINTS, check_point=CHECK_POINT) -> dict[str, Any]:
-    """FLOPs per trial-frame (fitted), per step and per run for the config, with the fit's check."""
-    costs = [step_cost(cfg, batch_size=b, n_bins=t) for b, t in fit_points]
-    # flops = fixed + per_trial * trials + per_frame * trial_frames, solved exactly at the 3 points.
-    design = np.array([[1.0, c["n_trials"], c["n_trial_frames"]] for c in costs])
-    fixed, per_trial, per_frame = np.linalg.solve(design, np.array([c["flops"] for c in costs]))
-    _, bytes_per_trial, bytes_per_frame = np.linalg.solve(design, np.array([c["bytes accessed"] for c in costs]))
-    check = step_cost(cfg, batch_size=check_point[0], n_bins=check_point[1])
-    predicted = fixed + per_trial * check["n_trials"] + per_frame * check["n_trial_frames"]
+               batch_sizes: tuple[int, int] = BATCH_SIZES, check_batch_size: int = CHECK_BATCH_SIZE) -> dict[str, Any]:
+    """FLOPs per trial-frame, per step and per run for the config, at the real padded lengths.
+
+    At each padded length (the buckets of the mean and of the longest real trial), the step is
+    traced at two batch sizes: FLOPs = fixed (optimizer update, clipping) + per_trial x trials.
+    A third batch size checks the line; the per-trial-frame figures of the two lengths show it
+    does not depend on the length.
+    """
     m = cfg.model
-    frames = {name: rnn_model_frames(padded_bins(n, cfg.dataset.time_buckets), m) for name, n in REAL_TRIAL_BINS.items()}
+    by_length = {}
+    for name in ("mean", "max"):
+        n_bins = padded_bins(REAL_TRIAL_BINS[name], cfg.dataset.time_buckets)
+        small, large = (step_cost(cfg, batch_size=b, n_bins=n_bins) for b in batch_sizes)
+        per_trial = (large["flops"] - small["flops"]) / (large["n_trials"] - small["n_trials"])
+        bytes_per_trial = (large["bytes accessed"] - small["bytes accessed"]) / (large["n_trials"] - small["n_trials"])
+        n_frames = rnn_model_frames(n_bins, m)
+        by_length[name] = {"n_bins": n_bins, "n_frames": n_frames, "per_trial": per_trial,
+                           "fixed": small["flops"] - per_trial * small["n_trials"],
+                           "bytes_per_trial": bytes_per_trial, "small": small}
+    mean = by_length["mean"]
+    check = step_cost(cfg, batch_size=check_batch_size, n_bins=mean["n_bins"])
+    predicted = mean["fixed"] + mean["per_trial"] * check["n_trials"]
+    per_frame = mean["per_trial"] / mean["n_frames"]
+    per_frame_longest = by_length["max"]["per_trial"] / by_length["max"]["n_frames"]
     frames_unpadded = rnn_model_frames(REAL_TRIAL_BINS["mean"], m)
-
-    def per_step(n_frames: int) -> float:
-        return float(fixed + trials_per_step * (per_trial + per_frame * n_frames))
-
+    per_step = mean["fixed"] + trials_per_step * mean["per_trial"]
+    n_gru_weights = mean["small"]["n_gru_weights"]
     return {
-        "flops_per_trial_frame": float(per_frame),
-        "flops_per_step": per_step(frames["mean"]),
-        "flops_per_run": per_step(frames["mean"]) * n_steps,
-        "flops_fixed_per_step": float(fixed),
-        "flops_per_trial": float(per_trial),
-        "bytes_accessed_per_trial_frame": float(bytes_per_frame),
-        "frames_per_trial": {"mean_padded": frames["mean"], "median_padded": frames["median"],
-                             "max_padded": frames["max"], "mean_unpadded": frames_unpadded},
-        "flops_per_step_all_longest_bucket": per_step(frames["max"]),
-        "flops_per_step_unpadded_mean": per_step(frames_unpadded),
-        "n_gru_weights": costs[0]["n_gru_weights"],
-        "six_flops_per_gru_weight": 6 * costs[0]["n_gru_weights"],
-        "ratio_to_six_flops_per_gru_weight": float(per_frame / (6 * costs[0]["n_gru_weights"])),
-        "fit_check_relative_error": float(abs(check["flops"] - predicted) / check["flops"]),
-        "loop_trip_counts": costs[0]["loop_trip_counts"],
+        "flops_per_trial_frame": per_frame,
+        "flops_per_step": per_step,
+        "flops_per_run": per_step * n_steps,
+        "flops_fixed_per_step": mean["fixed"],
+        "bytes_accessed_per_trial_frame": mean["bytes_per_trial"] / mean["n_frames"],
+        "padded_bins": {"mean": mean["n_bins"], "max": by_length["max"]["n_bins"]},
+        "frames_per_trial": {"mean_padded": mean["n_frames"], "max_padded": by_length["max"]["n_frames"],
+                             "mean_unpadded": frames_unpadded},
+        "flops_per_trial_frame_longest_bucket": per_frame_longest,
+        "flops_per_step_all_longest_bucket": by_length["max"]["fixed"] + trials_per_step * by_length["max"]["per_trial"],
+        "flops_per_step_unpadded_mean": mean["fixed"] + trials_per_step * per_frame * frames_unpadded,
+        "n_gru_weights": n_gru_weights,
+        "six_flops_per_gru_weight": 6 * n_gru_weights,
+        "ratio_to_six_flops_per_gru_weight": per_frame / (6 * n_gru_weights),
+        "batch_fit_check_relative_error": abs(check["flops"] - predicted) / check["flops"],
+        "length_relative_difference": abs(per_frame_longest - per_frame) / per_frame,
+        "loop_trip_counts": sorted(set(mean["small"]["loop_trip_counts"])),
     }
 
 
@@ -383,9 +395,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, r in report.items():
         print(f"\n{name}: {r['flops_per_trial_frame'] / 1e9:.3f} GFLOP/trial-frame, "
               f"{r['flops_per_step'] / 1e12:.1f} TFLOP/step, {r['flops_per_run'] / 1e18:.2f} EFLOP/run "
-              f"({r['frames_per_trial']['mean_padded']} frames/trial; fixed {r['flops_fixed_per_step'] / 1e9:.2f} "
-              f"GFLOP/step, {r['flops_per_trial'] / 1e9:.3f} GFLOP/trial; fit check error "
-              f"{100 * r['fit_check_relative_error']:.2f}%)")
+              f"({r['frames_per_trial']['mean_padded']} frames/trial at {r['padded_bins']['mean']} bins; fixed "
+              f"{r['flops_fixed_per_step'] / 1e9:.2f} GFLOP/step; batch-fit check error "
+              f"{100 * r['batch_fit_check_relative_error']:.2f}%; at {r['padded_bins']['max']} bins "
+              f"{r['flops_per_trial_frame_longest_bucket'] / 1e9:.3f} GFLOP/trial-frame, "
+              f"{100 * r['length_relative_difference']:.2f}% apart; every trial at {r['padded_bins']['max']} bins: "
+              f"{r['flops_per_step_all_longest_bucket'] / 1e12:.1f} TFLOP/step)")
         print(f"  check: {r['flops_per_trial_frame'] / 1e9:.3f} GFLOP/frame vs 6 x {r['n_gru_weights']:,} GRU weights = "
               f"{r['six_flops_per_gru_weight'] / 1e9:.3f} GFLOP: ratio {r['ratio_to_six_flops_per_gru_weight']:.3f} "
               f"({'within' if abs(r['ratio_to_six_flops_per_gru_weight'] - 1) <= 0.25 else 'OUTSIDE'} 25%)")
