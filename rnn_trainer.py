@@ -1,9 +1,10 @@
 """Train the CTC phoneme decoders on CPU, CUDA or TPU through HuggingFace Accelerate.
 
 One trainer for every device: Accelerate places the model and wraps it for data parallelism;
-gradient accumulation is the trainer's own (one graph per step on XLA, see train_step); the loss, optimizer groups, learning-rate schedules, validation
-and checkpoints follow the upstream baseline (nejm-brain-to-text model_training/). The training
-step is written for XLA first: static shapes, no host syncs, no data-dependent Python branches.
+gradient accumulation is the trainer's own (one graph per step on XLA, see train_step); the
+loss, optimizer groups, learning-rate schedules, validation and checkpoints follow the upstream
+baseline (nejm-brain-to-text model_training/). The training step is written for XLA first:
+static shapes, no host syncs, no data-dependent Python branches.
 
 Run through the command-line entry point:
 
@@ -309,7 +310,8 @@ def train_step(
     on XLA the whole step (n forwards and backwards, clipping, update) is one graph: nothing here
     calls Accelerate's `accumulate`, which on a TPU cuts the graph (xm.mark_step) when it opens the
     last micro-batch. Relies on Accelerate 1.x internals (see pyproject.toml): AcceleratedOptimizer
-    steps and zeroes only while gradient_state.sync_gradients is True, which only `accumulate` changes.
+    steps and zeroes only while gradient_state.sync_gradients is True, which only `accumulate`
+    changes.
     Returns the loss terms (averaged over micro-batches) and the pre-clip gradient norm as device
     tensors; nothing here reads a value back to the host. `step_counter` and `n_skipped` are
     device scalars updated in place. bf16 autocast needs no grad scaler: bf16 has float32's
@@ -802,7 +804,8 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
     # No gradient_accumulation_steps: train_step accumulates itself, so Accelerate's gradient state
     # keeps sync_gradients True and its optimizer wrapper steps and zeroes on every call.
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=_check_tracker(cfg.log_with), project_dir=resume_dir or cfg.output_dir,
+        cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=_check_tracker(cfg.log_with),
+        project_dir=resume_dir or cfg.output_dir,
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA

@@ -261,7 +261,8 @@ def step_cost(cfg: Config, *, batch_size: int, n_bins: int, n_days: int = N_DAYS
     with torch.device("meta"):  # no host copy of the weights; to_empty leaves lazy device tensors
         model = rnn_model.build_model(cfg.model, n_days=n_days)
     model = model.to_empty(device=device)
-    n_gru_weights = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.modules.rnn.RNNBase) for p in m.parameters())
+    grus = [m for m in model.modules() if isinstance(m, torch.nn.modules.rnn.RNNBase)]
+    n_gru_weights = sum(p.numel() for m in grus for p in m.parameters())
     accelerator = Accelerator(mixed_precision="no")
     optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
@@ -293,7 +294,8 @@ def step_cost(cfg: Config, *, batch_size: int, n_bins: int, n_days: int = N_DAYS
     inner = getattr(optimizer, "optimizer", optimizer)
     # What the step's sync would materialise: weights, optimizer state, counters, logged terms.
     outputs = [p for p in model.parameters()]
-    outputs += [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v) and v.device == device]
+    outputs += [v for state in inner.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.device == device]
     outputs += [step_counter, n_skipped, *terms.values()]
     proto = torch_xla._XLAC._get_xla_tensors_hlo_proto(outputs)
     cost = hlo_cost(proto)
@@ -345,7 +347,8 @@ def model_cost(cfg: Config, *, n_steps: int, trials_per_step: int,
         "frames_per_trial": {"mean_padded": mean["n_frames"], "max_padded": by_length["max"]["n_frames"],
                              "mean_unpadded": frames_unpadded},
         "flops_per_trial_frame_longest_bucket": per_frame_longest,
-        "flops_per_step_all_longest_bucket": by_length["max"]["fixed"] + trials_per_step * by_length["max"]["per_trial"],
+        "flops_per_step_all_longest_bucket": (by_length["max"]["fixed"]
+                                              + trials_per_step * by_length["max"]["per_trial"]),
         "flops_per_step_unpadded_mean": mean["fixed"] + trials_per_step * per_frame * frames_unpadded,
         "n_gru_weights": n_gru_weights,
         "six_flops_per_gru_weight": 6 * n_gru_weights,
@@ -401,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['flops_per_trial_frame_longest_bucket'] / 1e9:.3f} GFLOP/trial-frame, "
               f"{100 * r['length_relative_difference']:.2f}% apart; every trial at {r['padded_bins']['max']} bins: "
               f"{r['flops_per_step_all_longest_bucket'] / 1e12:.1f} TFLOP/step)")
-        print(f"  check: {r['flops_per_trial_frame'] / 1e9:.3f} GFLOP/frame vs 6 x {r['n_gru_weights']:,} GRU weights = "
+        print(f"  check: {r['flops_per_trial_frame'] / 1e9:.3f} GFLOP/frame vs 6 x {r['n_gru_weights']:,} "
+              f"GRU weights = "
               f"{r['six_flops_per_gru_weight'] / 1e9:.3f} GFLOP: ratio {r['ratio_to_six_flops_per_gru_weight']:.3f} "
               f"({'within' if abs(r['ratio_to_six_flops_per_gru_weight'] - 1) <= 0.25 else 'OUTSIDE'} 25%)")
         print(f"  {'accelerator':<10} {'hours':>10} {'USD on demand':>14}")
