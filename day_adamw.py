@@ -34,6 +34,7 @@ parameter and day.
 Used by rnn_trainer.build_optimizer; tested by `python -m pytest tests/test_day_adamw.py -q`.
 """
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -132,9 +133,11 @@ class DayAdamW(torch.optim.Optimizer):
         torch._foreach_add_(steps, [mask] * n)
         # A day never present yet has step 0; its bias corrections stay finite (its update is 0).
         counts = torch._foreach_clamp_min(steps, 1.0)
-        minus_bias_correction1 = torch._foreach_sub(torch._foreach_pow(beta1, counts), 1.0)  # beta1^t - 1
+        # 1 - beta^t as -expm1(t * log(beta)), the log in float64: 1 - pow(float32(0.999), t) would
+        # lose four digits to cancellation at small t (1.3e-5 relative at t = 1), torch's float64 none.
+        minus_bias_correction1 = torch._foreach_expm1(torch._foreach_mul(counts, math.log(beta1)))  # beta1^t - 1
         step_size = torch._foreach_div([minus_lr] * n, minus_bias_correction1)  # lr / (1 - beta1^t)
-        bias_correction2 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(beta2, counts)), 1.0)
+        bias_correction2 = torch._foreach_neg(torch._foreach_expm1(torch._foreach_mul(counts, math.log(beta2))))
         bias_correction2_sqrt = torch._foreach_sqrt(bias_correction2)  # sqrt(1 - beta2^t)
 
         # torch's _single_tensor_adamw, op for op: decay, moments, bias-corrected step.
