@@ -2,15 +2,17 @@
 
     PJRT_DEVICE=CPU python benchmarks/optimizer_ops.py [--config rnn_args.yaml] [--n_days 45]
         [--widths 4 8] [--set key=value ...]
+    python benchmarks/optimizer_ops.py --config rnn_args_demo.yaml --widths 0   # CPU step time at the config's widths
 
 ops: builds the config's model (the shipped triple: the same modules, layers and day layers) at
-small widths, `--n_days` days, with its optimizer (rnn_trainer.build_optimizer) on the XLA device
-when torch_xla is installed (the path a TPU runs; PJRT_DEVICE=CPU runs it here), else on the CPU.
-Every parameter gets a gradient, a step creates the optimizer state, and a TorchDispatchMode then
-counts the aten ops that one rnn_trainer._masked_optimizer_step dispatches (4 days present, as
-days_per_batch draws). The count does not depend on the widths; two widths show it. trace_ms is
-the host time of that call (on XLA: tracing only, the graph runs at the sync after it), the
-median of 5 steps.
+small widths (0: the config's own), `--n_days` days, with its optimizer
+(rnn_trainer.build_optimizer) on the XLA device when torch_xla is installed and PJRT_DEVICE is
+set (the path a TPU runs; PJRT_DEVICE=CPU runs it here), else on the CPU. Every parameter gets a
+gradient, a step creates the optimizer state, and a TorchDispatchMode then counts the aten ops
+that one rnn_trainer._masked_optimizer_step dispatches (4 days present, as days_per_batch
+draws). The count does not depend on the widths; two widths show it. step_ms is the host time of
+that call, the median of 5 steps: on XLA tracing only (the graph runs at the sync after it), on
+the CPU the whole update.
 
 scalars: for the k-th optimizer step, k = 1 .. num_training_batches, with the config's betas,
 schedules (rnn_trainer._lr_factor: the k-th step uses the schedule's lr at k - 1) and weight
@@ -22,7 +24,7 @@ XLA path) hands kernels lr / (1 - beta1^t), sqrt(1 - beta2^t) and 1 - lr * wd so
 parameter's step count (k for shared weights, at most k for a day layer). Prints, per scalar,
 the [first, last] step of every run where it is 0 or 1.
 
-Prints ONE JSON line: {"device", "n_days", "ops": {width: {"n_ops", "trace_ms", "by_op"}},
+Prints ONE JSON line: {"device", "n_days", "ops": {width: {"n_ops", "step_ms", "by_op"}},
 "scalars_0_or_1": {scalar: [[first, last], ...]}}.
 """
 
@@ -81,10 +83,11 @@ def _sync(device: torch.device) -> None:
 def count_step_ops(cfg: Any, *, n_days: int, width: int, device: torch.device) -> dict[str, Any]:
     """Aten ops and host ms of one masked optimizer step of cfg's model at a small width."""
     cfg = copy.deepcopy(cfg)
-    cfg.model.n_input_features = width
-    cfg.model.n_units = 2 * width
-    if cfg.model.noise_hidden_size:
-        cfg.model.noise_hidden_size = 2 * width
+    if width:  # 0: the config's own widths
+        cfg.model.n_input_features = width
+        cfg.model.n_units = 2 * width
+        if cfg.model.noise_hidden_size:
+            cfg.model.noise_hidden_size = 2 * width
     torch.manual_seed(0)
     model = rnn_model.build_model(cfg.model, n_days=n_days).to(device)
     optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
@@ -111,7 +114,7 @@ def count_step_ops(cfg: Any, *, n_days: int, width: int, device: torch.device) -
             counts = counter.counts  # the first step after the one that created the state
         if step >= 2:
             times.append(1000 * elapsed)
-    return {"n_ops": sum(counts.values()), "trace_ms": round(statistics.median(times), 2),
+    return {"n_ops": sum(counts.values()), "step_ms": round(statistics.median(times), 2),
             "by_op": dict(counts.most_common())}
 
 
