@@ -129,7 +129,7 @@ class DayAdamW(torch.optim.Optimizer):
         beta2_or_one = torch.where(update, beta2, 1.0)
         minus_lr = -lr * mask
 
-        # In-place ops on the state only: on XLA each in-place op adds one more traced op per tensor.
+        # Small temporaries out of place: on XLA each in-place op adds one more traced op per tensor.
         torch._foreach_add_(steps, [mask] * n)
         # A day never present yet has step 0; its bias corrections stay finite (its update is 0).
         counts = torch._foreach_clamp_min(steps, 1.0)
@@ -145,9 +145,14 @@ class DayAdamW(torch.optim.Optimizer):
         torch._foreach_lerp_(exp_avgs, grads, [moment_weight] * n)
         torch._foreach_mul_(exp_avg_sqs, [beta2_or_one] * n)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias_correction2_sqrt), group["eps"])
+        # Two parameter-sized temporaries, updated in place: on the CPU each new one costs more
+        # (fresh pages) than the arithmetic; on XLA the in-place ops trace a few ops more.
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
         # addcdiv(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom: same order.
-        step = torch._foreach_div(torch._foreach_mul(exp_avgs, step_size), denom)
+        step = torch._foreach_mul(exp_avgs, step_size)
+        torch._foreach_div_(step, denom)
         torch._foreach_sub_(params, step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
