@@ -207,14 +207,28 @@ def _masked_optimizer_step(
     day layers of absent days are left untouched too.
 
     DayAdamW folds both flags into its update's own scalars (day_adamw.py): the same few tensor
-    ops per parameter group whatever they say, one graph on XLA.
+    ops per parameter group whatever they say, one graph on XLA. Any other optimizer steps on
+    gradients zeroed when not finite, and its weights and tensor state are then selected with
+    torch.where against copies (days_present does not apply).
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
-    if not isinstance(inner, DayAdamW):
-        raise TypeError(f"the masked step needs a DayAdamW (build_optimizer), got {type(inner).__name__}")
-    inner.finite = finite
-    inner.days_present = days_present
+    if isinstance(inner, DayAdamW):
+        inner.finite = finite
+        inner.days_present = days_present
+        optimizer.step()
+        return
+    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    for p in params:
+        p.grad.masked_fill_(~finite, 0.0)
+    old = {p: [p.detach().clone()] for p in params}
+    states = {p: {k: v for k, v in inner.state[p].items() if torch.is_tensor(v)} for p in params if p in inner.state}
+    old_states = {p: {k: v.clone() for k, v in state.items()} for p, state in states.items()}
     optimizer.step()
+    for p in params:
+        p.copy_(torch.where(finite, p, old[p][0]))
+    for p, state in old_states.items():
+        for key, value in state.items():
+            inner.state[p][key].copy_(torch.where(finite, inner.state[p][key], value))
 
 
 def _sum_over_replicas(values: Tensor, *, accelerator: Accelerator) -> Tensor:
