@@ -1,54 +1,77 @@
-"""AdamW that leaves the day-specific input layers of days absent from a step untouched.
+"""AdamW in a few tensor ops per parameter group, every changing scalar on the device, that
+leaves the day layers of days absent from a step untouched.
 
 Upstream (nejm-brain-to-text) builds a batch's day weights with
 `torch.stack([self.day_weights[i] for i in day_idx])`: a day absent from the batch is not in the
 graph, its parameters get no gradient (None), and AdamW skips them, with no momentum step, no
-weight decay and no step count. Here the day layers are stacked whole and picked with
-`index_select`, so one graph serves every day set on XLA; an absent day then gets a zero
-gradient, and plain AdamW would go on moving it on momentum and decaying it.
+weight decay and no step count. Here each day layer is one stacked parameter, (n_days, D, D) and
+(n_days, 1, D), whose rows are picked with `index_select`, so one graph serves every day set on
+XLA; an absent day then gets a zero gradient, and plain AdamW would go on moving it on momentum
+and decaying it.
 
-`DayAdamW` restores upstream's update without dynamic shapes. The trainer sets `days_present`,
-an (n_days,) bool tensor on the device (days seen anywhere in the step: every micro-batch and
-every replica), before `step()`. Parameters of the day group are updated by AdamW's formulas with
-a step count of their own, and the new weight, moments and step count are kept only where their
-day is present (`torch.where`), so the graph is the same whichever days a step saw. Every other
-group goes through torch's AdamW unchanged (fused on CPU and CUDA).
+`DayAdamW` restores upstream's update without dynamic shapes. In a group with `per_day=True`
+every parameter's first dimension is the day, and its step count holds one entry per day. The
+trainer sets `days_present`, an (n_days,) bool tensor on the device (days seen anywhere in the
+step: every micro-batch and every replica), and `finite`, a 0-dim bool (the step's loss and
+gradients are finite), before `step()`. What a step leaves unchanged (every parameter when not
+finite, an absent day's rows) is masked inside AdamW's own scalars: a decay factor of 1, a moment
+weight of 0, a step size of 0, a step-count increment of 0, with its gradient zeroed first. Weights,
+moments and step counts of those entries stay bit-unchanged, and the graph is the same for any
+day set and either flag.
 
-For a present day the update is torch.optim.AdamW's on a parameter that got gradients only on the
-steps where its day was present; the bias corrections are computed on the device in float32 (as
-torch's capturable AdamW does) instead of in float64 on the host, so the two agree to float32
-rounding. An absent day's weights and optimizer state are left bit-unchanged.
+Why not torch.optim.AdamW: it hands the bias corrections, the step size and the decay factor
+to the kernels as Python floats, and torch_xla turns a Python scalar that is 0 or 1 into a graph
+constant and any other into data. Over a run they do hit 0 or 1 in float32 (lr 0 at the first
+step, 1 - lr * wd early in the warm-up, sqrt(1 - beta2^t) from t = 16,628 with beta2 = 0.999),
+and each time every bucket's graph compiles again. Here the step counts live on the device, the
+bias corrections are computed from them in the graph, and each step's lr and 1 - lr * wd of every
+group arrive as one transferred (n_groups, 2) tensor: data whatever their values. The update is
+torch's AdamW (single-tensor formulas, same operation order): moments equal to the bit, weights
+to float32 rounding (torch computes the bias corrections in float64 on the host). It runs as
+`torch._foreach_*` ops over a group, a few dozen traced ops per step instead of several per
+parameter and day.
 
 Used by rnn_trainer.build_optimizer; tested by `python -m pytest tests/test_day_adamw.py -q`.
 """
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+# Keys of torch.optim.AdamW's groups (and of this optimizer's before its groups were per_day)
+# that mean nothing here; dropped when an older checkpoint's state is loaded.
+_FOREIGN_GROUP_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                       "decoupled_weight_decay", "day_indices")
 
-class DayAdamW(torch.optim.AdamW):
-    """torch.optim.AdamW whose groups holding `day_indices` (one day index per parameter) update
-    only the parameters of the days in `days_present`.
 
-    `days_present` applies to the next `step()` only; without it every day counts as present.
+class DayAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, no amsgrad) whose `per_day` groups update only the days in
+    `days_present`, and which leaves everything untouched when `finite` is False.
+
+    `days_present` and `finite` apply to the next `step()` only; unset, every day counts as
+    present and the step as finite. All parameters must live on one device.
     """
 
-    def __init__(self, params: Iterable[Any], *, n_days: int, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        if kwargs.get("amsgrad") or kwargs.get("maximize"):
-            raise ValueError("DayAdamW supports neither amsgrad nor maximize")
-        self.n_days = n_days
-        for group in self._day_groups():
-            days = group["day_indices"]
-            if len(days) != len(group["params"]) or not all(0 <= d < n_days for d in days):
-                raise ValueError(f"day_indices must give one day in [0, {n_days}) per parameter, got {days}")
+    def __init__(
+        self, params: Iterable[Any], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 1e-2, per_day: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, per_day=per_day)
+        super().__init__(params, defaults)
+        day_params = [p for group in self.param_groups if group["per_day"] for p in group["params"]]
+        layouts = {(p.shape[0], p.dim()) for p in day_params}
+        if len(layouts) > 1 or any(dim < 1 for _, dim in layouts):
+            raise ValueError(f"per_day parameters must share their day count (first dim) and rank, got {layouts}")
+        self.n_days, self._day_rank = next(iter(layouts), (0, 1))
         self.days_present: Tensor | None = None
+        self.finite: Tensor | None = None
 
-    def _day_groups(self) -> list[dict[str, Any]]:
-        return [group for group in self.param_groups if group.get("day_indices") is not None]
+    def _step_shape(self, group: dict[str, Any]) -> tuple[int, ...]:
+        """Shape of a parameter's step count: one per day, broadcasting against (n_days, ...)."""
+        return (self.n_days,) + (1,) * (self._day_rank - 1) if group["per_day"] else ()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -56,80 +79,150 @@ class DayAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        day_groups = self._day_groups()
-        # Hidden from torch's AdamW, which skips a parameter whose gradient is None.
-        day_grads = [(p, p.grad) for group in day_groups for p in group["params"]]
-        for p, _ in day_grads:
-            p.grad = None
-        try:
-            super().step()
-        finally:
-            for p, grad in day_grads:
-                p.grad = grad
-        present, self.days_present = self.days_present, None
-        for group in day_groups:
-            self._step_day_group(group, present)
-        return loss
-
-    def _step_day_group(self, group: dict[str, Any], present: Tensor | None) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        device = params[0].device
-        if present is None:
-            present = torch.ones(self.n_days, dtype=torch.bool, device=device)
-        beta1, beta2 = group["betas"]
-        # lr and the decay factor 1 - lr * wd go in as one transferred tensor, shape (2,): as
-        # Python floats torch_xla would bake them into the graph while they are 0 or 1 (the
-        # warm-up starts at lr 0) and compile again once they are not.
-        hyper = torch.tensor([group["lr"], 1.0 - group["lr"] * group["weight_decay"]], dtype=torch.float32)
+        present, finite = self.days_present, self.finite
+        self.days_present = self.finite = None
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        groups = [(group, params) for group, params in groups if params]
+        if not groups:
+            return loss
+        device = groups[0][1][0].device
+        # lr and 1 - lr * wd of every group, computed in float64 as torch's AdamW does and sent as
+        # one (n_groups, 2) tensor: torch_xla keeps a transferred tensor of rank > 0 as data, so no
+        # value (0 at the first step, 1.0 while lr * wd is tiny) becomes a graph constant.
+        hyper = torch.tensor([[g["lr"], 1.0 - g["lr"] * g["weight_decay"]] for g, _ in groups], dtype=torch.float32)
         if device.type == "cuda":
             hyper = hyper.pin_memory()  # copied asynchronously: the step does not wait for the GPU
         hyper = hyper.to(device, non_blocking=True)
-        lr, decay = hyper[0], hyper[1]
-        for p, day in zip(group["params"], group["day_indices"]):
-            if p.grad is None:
-                continue
-            state = self.state[p]
+        if finite is None:
+            finite = torch.ones((), dtype=torch.bool, device=device)
+        for i, (group, params) in enumerate(groups):
+            keep = finite
+            if group["per_day"]:
+                days = present if present is not None else torch.ones(self.n_days, dtype=torch.bool, device=device)
+                keep = (days & finite).view(self._step_shape(group))  # (n_days,) -> (n_days, 1, ..., 1)
+            self._update_group(group, params, lr=hyper[i, 0], decay=hyper[i, 1], update=keep)
+        return loss
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], *, lr: Tensor, decay: Tensor,
+                      update: Tensor) -> None:
+        """AdamW's step over one group where `update` (bool, broadcasting against each parameter:
+        0-dim, or one entry per day) is True; elsewhere weights, moments and step counts stay."""
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = torch.zeros(self._step_shape(group), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            grad, step_old = p.grad, state["step"]
-            # AdamW's update, as torch's single-tensor path: decay, moments, bias-corrected step.
-            step = step_old + 1
-            exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1**step)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(group["eps"])
-            new_p = (p * decay).sub_(exp_avg / denom * step_size)
-            keep = present[day]  # 0-dim bool on the device: no host read, one graph for any day set
-            p.copy_(torch.where(keep, new_p, p))
-            state["exp_avg"].copy_(torch.where(keep, exp_avg, state["exp_avg"]))
-            state["exp_avg_sq"].copy_(torch.where(keep, exp_avg_sq, state["exp_avg_sq"]))
-            step_old.copy_(torch.where(keep, step, step_old))
+        # Gradients of what stays unchanged are zeroed in place: a NaN would survive any masking by
+        # multiplication, and a zero adds no second-moment term.
+        drop = ~update
+        grads = [p.grad.masked_fill_(drop, 0.0) for p in params]
+        steps = [state["step"] for state in states]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        n = len(params)
+        # AdamW's scalars where updating, the identity elsewhere: small tensors, one set per group.
+        mask = update.to(torch.float32)
+        decay = torch.where(update, decay, 1.0)
+        moment_weight = mask * (1 - beta1)
+        beta2_or_one = torch.where(update, beta2, 1.0)
+        minus_lr = -lr * mask
+
+        # Small temporaries out of place: on XLA each in-place op adds one more traced op per tensor.
+        torch._foreach_add_(steps, [mask] * n)
+        # A day never present yet has step 0; its bias corrections stay finite (its update is 0).
+        counts = torch._foreach_clamp_min(steps, 1.0)
+        # 1 - beta^t as -expm1(t * log(beta)), the log in float64: 1 - pow(float32(0.999), t) would
+        # lose four digits to cancellation at small t (1.3e-5 relative at t = 1), torch's float64 none.
+        minus_bias_correction1 = torch._foreach_expm1(torch._foreach_mul(counts, math.log(beta1)))  # beta1^t - 1
+        step_size = torch._foreach_div([minus_lr] * n, minus_bias_correction1)  # lr / (1 - beta1^t)
+        bias_correction2 = torch._foreach_neg(torch._foreach_expm1(torch._foreach_mul(counts, math.log(beta2))))
+        bias_correction2_sqrt = torch._foreach_sqrt(bias_correction2)  # sqrt(1 - beta2^t)
+
+        # torch's _single_tensor_adamw, op for op: decay, moments, bias-corrected step.
+        torch._foreach_mul_(params, [decay] * n)
+        torch._foreach_lerp_(exp_avgs, grads, [moment_weight] * n)
+        torch._foreach_mul_(exp_avg_sqs, [beta2_or_one] * n)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        # Two parameter-sized temporaries, updated in place: on the CPU each new one costs more
+        # (fresh pages) than the arithmetic; on XLA the in-place ops trace a few ops more.
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        # addcdiv(exp_avg, denom, value=-step_size) computes (value * exp_avg) / denom: same order.
+        step = torch._foreach_mul(exp_avgs, step_size)
+        torch._foreach_div_(step, denom)
+        torch._foreach_sub_(params, step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load, keeping this optimizer's day_indices (a checkpoint written by plain AdamW
-        has none) and the day step counts on the parameters' device, where `step` reads them."""
-        day_indices = [group.get("day_indices") for group in self.param_groups]
+        """torch's load, after converting a checkpoint written while the day layers were one
+        parameter per day (by this optimizer or by plain AdamW): each day group's per-day moments
+        and step counts are stacked day first. Step counts go to the parameters' device."""
+        per_day = [group["per_day"] for group in self.param_groups]
+        state_dict = _stack_per_day_state(self, state_dict)
         super().load_state_dict(state_dict)
-        for group, days in zip(self.param_groups, day_indices):
-            if days is None:
-                continue
-            group["day_indices"] = days
+        for group, is_per_day in zip(self.param_groups, per_day):
+            for key in _FOREIGN_GROUP_KEYS:
+                group.pop(key, None)
+            group["per_day"] = is_per_day  # the layout is this optimizer's, whatever the file says
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "step" in state:
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+                    step = state["step"].to(device=p.device, dtype=torch.float32)
+                    state["step"] = step.reshape(self._step_shape(group)) if is_per_day else step
 
 
-def day_index_of(name: str) -> int | None:
-    """Day of a day-layer parameter from its name (`...day_weights.3` -> 3), else None."""
-    parent, _, last = name.rpartition(".")
-    if parent.rpartition(".")[2] in ("day_weights", "day_biases") and last.isdigit():
-        return int(last)
-    return None
+def _stack_per_day_state(optimizer: DayAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `state_dict` with each per_day group's entries stacked, when the file holds one
+    parameter per day (n_days x the group's parameters, days innermost, as named_parameters listed
+    them); otherwise `state_dict` itself. ValueError when a group fits neither layout."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        return state_dict  # torch's load names the mismatch
+    n_days = optimizer.n_days
+    groups, state = [], dict(state_dict["state"])
+    converted = False
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        n_params, n_saved = len(group["params"]), len(saved["params"])
+        if not group["per_day"] or n_saved == n_params:
+            groups.append(saved)
+            continue
+        days = saved.get("day_indices")
+        if n_saved != n_days * n_params or (days is not None and list(days) != list(range(n_days)) * n_params):
+            raise ValueError(
+                f"optimizer state: a day-layer group holds {n_saved} parameters, neither this model's "
+                f"{n_params} stacked day layers nor {n_days} days x {n_params}; the checkpoint does not fit"
+            )
+        ids = []
+        for i, p in enumerate(group["params"]):
+            per_day_ids = saved["params"][i * n_days : (i + 1) * n_days]
+            per_day = [state.pop(pid, {}) for pid in per_day_ids]
+            if any(per_day):
+                state[per_day_ids[0]] = _stacked_adam_state(per_day, p)
+            ids.append(per_day_ids[0])
+        groups.append({**saved, "params": ids})
+        converted = True
+    if not converted:
+        return state_dict
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+def _stacked_adam_state(per_day: list[dict[str, Any]], param: Tensor) -> dict[str, Tensor]:
+    """One stacked parameter's AdamW state from its days' states; a day without state gets zeros."""
+    day_shape = param.shape[1:]
+    zeros = torch.zeros(day_shape, dtype=param.dtype)
+
+    def stack(key: str) -> Tensor:
+        values = [s.get(key, zeros) for s in per_day]
+        bad = [v for v in values if v.shape != day_shape]
+        if bad:
+            raise ValueError(f"optimizer state: a day's {key} has shape {tuple(bad[0].shape)}, this model's "
+                             f"day layer {tuple(day_shape)}; the checkpoint does not fit")
+        return torch.stack([v.to(device="cpu", dtype=param.dtype) for v in values])  # n x (...) -> (n, ...)
+
+    steps = torch.tensor([float(s["step"]) if "step" in s else 0.0 for s in per_day], dtype=torch.float32)
+    return {"step": steps, "exp_avg": stack("exp_avg"), "exp_avg_sq": stack("exp_avg_sq")}
 
 
 def count_days(day_indices: Tensor, row_mask: Tensor, *, n_days: int) -> Tensor:

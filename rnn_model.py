@@ -81,22 +81,73 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     return patches.reshape(batch_size, n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
 
 
-def _select_day_affine(x: Tensor, day_idx: Tensor, day_weights: nn.ParameterList, day_biases: nn.ParameterList) -> Tensor:
-    """x @ W[day] + b[day] per trial, batched: stack every day, pick rows by day_idx, one bmm."""
-    weights = torch.stack(tuple(day_weights))  # n_days x (D, D) -> (n_days, D, D)
-    biases = torch.stack(tuple(day_biases))  # n_days x (1, D) -> (n_days, 1, D)
-    day_idx = day_idx.to(device=weights.device, dtype=torch.long)
-    weights = weights.index_select(0, day_idx)  # (n_days, D, D) -> (B, D, D)
-    biases = biases.index_select(0, day_idx)  # (n_days, 1, D) -> (B, 1, D)
+# Day-specific parameters: one stacked tensor per layer, day first. Names ending so are day parameters.
+DAY_PARAMETER_NAMES = ("day_weights", "day_biases")
+
+
+def is_day_parameter(name: str) -> bool:
+    """Whether a parameter name (`clean_model.day_layer.day_weights`) names a day-specific input layer."""
+    return name.rpartition(".")[2] in DAY_PARAMETER_NAMES
+
+
+def _select_day_affine(x: Tensor, day_idx: Tensor, day_weights: Tensor, day_biases: Tensor) -> Tensor:
+    """x @ W[day] + b[day] per trial, batched: pick each trial's day from the stacked layers, one bmm.
+
+    day_weights: (n_days, D, D); day_biases: (n_days, 1, D). An absent day gets a zero gradient
+    from index_select's backward (day_adamw.DayAdamW leaves it untouched).
+    """
+    day_idx = day_idx.to(device=day_weights.device, dtype=torch.long)
+    weights = day_weights.index_select(0, day_idx)  # (n_days, D, D) -> (B, D, D)
+    biases = day_biases.index_select(0, day_idx)  # (n_days, 1, D) -> (B, 1, D)
     # Inputs may arrive in bf16 outside autocast; bmm needs matching dtypes.
     return torch.bmm(x.to(weights.dtype), weights) + biases  # (B, T, D) @ (B, D, D) -> (B, T, D)
 
 
-def _new_day_parameters(neural_dim: int, n_days: int) -> tuple[nn.ParameterList, nn.ParameterList]:
-    """Identity weights and zero biases, so every day starts as a pass-through."""
-    weights = nn.ParameterList([nn.Parameter(torch.eye(neural_dim)) for _ in range(n_days)])
-    biases = nn.ParameterList([nn.Parameter(torch.zeros(1, neural_dim)) for _ in range(n_days)])
-    return weights, biases
+def _new_day_parameters(module: nn.Module, neural_dim: int, n_days: int) -> None:
+    """Give `module` stacked day layers, identity weights (n_days, D, D) and zero biases (n_days, 1, D),
+    so every day starts as a pass-through; its state dict keeps upstream's one entry per day.
+
+    One tensor per layer rather than one per day: the forward pass picks rows without stacking 45
+    matrices every step, and the optimizer updates a layer in a few tensor ops.
+    """
+    module.day_weights = nn.Parameter(torch.eye(neural_dim).expand(n_days, neural_dim, neural_dim).clone())
+    module.day_biases = nn.Parameter(torch.zeros(n_days, 1, neural_dim))
+    module.register_state_dict_post_hook(_split_days)
+    module.register_load_state_dict_pre_hook(_stack_days)
+
+
+def _split_days(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: each stacked day tensor saved as upstream's entries `day_weights.{i}`,
+    (D, D), and `day_biases.{i}`, (1, D), in place, so checkpoint files keep upstream's format."""
+    stacked = {prefix + name for name in DAY_PARAMETER_NAMES}
+    if not stacked & state_dict.keys():
+        return
+    entries = list(state_dict.items())
+    state_dict.clear()  # re-inserted in order, the per-day entries where the stacked one was
+    for key, value in entries:
+        if key not in stacked:
+            state_dict[key] = value
+            continue
+        if value.device.type == "xla" and not isinstance(value, nn.Parameter):
+            # One transfer of the layer; a view per day would compile one slicing graph per day.
+            value = value.cpu()
+        for day, tensor in enumerate(value.unbind(0)):  # (n_days, ...) -> n_days x (...)
+            state_dict[f"{key}.{day}"] = tensor
+
+
+def _stack_days(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+    missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+) -> None:
+    """Load pre-hook: upstream's per-day entries `day_weights.0 .. day_weights.{n-1}` stacked into the
+    layer's one tensor. A stacked entry loads as it is; per-day entries that are not days 0..n-1
+    are left alone, so strict loading names them."""
+    for name in DAY_PARAMETER_NAMES:
+        key = prefix + name
+        per_day = {int(k[len(key) + 1 :]): k for k in state_dict if k.startswith(key + ".") and k[len(key) + 1 :].isdigit()}
+        if key in state_dict or sorted(per_day) != list(range(len(per_day))) or not per_day:
+            continue
+        state_dict[key] = torch.stack([state_dict.pop(per_day[day]) for day in range(len(per_day))])  # n x (...) -> (n, ...)
 
 
 def _init_gru_weights(gru: GRU) -> None:
@@ -135,8 +186,9 @@ def _run_gru(gru: GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
 class GRUDecoder(nn.Module):
     """The published baseline: day-specific input layers, optional patching, a GRU and a linear head.
 
-    Parameter names and shapes match upstream (`day_weights.{i}`, `day_biases.{i}`, `gru.*`,
-    `out.*`, `h0`), so upstream checkpoints load strictly.
+    State-dict names and shapes match upstream (`day_weights.{i}`, `day_biases.{i}`, `gru.*`,
+    `out.*`, `h0`), so upstream checkpoints load strictly; the day layers are held stacked
+    (`day_weights` (n_days, D, D), `day_biases` (n_days, 1, D)) and split per day on saving.
     """
 
     def __init__(
@@ -165,7 +217,7 @@ class GRUDecoder(nn.Module):
         self.patch_stride = patch_stride
 
         self.day_layer_activation = nn.Softsign()
-        self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
+        _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
         self.input_size = patched_size(neural_dim, patch_size)
         self.gru = GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
@@ -199,7 +251,7 @@ class DayInputLayer(nn.Module):
     def __init__(self, *, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
         super().__init__()
         self.day_layer_activation = nn.Softsign()
-        self.day_weights, self.day_biases = _new_day_parameters(neural_dim, n_days)
+        _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
 
     def forward(self, x: Tensor, day_idx: Tensor) -> Tensor:
@@ -602,7 +654,7 @@ def parameter_summary(model: nn.Module) -> dict[str, Any]:
     for name, param in model.named_parameters():
         count = param.numel()
         total += count
-        if "day_weights." in name or "day_biases." in name:
+        if is_day_parameter(name):
             day_specific += count
         top = name.split(".")[0]
         by_submodule[top] = by_submodule.get(top, 0) + count

@@ -42,7 +42,7 @@ import rnn_model
 from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
-from day_adamw import DayAdamW, count_days, day_index_of
+from day_adamw import DayAdamW, count_days
 from dataset import build_dataloaders
 from evaluate_model_helpers import count_edits, greedy_ctc_decode
 
@@ -62,16 +62,16 @@ def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> DayA
     """AdamW with the upstream parameter groups: biases (no decay), day layers, everything else.
 
     The day-specific input layers get their own peak lr and weight decay; group_type tells the
-    scheduler which warm-up/decay to use. Their day_indices let DayAdamW leave the days absent
-    from a step untouched, as upstream's AdamW does (see day_adamw.py).
+    scheduler which warm-up/decay to use. Their group is per_day (each layer stacked day first),
+    so DayAdamW leaves the days absent from a step untouched, as upstream's AdamW does (see
+    day_adamw.py).
     """
-    day_params, day_indices, bias_params, other_params = [], [], [], []
+    day_params, bias_params, other_params = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if day_index_of(name) is not None:
+        if rnn_model.is_day_parameter(name):
             day_params.append(param)
-            day_indices.append(day_index_of(name))
         elif name.rsplit(".", 1)[-1].startswith("bias"):
             bias_params.append(param)
         else:
@@ -80,20 +80,15 @@ def build_optimizer(*, model: nn.Module, cfg_optimizer: OptimizerConfig) -> DayA
     groups = [
         {"params": bias_params, "weight_decay": 0.0, "group_type": "other"},
         {"params": day_params, "lr": o.lr_max_day, "weight_decay": o.weight_decay_day, "group_type": "day",
-         "day_indices": day_indices},
+         "per_day": True},
         {"params": other_params, "group_type": "other"},
     ]
-    # The fused kernel (CPU, CUDA) can skip a whole step on the device through `found_inf`,
-    # which _masked_optimizer_step uses instead of copying every weight and moment.
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return DayAdamW(
         [g for g in groups if g["params"]],
-        n_days=max(day_indices, default=-1) + 1,
         lr=o.lr_max,
         betas=(o.beta0, o.beta1),
         eps=o.epsilon,
         weight_decay=o.weight_decay,
-        fused=fused,
     )
 
 
@@ -210,43 +205,32 @@ def _masked_optimizer_step(
     optimizer: torch.optim.Optimizer, finite: Tensor, days_present: Tensor | None = None
 ) -> None:
     """optimizer.step() that leaves weights, AdamW moments and step counts untouched when `finite`
-    is False, decided on the device (no host sync). With `days_present` ((n_days,) bool), a
-    DayAdamW also leaves the day layers of absent days untouched.
+    is False, decided on the device (no host sync). With `days_present` ((n_days,) bool), the
+    day layers of absent days are left untouched too.
 
-    Fused AdamW (CPU, CUDA) takes the flag as `found_inf` and skips the update inside its kernel.
-    Elsewhere (XLA) the update is selected with torch.where against copies of the previous
-    values, traced into the step's graph. Non-finite gradients are zeroed first so NaN never
-    reaches the moments; on that path AdamW's step counter lives on the host and is left to
-    advance.
+    DayAdamW folds both flags into its update's own scalars (day_adamw.py): the same few tensor
+    ops per parameter group whatever they say, one graph on XLA. Any other optimizer steps on
+    gradients zeroed when not finite, and its weights and tensor state are then selected with
+    torch.where against copies (days_present does not apply).
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+    if isinstance(inner, DayAdamW):
+        inner.finite = finite
+        inner.days_present = days_present
+        optimizer.step()
+        return
     params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
     for p in params:
         p.grad.masked_fill_(~finite, 0.0)
-    if isinstance(inner, DayAdamW) and days_present is not None:
-        inner.days_present = days_present & finite
-    if inner.defaults.get("fused"):
-        inner.found_inf = (~finite).to(torch.float32)
-        optimizer.step()
-        return
-    old_params = [p.detach().clone() for p in params]
-    old_state = {
-        p: {k: v.clone() for k, v in inner.state[p].items() if torch.is_tensor(v) and v.device == p.device}
-        for p in params
-        if p in inner.state
-    }
-    weight_decays = _decay_as_device_data(inner)
-    try:
-        optimizer.step()
-    finally:
-        for group, weight_decay in zip(inner.param_groups, weight_decays):
-            group["weight_decay"] = weight_decay
-    for p, old in zip(params, old_params):
-        p.copy_(torch.where(finite, p, old))
-    for p, state in old_state.items():
-        for key, old in state.items():
-            new = inner.state[p][key]
-            new.copy_(torch.where(finite, new, old))
+    old = {p: [p.detach().clone()] for p in params}
+    states = {p: {k: v for k, v in inner.state[p].items() if torch.is_tensor(v)} for p in params if p in inner.state}
+    old_states = {p: {k: v.clone() for k, v in state.items()} for p, state in states.items()}
+    optimizer.step()
+    for p in params:
+        p.copy_(torch.where(finite, p, old[p][0]))
+    for p, state in old_states.items():
+        for key, value in state.items():
+            inner.state[p][key].copy_(torch.where(finite, inner.state[p][key], value))
 
 
 def _sum_over_replicas(values: Tensor, *, accelerator: Accelerator) -> Tensor:
@@ -263,32 +247,6 @@ def _sum_over_replicas(values: Tensor, *, accelerator: Accelerator) -> Tensor:
     summed = values.clone()
     torch.distributed.all_reduce(summed)
     return summed
-
-
-@torch.no_grad()
-def _decay_as_device_data(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Apply AdamW's decoupled weight decay, p *= 1 - lr * wd, with the factor sent as a tensor,
-    and set each group's weight_decay to 0 for the step that follows. Returns the old values.
-
-    AdamW multiplies by the Python float 1 - lr * wd. torch_xla bakes a scalar that is 0 or 1 in
-    float32 into the graph as a constant and passes any other as data, and early in the warm-up
-    the factor rounds to 1.0: every bucket would compile once more when it stops doing so. A
-    transferred tensor is always data. Same float32 factor, same order as AdamW (decay first).
-    """
-    weight_decays = []
-    for group in optimizer.param_groups:
-        weight_decays.append(group["weight_decay"])
-        if group.get("day_indices") is not None:
-            continue  # DayAdamW decays the day layers itself, present days only
-        params = [p for p in group["params"] if p.grad is not None]
-        if group["weight_decay"] and params:
-            # Shape (1,): torch_xla treats a transferred 0-dim tensor of 1.0 as a constant too.
-            factor = torch.tensor([1.0 - group["lr"] * group["weight_decay"]], dtype=torch.float32)
-            factor = factor.to(params[0].device)
-            for p in params:
-                p.mul_(factor)
-        group["weight_decay"] = 0.0
-    return weight_decays
 
 
 def train_step(

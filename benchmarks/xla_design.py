@@ -102,10 +102,10 @@ def _day_loop(x, day_idx, weights, biases):
 
 def measure_day_layer(device) -> dict:
     n_days, dim = 6, 8
-    layer = rnn_model.DayInputLayer(dim, n_days).to(device)
+    layer = rnn_model.DayInputLayer(neural_dim=dim, n_days=n_days).to(device)
     batches = [torch.tensor(days, device=device) for days in ([0, 1, 2, 3], [4, 4, 5, 0], [1, 3, 3, 3], [2, 5, 0, 1])]
     x = torch.randn(4, 20, dim).to(device)
-    weights, biases = list(layer.day_weights), list(layer.day_biases)
+    weights, biases = layer.day_weights, layer.day_biases  # (n_days, D, D), (n_days, 1, D)
 
     def run(affine):
         import torch_xla

@@ -21,6 +21,7 @@ from rnn_model import (
     build_model,
     format_parameter_summary,
     grad_reverse,
+    is_day_parameter,
     load_state_dict_compat,
     n_patches,
     parameter_summary,
@@ -110,6 +111,39 @@ def test_day_layer_applies_each_trials_own_day():
     day_idx = torch.tensor([2, 0, 2, 1])
     expected = torch.stack([F.softsign(x[i] @ layer.day_weights[d] + layer.day_biases[d]) for i, d in enumerate(day_idx.tolist())])
     torch.testing.assert_close(layer(x, day_idx), expected)
+
+
+def test_day_layers_are_stacked_and_saved_per_day_as_upstream():
+    torch.manual_seed(0)
+    n_days, d = 4, 6
+    triple = TripleGRUDecoder(d, 5, n_days, 3, noise_hidden_size=4)
+    shapes = {n: tuple(p.shape) for n, p in triple.named_parameters() if is_day_parameter(n)}
+    assert shapes == {f"{m}.day_layer.{k}": s for m in ("noise_model", "clean_model")
+                      for k, s in (("day_weights", (n_days, d, d)), ("day_biases", (n_days, 1, d)))}
+    with torch.no_grad():
+        for name, p in triple.named_parameters():
+            p.normal_()
+    state = triple.state_dict()
+    # Upstream's layout: one (D, D) weight and one (1, D) bias per day, nothing stacked.
+    day_keys = [k for k in state if "day_" in k]
+    assert day_keys == [f"{m}.day_layer.{k}.{i}" for m in ("noise_model", "clean_model")
+                        for k in ("day_weights", "day_biases") for i in range(n_days)]
+    assert all(state[k].shape == ((d, d) if "weights" in k else (1, d)) for k in day_keys)
+    assert torch.equal(state["clean_model.day_layer.day_weights.2"], triple.clean_model.day_layer.day_weights[2])
+    assert set(state) - set(day_keys) == {n for n, _ in triple.named_parameters() if not is_day_parameter(n)}
+
+    # Per-day entries (this repo's and upstream's files) and the stacked form both load strictly.
+    for saved in (state, {n: p.detach().clone() for n, p in triple.named_parameters()}):
+        fresh = TripleGRUDecoder(d, 5, n_days, 3, noise_hidden_size=4)
+        load_state_dict_compat(fresh, saved)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), triple.parameters()))
+    # A checkpoint with a day fewer or a day missing does not load.
+    fewer = {k: v for k, v in state.items() if not k.endswith(f"day_weights.{n_days - 1}")}
+    with pytest.raises(RuntimeError, match="size mismatch for noise_model.day_layer.day_weights"):
+        load_state_dict_compat(TripleGRUDecoder(d, 5, n_days, 3, noise_hidden_size=4), fewer)
+    gap = {k: v for k, v in state.items() if not k.endswith("clean_model.day_layer.day_biases.1")}
+    with pytest.raises(RuntimeError, match="day_biases"):
+        load_state_dict_compat(TripleGRUDecoder(d, 5, n_days, 3, noise_hidden_size=4), gap)
 
 
 @pytest.mark.parametrize("grl_lambda", [0.7, torch.tensor(0.7)])
