@@ -35,10 +35,18 @@ def ids(*symbols: str) -> tuple[int, ...]:
 
 
 def test_normalize_text_matches_upstream_rules():
+    # Upstream's rule: keep letters, '-', space, apostrophe; '- ' -> ' '; drop '--'; " '" -> "'";
+    # lower case; strip; collapse spaces.
     assert normalize_text("Hello, World!") == "hello world"
-    assert normalize_text("I don't know -- maybe   twenty-one.") == "i don't know maybe twenty-one"
+    assert normalize_text("Well--no") == "wellno"  # '--' deleted, not a word break
+    # '- ' is replaced before '--' is looked for: a spaced dash keeps its first hyphen as a word.
+    assert normalize_text("I don't know -- maybe   twenty-one.") == "i don't know - maybe twenty-one"
     assert normalize_text("Rock 'n roll, 42 times") == "rock'n roll times"
-    assert normalize_text("well - no") == "well no"
+    assert normalize_text("well - no") == "well no"  # '- ' becomes a space
+    assert normalize_text("a -b") == "a -b"  # a hyphen not followed by a space survives
+    assert normalize_text("so -") == "so -"  # at the end nothing follows it: upstream keeps it
+    assert normalize_text("---x") == "-x"  # '--' removed once, left to right
+    assert normalize_text("  The   END.  ") == "the end"
 
 
 def test_split_words_cuts_at_silence():
