@@ -6,6 +6,7 @@ saved with save_pretrained and read back through --llm.
 """
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,37 +25,12 @@ SESSIONS = ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]
 
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer GPT-2 over the grammar's words, trained 100 steps (a few seconds on a CPU)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """A 2-layer GPT-2 over the grammar's words, trained 100 steps on 400 grammar sentences."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from decoding import train_tiny_llm
 
-    rng = np.random.default_rng(0)
-    sentences = generate_sentences(400, rng)
-    words = sorted({w for s in sentences for w in s.split()})
-    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<unk>", *words])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        unk_token="<unk>", pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
-    rows = [[0, *tokenizer(s, add_special_tokens=False)["input_ids"], 0] for s in sentences]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(100):
-        batch = torch.from_numpy(np.random.default_rng(step).choice(len(rows), 32))
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = tmp_path_factory.mktemp("tiny_llm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    sentences = generate_sentences(400, np.random.default_rng(0))
+    return train_tiny_llm(sentences, tmp_path_factory.mktemp("tiny_llm"), n_steps=100)
 
 
 def test_scores_are_sentence_log_probabilities_whatever_the_batch(tiny_llm: Path):
