@@ -19,10 +19,19 @@ against level, with earlier runs' curves added by --compare (e.g. a baseline nex
         --split val --perturb white_noise --levels 0,0.5,1,2 --compare runs/eval_baseline \
         --out runs/eval_demo_noise
 
+Ensembles, test-time augmentation and LLM rescoring (README, "Ensembles, test-time augmentation,
+blank penalty, LLM rescoring"): several --model_path run over the same trials and their per-frame
+posteriors are combined (--combine prob|logprob, --weights); --tta N averages each model over N
+noisy copies of every trial; --blank_penalty applies to greedy and beam decoding; --llm DIR
+rescores the beam search's --nbest sentences with a local causal LM (llm_rescoring.py):
+    python evaluate_model.py --model_path RUN_A RUN_B RUN_C --tta 4 --data_dir data/synthetic \
+        --split val --grid_search --nbest 10 --llm LLM_DIR --out runs/eval_ensemble
+
 A run directory of this repo holds config.yaml and checkpoint/best_checkpoint.pt; an upstream
 model directory (--upstream) holds checkpoint/args.yaml and checkpoint/best_checkpoint.
---logits_in FILE re-scores saved logits (the out directory's logits.npz) without the model.
-Outputs in --out: logits.npz, per_trial.csv, metrics.json, summary.txt, per_session.png, the
+--logits_in FILE [FILE ...] re-scores saved logits (the out directory's logits.npz, or an
+ensemble's logits_K.npz) without the models.
+Outputs in --out: logits.npz (logits_K.npz per model of an ensemble), per_trial.csv, metrics.json, summary.txt, per_session.png, the
 ARPA file it built (lm.arpa), for --split test submission.csv, and with --perturb
 robustness.json and per_<kind>.png.
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
+from config import TransformsConfig
 from data_augmentations import augment_batch
 from dataset import BLANK_ID, PHONEMES, SIL_ID, DataError, load_cmudict
 from robustness import perturb_features, trial_seeds
@@ -536,13 +537,13 @@ class TrialRecord:
 
 
 def tta_noise(
-    features: torch.Tensor, n_time_steps: torch.Tensor, transforms: Any, seeds: Sequence[int]
+    features: torch.Tensor, n_time_steps: torch.Tensor, transforms: TransformsConfig, seeds: Sequence[int]
 ) -> torch.Tensor:
     """One test-time-augmented copy of a batch: the training augmentations' white noise and
     constant offset (data_augmentations.augment_batch, with the run's stds), row b drawn from its
     own generator seeded with seeds[b] and only over its n_time_steps[b] bins, so a trial's copy
     is the same in any batch and at any padding. features: (B, T, C) as read, before smoothing."""
-    noise_only = {key: _get_transform(transforms, key) for key in ("white_noise_std", "constant_offset_std")}
+    noise_only = {key: float(getattr(transforms, key)) for key in ("white_noise_std", "constant_offset_std")}
     out = features.clone()
     for b, (n_time, seed) in enumerate(zip(n_time_steps.tolist(), seeds)):
         generator = torch.Generator().manual_seed(int(seed))
@@ -550,10 +551,6 @@ def tta_noise(
         noisy, _ = augment_batch(row, n_time_steps[b : b + 1].cpu(), noise_only, training=True, generator=generator)
         out[b, : int(n_time)] = noisy[0].to(out.device)
     return out
-
-
-def _get_transform(transforms: Any, key: str) -> float:
-    return float(transforms.get(key, 0.0) if isinstance(transforms, dict) else getattr(transforms, key, 0.0))
 
 
 def _batch_logits(
