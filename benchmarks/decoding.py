@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--nbest", type=int, default=10)
     p.add_argument("--llm_weight", type=float, default=0.5)
     p.add_argument("--llm_steps", type=int, default=300)
+    p.add_argument("--llm", help="a causal LM directory to rescore with instead of training the tiny one")
     p.add_argument("--lexicon_words", choices=("all", "train"), default="train")
     p.add_argument("--beam_size", type=int, default=100)
     args = p.parse_args()
@@ -98,20 +99,23 @@ def main() -> None:
                                                                   "--out", str(out / f"ensemble_{rule}")]))
     rows.append(stage(f"ensemble (prob) + TTA x{args.tta}", ["--model_path", *args.models, "--tta", str(args.tta), *common,
                                                             "--out", str(out / "ensemble_tta")]))
-    train_sentences, _ = read_labels(args.data_dir, discover_sessions(args.data_dir), "train")
-    start = time.perf_counter()
-    llm = train_tiny_llm(train_sentences, out / "tiny_llm", n_steps=args.llm_steps)
-    print(f"tiny LM: {len(train_sentences)} training sentences, {args.llm_steps} steps, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    llm = args.llm
+    if llm is None:
+        train_sentences, _ = read_labels(args.data_dir, discover_sessions(args.data_dir), "train")
+        start = time.perf_counter()
+        llm = train_tiny_llm(train_sentences, out / "tiny_llm", n_steps=args.llm_steps)
+        print(f"tiny LM: {len(train_sentences)} training sentences, {args.llm_steps} steps, {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
     tta_logits = [str(out / "ensemble_tta" / f"logits_{k}.npz") for k in range(len(args.models))]
-    rows.append(stage(f"ensemble (prob) + TTA x{args.tta} + {args.nbest}-best tiny-LM rescoring",
+    rows.append(stage(f"ensemble (prob) + TTA x{args.tta} + {args.nbest}-best LM rescoring",
                       ["--logits_in", *tta_logits, *common, "--nbest", str(args.nbest), "--llm", str(llm),
                        "--llm_weight", str(args.llm_weight), "--out", str(out / "ensemble_tta_llm")]))
     (out / "decoding_bench.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'stage':<58} {'PER':>7} {'WER':>7} {'rescored':>8}  trials/s")
+    print(f"\n{'stage':<52} {'PER':>7} {'WER':>7} {'rescored':>8}  trials/s")
     for r in rows:
         speed = ", ".join(f"{k} {v:.1f}" for k, v in r["speed_trials_per_s"].items())
         rescored = f"{r['wer_rescored']:.4f}" if r["wer_rescored"] is not None else "-"
-        print(f"{r['stage']:<58} {r['per']:>7.4f} {r['wer']:>7.4f} {rescored:>8}  {speed}")
+        print(f"{r['stage']:<52} {r['per']:>7.4f} {r['wer']:>7.4f} {rescored:>8}  {speed}")
 
 
 if __name__ == "__main__":
