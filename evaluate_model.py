@@ -19,10 +19,19 @@ against level, with earlier runs' curves added by --compare (e.g. a baseline nex
         --split val --perturb white_noise --levels 0,0.5,1,2 --compare runs/eval_baseline \
         --out runs/eval_demo_noise
 
+Ensembles, test-time augmentation and LLM rescoring (README, "Ensembles, test-time augmentation,
+blank penalty, LLM rescoring"): several --model_path run over the same trials and their per-frame
+posteriors are combined (--combine prob|logprob, --weights); --tta N averages each model over N
+noisy copies of every trial; --blank_penalty applies to greedy and beam decoding; --llm DIR
+rescores the beam search's --nbest sentences with a local causal LM (llm_rescoring.py):
+    python evaluate_model.py --model_path RUN_A RUN_B RUN_C --tta 4 --data_dir data/synthetic \
+        --split val --grid_search --nbest 10 --llm LLM_DIR --out runs/eval_ensemble
+
 A run directory of this repo holds config.yaml and checkpoint/best_checkpoint.pt; an upstream
 model directory (--upstream) holds checkpoint/args.yaml and checkpoint/best_checkpoint.
---logits_in FILE re-scores saved logits (the out directory's logits.npz) without the model.
-Outputs in --out: logits.npz, per_trial.csv, metrics.json, summary.txt, per_session.png, the
+--logits_in FILE [FILE ...] re-scores saved logits (the out directory's logits.npz, or an
+ensemble's logits_K.npz) without the models.
+Outputs in --out: logits.npz (logits_K.npz per model of an ensemble), per_trial.csv, metrics.json, summary.txt, per_session.png, the
 ARPA file it built (lm.arpa), for --split test submission.csv, and with --perturb
 robustness.json and per_<kind>.png.
 
@@ -53,12 +62,15 @@ import rnn_model
 from config import ConfigError
 from dataset import PHONEMES, DataError, build_eval_loader, discover_sessions, read_labels, session_files
 from evaluate_model_helpers import (
+    COMBINE_RULES,
     BeamSearchOptions,
     Lexicon,
     PronunciationLookup,
     TrialRecord,
     WordBeamDecoder,
+    blank_penalised_log_probs,
     build_lexicon,
+    combine_records,
     compute_logits,
     count_edits,
     error_rates_by,
@@ -71,6 +83,7 @@ from evaluate_model_helpers import (
     write_arpa,
     write_submission,
 )
+from llm_rescoring import CausalLMScorer, best_hypothesis
 from robustness import KINDS, plot_per_by_level
 
 
@@ -120,10 +133,11 @@ def _rate_dict(rates: dict) -> dict:
     return {str(k): {"edits": e, "n": n, "rate": r} for k, (e, n, r) in sorted(rates.items())}
 
 
-def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
+def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None, blank_penalty: float = 0.0) -> dict:
     labelled = [r for r in records if r.true_phonemes is not None]
     for r in records:
-        hyp = greedy_ctc_decode(torch.from_numpy(r.logits)[None], torch.tensor([len(r.logits)]))[0]
+        log_probs = blank_penalised_log_probs(r.logits, blank_penalty)  # (T, C)
+        hyp = greedy_ctc_decode(log_probs[None], torch.tensor([len(r.logits)]))[0]
         r.fields["phonemes_decoded"] = hyp
     if not labelled:
         return {}
@@ -132,12 +146,12 @@ def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None) -> di
     return _error_rates(labelled, refs, hyps, corpus_of, name="per")
 
 
-def score_words(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
+def score_words(records: Sequence[TrialRecord], corpus_of: dict | None, field: str = "text_decoded") -> dict:
     labelled = [r for r in records if r.sentence_label is not None]
     if not labelled:
         return {}
     refs = [normalize_text(r.sentence_label).split() for r in labelled]
-    hyps = [r.fields["text_decoded"].split() for r in labelled]
+    hyps = [normalize_text(r.fields[field]).split() for r in labelled]
     return _error_rates(labelled, refs, hyps, corpus_of, name="wer")
 
 
@@ -180,19 +194,23 @@ def grid_search(
     records: Sequence[TrialRecord],
     lm_weights: Sequence[float],
     word_scores: Sequence[float],
+    blank_penalties: Sequence[float] = (0.0,),
 ) -> list[dict]:
-    """WER for each (lm_weight, word_score) on `records`; leaves the decoder at the best pair."""
+    """WER for each (lm_weight, word_score, blank_penalty) on `records`; leaves the decoder at the best."""
     refs = [normalize_text(r.sentence_label).split() for r in records]
     results = []
-    for lm_weight in lm_weights:
-        for word_score in word_scores:
-            decoder.set_weights(lm_weight, word_score)
-            hyps = [decoder.decode(r.logits).split() for r in records]
-            n_edits, n_ref = count_edits(refs, hyps)
-            results.append({"lm_weight": lm_weight, "word_score": word_score, "wer": n_edits / max(n_ref, 1)})
-            print(f"grid: lm_weight {lm_weight:<5g} word_score {word_score:<5g} WER {results[-1]['wer']:.4f}", file=sys.stderr)
+    for blank_penalty in blank_penalties:
+        for lm_weight in lm_weights:
+            for word_score in word_scores:
+                decoder.set_weights(lm_weight, word_score, blank_penalty)
+                hyps = [normalize_text(decoder.decode(r.logits)).split() for r in records]
+                n_edits, n_ref = count_edits(refs, hyps)
+                results.append({"lm_weight": lm_weight, "word_score": word_score, "blank_penalty": blank_penalty,
+                                "wer": n_edits / max(n_ref, 1)})
+                print(f"grid: lm_weight {lm_weight:<5g} word_score {word_score:<5g} blank_penalty {blank_penalty:<5g} "
+                      f"WER {results[-1]['wer']:.4f}", file=sys.stderr)
     best = min(results, key=lambda r: r["wer"])
-    decoder.set_weights(best["lm_weight"], best["word_score"])
+    decoder.set_weights(best["lm_weight"], best["word_score"], best["blank_penalty"])
     return results
 
 
@@ -243,6 +261,10 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"PER (greedy) {per['per']:.4f}  ({per['edits']}/{per['n']} phonemes)")
     if "wer" in words:
         lines.append(f"WER (beam + LM) {words['wer']:.4f}  ({words['edits']}/{words['n']} words)")
+    rescoring = metrics.get("rescoring", {})
+    if "wer" in rescoring:
+        lines.append(f"WER (beam + LM + {rescoring['nbest']}-best rescored by the LLM, llm_weight {rescoring['llm_weight']:g}) "
+                     f"{rescoring['wer']:.4f}  ({rescoring['edits']}/{rescoring['n']} words)")
     if "wer_greedy_lookup" in words:
         lines.append(f"WER (greedy phonemes + training-word lookup, no LM) {words['wer_greedy_lookup']:.4f}")
     for key in ("by_session", "by_corpus"):
@@ -266,12 +288,15 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"reference words not in the lexicon: {info['reference_words_not_in_lexicon']}")
         lines.append(
             f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
-            f"sil_score {info['sil_score']:g}"
+            f"sil_score {info['sil_score']:g} | blank_penalty {info['blank_penalty']:g}"
         )
     if metrics.get("grid_search"):
         lines.append("grid search WER: " + ", ".join(
-            f"({g['lm_weight']:g}, {g['word_score']:g}) {g['wer']:.3f}" for g in metrics["grid_search"]
-        ) + "  as (lm_weight, word_score)")
+            f"({g['lm_weight']:g}, {g['word_score']:g}, {g['blank_penalty']:g}) {g['wer']:.3f}" for g in metrics["grid_search"]
+        ) + "  as (lm_weight, word_score, blank_penalty)")
+    if rescoring.get("grid"):
+        lines.append("grid search WER after rescoring: " + ", ".join(
+            f"llm_weight {g['llm_weight']:g} {g['wer']:.3f}" for g in rescoring["grid"]))
     speed = metrics.get("speed_trials_per_s", {})
     if speed:
         lines.append("speed (trials/s): " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()))
@@ -309,7 +334,7 @@ def plot_per_session(metrics: dict, path: Path) -> None:
 def write_per_trial(path: Path, records: Sequence[TrialRecord]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "session", "block_num", "trial_num", "phonemes_true", "phonemes_decoded", "text_true", "text_decoded"])
+        writer.writerow(["id", "session", "block_num", "trial_num", "phonemes_true", "phonemes_decoded", "text_true", "text_decoded", "text_rescored"])
         for i, r in enumerate(records):
             writer.writerow([
                 i, r.session, r.block_num, r.trial_num,
@@ -317,6 +342,7 @@ def write_per_trial(path: Path, records: Sequence[TrialRecord]) -> None:
                 " ".join(PHONEMES[p].strip() or "|" for p in r.fields.get("phonemes_decoded", [])),
                 normalize_text(r.sentence_label) if r.sentence_label is not None else "",
                 r.fields.get("text_decoded", ""),
+                r.fields.get("text_rescored", ""),
             ])
 
 
@@ -333,15 +359,21 @@ DEFAULT_LEVELS = {"white_noise": [0.0, 0.5, 1.0, 2.0], "channel_dropout": [0.0, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    beam = BeamSearchOptions()  # the one place the decoder's defaults live
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_path", help="run directory (config.yaml + checkpoint/best_checkpoint.pt) or, with --upstream, an upstream model directory")
-    p.add_argument("--upstream", action="store_true", help="model_path is upstream-format (checkpoint/args.yaml + checkpoint/best_checkpoint)")
+    p.add_argument("--model_path", nargs="+", default=[], help="one or more run directories (config.yaml + checkpoint/best_checkpoint.pt) "
+                   "or upstream model directories (checkpoint/args.yaml, detected); several form an ensemble")
+    p.add_argument("--upstream", action="store_true", help="read every model_path as upstream-format (checkpoint/args.yaml + checkpoint/best_checkpoint)")
+    p.add_argument("--combine", choices=COMBINE_RULES, default="prob", help="ensemble rule: mean of probabilities, or of log-probabilities")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per ensemble member (--logits_in files first, then --model_path), default equal")
     p.add_argument("--data_dir", help="dataset directory with t15.* session folders")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--device", choices=("cpu", "cuda", "xla"), default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (the GRU recurrences stay float32)")
     p.add_argument("--batch_size", type=int, default=32, help="trials per model batch")
-    p.add_argument("--logits_in", help="score a logits.npz written by an earlier run instead of running the model")
+    p.add_argument("--tta", type=int, default=0, help="average each model's posteriors over N copies of every trial with the training noise and offset (0: off)")
+    p.add_argument("--tta_seed", type=int, default=0, help="seed of the test-time augmentation (one stream per copy and trial)")
+    p.add_argument("--logits_in", nargs="+", default=[], help="logits.npz files written by earlier runs, scored (or ensembled) without their models")
     p.add_argument("--description_csv", help="upstream t15_copyTaskData_description.csv: adds PER/WER per corpus")
     lm = p.add_mutually_exclusive_group()
     lm.add_argument("--lm_text", help="text file, one sentence per line, to build the n-gram LM from (default: training sentences)")
@@ -349,15 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm_order", type=int, default=3, help="n-gram order of the LM built from text")
     p.add_argument("--lexicon_words", choices=("all", "train"), default="all", help="all of CMUdict, or only its entries for training words")
     p.add_argument("--no_words", action="store_true", help="phoneme decoding only (no lexicon, LM or WER)")
-    p.add_argument("--beam_size", type=int, default=100)
-    p.add_argument("--beam_threshold", type=float, default=25.0)
-    p.add_argument("--lm_weight", type=float, default=1.0, help="multiplies LM log10 probabilities")
-    p.add_argument("--word_score", type=float, default=0.0, help="added per emitted word")
-    p.add_argument("--sil_score", type=float, default=0.0, help="added per silence frame between words")
-    p.add_argument("--grid_search", action="store_true", help="pick lm_weight / word_score by WER on val trials")
+    p.add_argument("--beam_size", type=int, default=beam.beam_size)
+    p.add_argument("--beam_threshold", type=float, default=beam.beam_threshold)
+    p.add_argument("--lm_weight", type=float, default=beam.lm_weight, help="multiplies LM log10 probabilities")
+    p.add_argument("--word_score", type=float, default=beam.word_score, help="added per emitted word")
+    p.add_argument("--sil_score", type=float, default=beam.sil_score, help="added per silence frame between words")
+    p.add_argument("--blank_penalty", type=float, default=beam.blank_penalty, help="subtracted from the blank's log-probability (greedy and beam)")
+    p.add_argument("--grid_search", action="store_true", help="pick lm_weight / word_score / blank_penalty (and llm_weight) by WER on val trials")
     p.add_argument("--grid_lm_weights", type=_floats, default=_floats("0.5,1,2,3"))
     p.add_argument("--grid_word_scores", type=_floats, default=_floats("-2,-1,0,1"), help="comma list; write --grid_word_scores=-1,0 when it starts with a minus")
+    p.add_argument("--grid_blank_penalties", type=_floats, default=_floats("0,1"))
+    p.add_argument("--grid_llm_weights", type=_floats, default=_floats("0,0.25,0.5,1,2"))
     p.add_argument("--grid_trials", type=int, default=200, help="val trials used by the grid search (spread over sessions)")
+    p.add_argument("--nbest", type=int, default=10, help="word hypotheses per trial kept for --llm rescoring")
+    p.add_argument("--llm", help="local directory of a Hugging Face causal LM that rescores the n-best (pip install '.[llm]')")
+    p.add_argument("--llm_weight", type=float, default=0.5, help="multiplies the LLM's natural-log sentence probability")
+    p.add_argument("--llm_batch_size", type=int, default=16, help="hypotheses per LLM forward pass")
+    p.add_argument("--llm_device", choices=("cpu", "cuda"), default="cpu", help="the LLM's device (bf16 on cuda)")
     p.add_argument("--perturb", choices=list(KINDS), help="also score the model on features corrupted at each of --levels")
     p.add_argument("--levels", type=_floats, help="perturbation levels, comma list (default per kind: "
                    + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_LEVELS.items()) + ")")
@@ -368,112 +408,240 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_args(args: argparse.Namespace) -> None:
+    """Argument combinations that cannot work, refused before anything runs or is written."""
+    n_members = len(args.logits_in) + len(args.model_path)
+    if n_members == 0:
+        raise DataError("give --model_path (one or more models) or --logits_in (saved logits)")
+    if args.model_path and not args.data_dir:
+        raise DataError("--model_path needs --data_dir (the trials to run the models on)")
+    if args.weights is not None:
+        if len(args.weights) != n_members:
+            raise DataError(f"--weights has {len(args.weights)} values for {n_members} ensemble members")
+        if min(args.weights) < 0 or sum(args.weights) <= 0:
+            raise DataError("--weights must be non-negative with a positive sum")
     if args.grid_search and args.split != "val":
         raise DataError("--grid_search needs labelled trials: use it with --split val")
-    if args.perturb and (args.logits_in or args.split != "val"):
-        raise DataError("--perturb runs the model on labelled trials: use it with --model_path and --split val")
+    if args.perturb and (n_members != 1 or not args.model_path or args.split != "val"):
+        raise DataError("--perturb runs one model on labelled trials: use it with one --model_path and --split val")
     if args.compare and not args.perturb:
         raise DataError("--compare adds curves to --perturb's figure: give --perturb too")
+    if args.tta < 0 or args.nbest < 1:
+        raise DataError("--tta must be 0 or more and --nbest at least 1")
+    if args.llm and args.no_words:
+        raise DataError("--llm rescores word hypotheses: drop --no_words")
+
+
+def load_member(path: str, upstream: bool) -> rnn_model.TrainedModel:
+    """One ensemble member; an upstream directory is recognised by checkpoint/args.yaml without config.yaml."""
+    detected = (Path(path) / "checkpoint" / "args.yaml").is_file() and not (Path(path) / "config.yaml").is_file()
+    return (rnn_model.load_upstream_model if upstream or detected else rnn_model.load_run_model)(path)
+
+
+def check_members(loaded: Sequence[rnn_model.TrainedModel], names: Sequence[str]) -> None:
+    """Ensemble members must share a frame grid and a session list (day index = position)."""
+    grids = [(m.model.patch_size, m.model.patch_stride) for m in loaded]
+    if len(set(grids)) > 1:
+        raise DataError("models on different frame grids cannot be combined: " + ", ".join(
+            f"{n} (patch {size}, stride {stride})" for n, (size, stride) in zip(names, grids)))
+    for m, name in zip(loaded[1:], names[1:]):
+        if m.sessions != loaded[0].sessions:
+            raise DataError(f"{name} and {names[0]} were trained on different session lists; day indices would not match")
+
+
+def model_member_records(
+    args: argparse.Namespace, loaded: Sequence[rnn_model.TrainedModel], out: Path, speed: dict
+) -> tuple[list[list[TrialRecord]], dict]:
+    """Each loaded model's records (with --tta, its averaged posteriors), each saved to its own
+    logits file."""
+    if not loaded:
+        return [], {}
+    sessions = loaded[0].sessions
+    check_sessions(sessions, args.data_dir, args.split)
+    device = resolve_device(args.device)
+    members, start = [], time.perf_counter()
+    for k, member in enumerate(loaded):
+        loader = build_eval_loader(
+            args.data_dir, sessions, args.split, batch_size=args.batch_size, feature_subset=member.feature_subset,
+            # Fixed shapes on XLA: the training buckets and full batches, so few graphs compile.
+            static_shapes=device.type == "xla", time_buckets=member.time_buckets,
+            patch_size=member.model.patch_size, patch_stride=member.model.patch_stride,
+        )
+        tta = (args.tta, args.tta_seed) if args.tta else None
+        members.append(compute_logits(member, loader, device, use_bf16=args.bf16, tta=tta))
+        out.mkdir(parents=True, exist_ok=True)
+        # One file per model, so adding a model to an ensemble later reruns only that model.
+        save_logits(out / ("logits.npz" if len(loaded) == 1 else f"logits_{k}.npz"), members[-1], sessions, args.split)
+    speed["model"] = len(members[0]) / max(time.perf_counter() - start, 1e-9)
+    return members, {"loaded": loaded[0], "loader": loader, "device": device}
+
+
+def collect_records(args: argparse.Namespace, out: Path, speed: dict) -> tuple[list[TrialRecord], list[str], str, dict]:
+    """The trials' (ensemble) posteriors from --logits_in files and --model_path models."""
+    from_files = [load_logits(path) for path in args.logits_in]
+    for path, (_, _, split) in zip(args.logits_in, from_files):
+        if split != args.split:
+            raise DataError(f"{path} holds {split} logits, but --split {args.split} was asked for")
+    # Every model is loaded and checked (frame grid, sessions) before the first one runs.
+    loaded = [load_member(path, args.upstream) for path in args.model_path]
+    check_members(loaded, args.model_path)
+    sessions_of_models = loaded[0].sessions if loaded else from_files[0][1]
+    for path, (_, sessions, _) in zip(args.logits_in, from_files):
+        if sessions != sessions_of_models:
+            raise DataError(f"{path} and {(args.model_path or args.logits_in)[0]} come from models trained on different "
+                            "session lists; day indices would not match")
+    run_members, handles = model_member_records(args, loaded, out, speed)
+    members = [records for records, _, _ in from_files] + run_members
+    names = [f"logits {p}" for p in args.logits_in] + list(args.model_path)
+    if not members[0]:
+        raise DataError(f"no {args.split} trials found")
+    start = time.perf_counter()
+    records = members[0] if len(members) == 1 else combine_records(members, names, args.combine, args.weights)
+    if len(members) > 1:
+        speed["combine"] = len(records) / max(time.perf_counter() - start, 1e-9)
+    model_name = names[0] if len(names) == 1 else f"ensemble ({args.combine}) of " + ", ".join(names)
+    return records, sessions_of_models, model_name, handles
+
+
+def build_word_decoder(args: argparse.Namespace, sessions: Sequence[str], out: Path) -> tuple[WordBeamDecoder, list[str], dict]:
+    """Lexicon, n-gram LM (built from text into out/lm.arpa, or read) and the beam search;
+    returns the decoder, the training sentences and what the summary says about them."""
+    if args.data_dir:
+        train_sentences, train_labels = read_labels(args.data_dir, sessions, "train")
+    elif args.lm_text or args.lm_arpa:
+        train_sentences, train_labels = [], []
+    else:
+        raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
+    lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
+    if args.lm_arpa:
+        arpa_path, lm_name = Path(args.lm_arpa), f"ARPA {args.lm_arpa}"
+        # Words the ARPA file lacks would all share its <unk> probability: leave them out.
+        lm_vocab = read_arpa_vocab(arpa_path)
+        n_dropped = len(lexicon.pronunciations)
+        lexicon.pronunciations = {w: p for w, p in lexicon.pronunciations.items() if w in lm_vocab}
+        n_dropped -= len(lexicon.pronunciations)
+        lm_name += f" ({n_dropped} lexicon words not in its vocabulary left out)"
+    else:
+        if args.lm_text:
+            if not Path(args.lm_text).is_file():
+                raise DataError(f"LM text file not found: {args.lm_text}")
+            lm_sentences, lm_source = Path(args.lm_text).read_text().splitlines(), args.lm_text
+        else:
+            lm_sentences, lm_source = train_sentences, "training sentences"
+        arpa_path = out / "lm.arpa"
+        stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order, vocabulary=lexicon.pronunciations)
+        lm_name = (
+            f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, "
+            f"{stats['n_text_words']} distinct words; vocabulary {stats['vocab_size']} with the lexicon)"
+        )
+    options = BeamSearchOptions(
+        beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
+        word_score=args.word_score, sil_score=args.sil_score, blank_penalty=args.blank_penalty,
+    )
+    decoder = WordBeamDecoder(lexicon, arpa_path, options)
+    info = {"lexicon": lexicon, "lm_name": lm_name}
+    return decoder, train_sentences, info
+
+
+def llm_rescore(
+    decoder: WordBeamDecoder, scorer: CausalLMScorer, records: Sequence[TrialRecord], n_best: int, llm_weights: Sequence[float]
+) -> list[dict]:
+    """n-best lists, LLM scores and the rescored text of every record (fields 'nbest', 'llm_scores',
+    'text_rescored'); with several llm_weights, the WER of each on the labelled records, and the
+    text kept is the best weight's."""
+    for r in tqdm(records, unit="trial", desc="n-best + LLM", file=sys.stderr):
+        r.fields["nbest"] = decoder.decode_nbest(r.logits, n_best)
+        r.fields["llm_scores"] = scorer.score([h.text for h in r.fields["nbest"]])
+    o = decoder.options
+    labelled = [r for r in records if r.sentence_label is not None]
+    refs = [normalize_text(r.sentence_label).split() for r in labelled]
+    results = []
+    for llm_weight in llm_weights:
+        texts = [best_hypothesis(r.fields["nbest"], r.fields["llm_scores"], lm_weight=o.lm_weight, llm_weight=llm_weight,
+                                 word_score=o.word_score) for r in records]
+        for r, text in zip(records, texts):
+            r.fields[f"rescored {llm_weight}"] = text
+        if labelled:
+            n_edits, n_ref = count_edits(refs, [r.fields[f"rescored {llm_weight}"].split() for r in labelled])
+            results.append({"llm_weight": llm_weight, "wer": n_edits / max(n_ref, 1)})
+    best = min(results, key=lambda g: g["wer"])["llm_weight"] if len(llm_weights) > 1 else llm_weights[0]
+    for r in records:
+        r.fields["text_rescored"] = r.fields[f"rescored {best}"]
+    return [{**g, "chosen": g["llm_weight"] == best} for g in results]
+
+
+def decode_word_stage(
+    args: argparse.Namespace, records: list[TrialRecord], sessions: Sequence[str], corpus_of: dict | None,
+    scorer: CausalLMScorer | None, out: Path, speed: dict,
+) -> tuple[dict, dict, list, dict, WordBeamDecoder]:
+    """Beam search (after the grid search), WER, n-best LLM rescoring and the submission file."""
+    decoder, train_sentences, built = build_word_decoder(args, sessions, out)
+    lexicon, grid, rescoring = built["lexicon"], [], {}
+    grid_records = []
+    if args.grid_search:
+        labelled = [r for r in records if r.sentence_label is not None]
+        stride = max(1, len(labelled) // max(args.grid_trials, 1))
+        grid_records = labelled[::stride][: args.grid_trials]
+        grid = grid_search(decoder, grid_records, args.grid_lm_weights, args.grid_word_scores, args.grid_blank_penalties)
+    speed["beam"] = decode_words(decoder, records)
+    word_metrics = score_words(records, corpus_of)
+    if train_sentences and word_metrics:
+        word_metrics["wer_greedy_lookup"] = greedy_lookup_wer(records, lexicon, train_sentences)
+    if scorer is not None:
+        llm_weight = args.llm_weight
+        if args.grid_search:  # llm_weight chosen on the grid's trials, then applied to all
+            rescoring["grid"] = llm_rescore(decoder, scorer, grid_records, args.nbest, args.grid_llm_weights)
+            llm_weight = next(g["llm_weight"] for g in rescoring["grid"] if g["chosen"])
+        start = time.perf_counter()
+        llm_rescore(decoder, scorer, records, args.nbest, [llm_weight])
+        speed["nbest_llm"] = len(records) / max(time.perf_counter() - start, 1e-9)
+        rescoring.update({"llm": args.llm, "llm_weight": llm_weight, "nbest": args.nbest})
+        rescored = score_words(records, corpus_of, field="text_rescored")
+        if rescored:
+            rescoring.update({"wer": rescored["wer"], "edits": rescored["edits"], "n": rescored["n"]})
+            word_metrics["wer_rescored"] = rescored["wer"]
+    ref_words = [w for r in records if r.sentence_label is not None for w in normalize_text(r.sentence_label).split()]
+    decoder_info = {
+        "lexicon_words": len(lexicon), "oov_skipped": len(lexicon.oov_words), "oov_words": lexicon.oov_words[:50],
+        # Reference words the lexicon lacks cannot be decoded: a floor under the WER.
+        "reference_words_not_in_lexicon": sum(w not in lexicon.pronunciations for w in ref_words),
+        "label_words": lexicon.n_label_words, "lm": built["lm_name"], **asdict(decoder.options),
+    }
+    if args.split == "test":
+        final = "text_rescored" if args.llm else "text_decoded"
+        write_submission(out / "submission.csv", [r.fields[final] for r in records])
+    return word_metrics, decoder_info, grid, rescoring, decoder
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    out = Path(args.out)
     compared = [_read_robustness(Path(d), args.perturb) for d in args.compare]  # checked before the long part
     speed: dict[str, float] = {}
+    # Loaded before the models run, so a bad --llm directory stops the run with nothing written.
+    scorer = CausalLMScorer(args.llm, device=args.llm_device, batch_size=args.llm_batch_size) if args.llm else None
 
-    # 1. Logits: from the model, or from an earlier run.
-    if args.logits_in:
-        records, sessions, split = load_logits(args.logits_in)
-        if split != args.split:
-            raise DataError(f"{args.logits_in} holds {split} logits, but --split {args.split} was asked for")
-        model_name = f"logits {args.logits_in}"
-    else:
-        if not args.model_path or not args.data_dir:
-            raise DataError("--model_path and --data_dir are required unless --logits_in is given")
-        load = rnn_model.load_upstream_model if args.upstream else rnn_model.load_run_model
-        loaded = load(args.model_path)
-        sessions, model_name = loaded.sessions, loaded.source
-        check_sessions(sessions, args.data_dir, args.split)
-        device = resolve_device(args.device)
-        inner = loaded.model
-        loader = build_eval_loader(
-            args.data_dir, sessions, args.split, batch_size=args.batch_size, feature_subset=loaded.feature_subset,
-            # Fixed shapes on XLA: the training buckets and full batches, so few graphs compile.
-            static_shapes=device.type == "xla", time_buckets=loaded.time_buckets,
-            patch_size=inner.patch_size, patch_stride=inner.patch_stride,
-        )
-        start = time.perf_counter()
-        records = compute_logits(loaded, loader, device, use_bf16=args.bf16)
-        speed["model"] = len(records) / max(time.perf_counter() - start, 1e-9)
-        save_logits(out / "logits.npz", records, sessions, args.split)
-    if not records:
-        raise DataError(f"no {args.split} trials found")
+    # 1. Posteriors: each model (or saved logits file), combined when there are several.
+    records, sessions, model_name, handles = collect_records(args, out, speed)
+    out.mkdir(parents=True, exist_ok=True)
 
     # 2. Greedy phonemes and PER.
     corpus_of = read_corpus_map(args.description_csv) if args.description_csv else None
     start = time.perf_counter()
-    phoneme_metrics = score_phonemes(records, corpus_of)
+    phoneme_metrics = score_phonemes(records, corpus_of, blank_penalty=args.blank_penalty)
     speed["greedy"] = len(records) / max(time.perf_counter() - start, 1e-9)
 
-    # 3. Words: lexicon, LM, beam search.
-    word_metrics, decoder_info, grid, decoder = {}, {}, [], None
+    # 3. Words: lexicon, LM, beam search, n-best rescoring.
+    word_metrics, decoder_info, grid, rescoring, decoder = {}, {}, [], {}, None
     if not args.no_words:
-        if args.data_dir:
-            train_sentences, train_labels = read_labels(args.data_dir, sessions, "train")
-        elif args.lm_text or args.lm_arpa:
-            train_sentences, train_labels = [], []
-        else:
-            raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
-        lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
-        if args.lm_arpa:
-            arpa_path, lm_name = Path(args.lm_arpa), f"ARPA {args.lm_arpa}"
-            # Words the ARPA file lacks would all share its <unk> probability: leave them out.
-            lm_vocab = read_arpa_vocab(arpa_path)
-            n_dropped = len(lexicon.pronunciations)
-            lexicon.pronunciations = {w: p for w, p in lexicon.pronunciations.items() if w in lm_vocab}
-            n_dropped -= len(lexicon.pronunciations)
-            lm_name += f" ({n_dropped} lexicon words not in its vocabulary left out)"
-        else:
-            if args.lm_text:
-                if not Path(args.lm_text).is_file():
-                    raise DataError(f"LM text file not found: {args.lm_text}")
-                lm_sentences = Path(args.lm_text).read_text().splitlines()
-                lm_source = args.lm_text
-            else:
-                lm_sentences, lm_source = train_sentences, "training sentences"
-            arpa_path = out / "lm.arpa"
-            stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order, vocabulary=lexicon.pronunciations)
-            lm_name = (
-                f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, "
-                f"{stats['n_text_words']} distinct words; vocabulary {stats['vocab_size']} with the lexicon)"
-            )
-        options = BeamSearchOptions(
-            beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
-            word_score=args.word_score, sil_score=args.sil_score,
-        )
-        decoder = WordBeamDecoder(lexicon, arpa_path, options)
-        if args.grid_search:
-            labelled = [r for r in records if r.sentence_label is not None]
-            stride = max(1, len(labelled) // max(args.grid_trials, 1))
-            grid = grid_search(decoder, labelled[::stride][: args.grid_trials], args.grid_lm_weights, args.grid_word_scores)
-        speed["beam"] = decode_words(decoder, records)
-        word_metrics = score_words(records, corpus_of)
-        if train_sentences and word_metrics:
-            word_metrics["wer_greedy_lookup"] = greedy_lookup_wer(records, lexicon, train_sentences)
-        ref_words = [w for r in records if r.sentence_label is not None for w in normalize_text(r.sentence_label).split()]
-        decoder_info = {
-            "lexicon_words": len(lexicon), "oov_skipped": len(lexicon.oov_words), "oov_words": lexicon.oov_words[:50],
-            # Reference words the lexicon lacks cannot be decoded: a floor under the WER.
-            "reference_words_not_in_lexicon": sum(w not in lexicon.pronunciations for w in ref_words),
-            "label_words": lexicon.n_label_words, "lm": lm_name, **asdict(decoder.options),
-        }
-        if args.split == "test":
-            write_submission(out / "submission.csv", [r.fields["text_decoded"] for r in records])
+        word_metrics, decoder_info, grid, rescoring, decoder = decode_word_stage(
+            args, records, sessions, corpus_of, scorer, out, speed)
 
     robustness = {}
     if args.perturb:
         levels = args.levels or DEFAULT_LEVELS[args.perturb]
-        robustness = robustness_sweep(loaded, loader, device, records, decoder, kind=args.perturb, levels=levels,
-                                      seed=args.perturb_seed, use_bf16=args.bf16, name=args.model_path)
+        robustness = robustness_sweep(handles["loaded"], handles["loader"], handles["device"], records, decoder, kind=args.perturb,
+                                      levels=levels, seed=args.perturb_seed, use_bf16=args.bf16, name=args.model_path[0])
         (out / "robustness.json").write_text(json.dumps(robustness, indent=2))
         curves = [robustness, *compared]
         plot_per_by_level({c["model"]: {e["level"]: e["per"] for e in c["levels"]} for c in curves},
@@ -489,16 +657,22 @@ def run(args: argparse.Namespace) -> dict:
         "words": word_metrics,
         "decoder": decoder_info,
         "grid_search": grid,
+        "rescoring": rescoring,
+        "tta": {"n_copies": args.tta, "seed": args.tta_seed} if args.tta else {},
         "speed_trials_per_s": speed,
         "robustness": robustness,
     }
+    write_reports(metrics, records, out)
+    return metrics
+
+
+def write_reports(metrics: dict, records: Sequence[TrialRecord], out: Path) -> None:
     summary = format_summary(metrics)
     print(summary)
     (out / "summary.txt").write_text(summary + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     write_per_trial(out / "per_trial.csv", records)
     plot_per_session(metrics, out / "per_session.png")
-    return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:

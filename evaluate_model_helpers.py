@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
+from config import TransformsConfig
 from data_augmentations import augment_batch
 from dataset import BLANK_ID, PHONEMES, SIL_ID, DataError, load_cmudict
 from robustness import perturb_features, trial_seeds
@@ -65,15 +66,16 @@ def count_edits(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> tuple[int
 
 
 def normalize_text(text: str) -> str:
-    """Lowercase words of letters, apostrophes and hyphens, as upstream scores WER.
+    """A sentence as upstream scores WER, so our WER compares with published numbers.
 
-    Other characters (punctuation, digits) are dropped, as are dashes ("--") and hyphens left
-    dangling after a word ("well - no"); an apostrophe separated from its word ("rock 'n") is
-    re-attached, so that the reference and the decoded text tokenise the same way.
+    Upstream's rule, in its order: keep letters, '-', space and apostrophe; '- ' becomes a
+    space; '--' is deleted; ' \'' becomes '\''; lower case; strip; collapse runs of spaces. So
+    "Well--no" scores as "wellno", "rock 'n" as "rock'n", and a lone '-' survives as a word
+    only when no space follows it.
     """
-    text = re.sub(r"[^a-zA-Z\-' ]", "", text)
-    text = text.replace("--", " ").replace("- ", " ").replace(" '", "'")
-    return " ".join(w for w in text.lower().split() if re.search("[a-z]", w))
+    text = re.sub(r"[^a-zA-Z\- ']", "", text)
+    text = text.replace("- ", " ").replace("--", "").replace(" '", "'").lower().strip()
+    return " ".join(text.split())
 
 
 def error_rates_by(keys: Sequence, refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> dict:
@@ -340,10 +342,11 @@ class BeamSearchOptions:
     beam_size: int = 100  # hypotheses kept per frame
     beam_size_token: int = 41  # phoneme classes tried per frame (41 = all)
     beam_threshold: float = 25.0  # drop hypotheses this far below the best
-    lm_weight: float = 2.0  # multiplies the LM's log10 probabilities (emissions are natural-log)
+    lm_weight: float = 1.0  # multiplies the LM's log10 probabilities (emissions are natural-log)
     word_score: float = 0.0  # added per emitted word (counteracts the LM's preference for short output)
     sil_score: float = 0.0  # added per silence frame outside words
     unk_score: float = -math.inf  # no <unk> words: every word comes from the lexicon
+    blank_penalty: float = 0.0  # subtracted from the blank's log-probability on every frame
 
 
 def _quiet_stderr(function, *args):
@@ -423,24 +426,65 @@ class WordBeamDecoder:
         )
         self.decoder = LexiconDecoder(flashlight_options, self.trie, self.lm, SIL_ID, BLANK_ID, self.unk_index, [], False)
 
-    def set_weights(self, lm_weight: float, word_score: float) -> None:
-        """Change LM weight and word score (the trie and LM are reused)."""
+    def set_weights(self, lm_weight: float, word_score: float, blank_penalty: float | None = None) -> None:
+        """Change LM weight, word score and blank penalty (the trie and LM are reused)."""
         self.options.lm_weight = lm_weight
         self.options.word_score = word_score
+        if blank_penalty is not None:
+            self.options.blank_penalty = blank_penalty
         self._build()
 
-    def decode(self, logits: np.ndarray | torch.Tensor) -> str:
-        """(T, C) logits or log-probabilities of one trial -> the best word sequence."""
-        emissions = torch.as_tensor(logits, dtype=torch.float32).log_softmax(dim=-1).contiguous()
+    def _search(self, logits: np.ndarray | torch.Tensor) -> list:
+        """flashlight's final hypotheses for one trial's (T, C) logits, best first."""
+        emissions = blank_penalised_log_probs(logits, self.options.blank_penalty).contiguous()
         n_frames, n_classes = emissions.shape
         if n_classes != len(PHONEMES):
             raise DataError(f"logits have {n_classes} classes, the lexicon decoder expects {len(PHONEMES)}")
         if n_frames == 0:
-            return ""
-        results = self.decoder.decode(emissions.data_ptr(), n_frames, n_classes)
+            return []
+        return self.decoder.decode(emissions.data_ptr(), n_frames, n_classes)
+
+    def decode(self, logits: np.ndarray | torch.Tensor) -> str:
+        """(T, C) logits or log-probabilities of one trial -> the best word sequence."""
+        results = self._search(logits)
         if not results:
             return ""
         return " ".join(self.word_dict.get_entry(i) for i in results[0].words if i >= 0)
+
+    def decode_nbest(self, logits: np.ndarray | torch.Tensor, n_best: int) -> list["Hypothesis"]:
+        """The `n_best` best distinct word sequences of one trial, best first, with their scores.
+
+        flashlight's final beam holds one entry per path, so a sentence reached along several
+        paths (other silence or blank placements) appears more than once: its best entry stands.
+        """
+        hypotheses: dict[str, Hypothesis] = {}
+        for result in self._search(logits):
+            words = [self.word_dict.get_entry(i) for i in result.words if i >= 0]
+            text = " ".join(words)
+            if text not in hypotheses:
+                hypotheses[text] = Hypothesis(text, float(result.emittingModelScore), float(result.lmScore), len(words))
+                if len(hypotheses) == n_best:
+                    break
+        return list(hypotheses.values())
+
+
+@dataclass
+class Hypothesis:
+    """One word hypothesis of the beam search and the scores that rank it."""
+
+    text: str
+    acoustic: float  # summed log-probabilities of the path's frames (blank penalty included)
+    ngram: float  # the n-gram LM's log10 probability of the words, unweighted
+    n_words: int
+
+
+def blank_penalised_log_probs(logits: np.ndarray | torch.Tensor, blank_penalty: float = 0.0) -> torch.Tensor:
+    """(..., C) logits -> float32 log-probabilities with `blank_penalty` subtracted from the blank
+    class on every frame (upstream's decoder control against deletions)."""
+    log_probs = torch.as_tensor(logits, dtype=torch.float32).log_softmax(dim=-1)
+    if blank_penalty:
+        log_probs[..., BLANK_ID] -= blank_penalty
+    return log_probs
 
 
 class PronunciationLookup:
@@ -492,42 +536,82 @@ class TrialRecord:
     fields: dict[str, Any] = field(default_factory=dict)  # decoded outputs filled in later
 
 
+def tta_noise(
+    features: torch.Tensor, n_time_steps: torch.Tensor, transforms: TransformsConfig, seeds: Sequence[int]
+) -> torch.Tensor:
+    """One test-time-augmented copy of a batch: the training augmentations' white noise and
+    constant offset (data_augmentations.augment_batch, with the run's stds), row b drawn from its
+    own generator seeded with seeds[b] and only over its n_time_steps[b] bins, so a trial's copy
+    is the same in any batch and at any padding. features: (B, T, C) as read, before smoothing."""
+    noise_only = {key: float(getattr(transforms, key)) for key in ("white_noise_std", "constant_offset_std")}
+    out = features.clone()
+    for b, (n_time, seed) in enumerate(zip(n_time_steps.tolist(), seeds)):
+        generator = torch.Generator().manual_seed(int(seed))
+        row = features[b : b + 1, : int(n_time)].cpu()  # (1, n_b, C)
+        noisy, _ = augment_batch(row, n_time_steps[b : b + 1].cpu(), noise_only, training=True, generator=generator)
+        out[b, : int(n_time)] = noisy[0].to(out.device)
+    return out
+
+
+def _batch_logits(
+    loaded: rnn_model.TrainedModel, features: torch.Tensor, batch: dict, device: torch.device, *,
+    static_shapes: bool, use_bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothing as the run was trained with, then the model: (B, T', C) float32 logits on the CPU
+    and each row's number of valid frames (B,)."""
+    features, n_time_steps = augment_batch(
+        features.to(device), batch["n_time_steps"].to(device), loaded.transforms,
+        training=False, static_shapes=static_shapes,
+    )
+    logits, out_lengths = rnn_model.infer(
+        loaded.model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
+    )
+    return logits.float().cpu(), out_lengths.cpu()
+
+
 @torch.no_grad()
 def compute_logits(
     loaded: rnn_model.TrainedModel, loader: DataLoader, device: torch.device, use_bf16: bool = False,
-    perturbation: tuple[str, float, int] | None = None,
+    perturbation: tuple[str, float, int] | None = None, tta: tuple[int, int] | None = None,
 ) -> list[TrialRecord]:
     """Run the model over a dataset.build_eval_loader loader; one record per trial, in order.
 
     With `perturbation` (kind, level, seed), the features are first corrupted by
-    robustness.perturb_features, each trial from its own seed.
+    robustness.perturb_features, each trial from its own seed. With `tta` (n_copies, seed), a
+    record holds the log of the posteriors averaged over n_copies noisy copies (`tta_noise`,
+    seeded by (seed, copy, trial)) instead of the logits.
 
     A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
     with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
     """
     dataset = loader.dataset
-    model = loaded.model.to(device).eval()
+    loaded.model.to(device).eval()
     records: list[TrialRecord] = []
     n_trials = sum(len(entry["trials"]) for entry in dataset.trial_indices.values())
     progress = tqdm(total=n_trials, unit="trial", desc="model", file=sys.stderr)
     for batch_index, batch in zip(loader.sampler, loader):
         plan = dataset.batch_trials(batch_index)  # (day, trial) of each row
+        trial_keys = [day * TRIALS_PER_DAY_BOUND + trial for day, trial in plan]
+        trial_keys += trial_keys[-1:] * (len(batch["input_features"]) - len(trial_keys))  # rows padding a static batch
         labelled = "seq_class_ids" in batch
         features = batch["input_features"]
         if perturbation is not None:  # on the features as read, before the smoothing
             kind, level, seed = perturbation
             # Seeded per trial by (day, trial), so a trial is perturbed alike in any batch.
-            seeds = trial_seeds(seed, [day * TRIALS_PER_DAY_BOUND + trial for day, trial in plan])
-            seeds += seeds[-1:] * (len(features) - len(seeds))  # rows that pad a static-shape batch
-            features = perturb_features(features, batch["n_time_steps"], kind=kind, level=level, seeds=seeds)
-        features, n_time_steps = augment_batch(
-            features.to(device), batch["n_time_steps"].to(device), loaded.transforms,
-            training=False, static_shapes=dataset.static_shapes,
-        )
-        logits, out_lengths = rnn_model.infer(
-            model, features, batch["day_indices"].to(device), n_time_steps, use_amp=use_bf16
-        )
-        logits, out_lengths = logits.float().cpu(), out_lengths.cpu()  # (B, T', C), (B,)
+            features = perturb_features(features, batch["n_time_steps"], kind=kind, level=level, seeds=trial_seeds(seed, trial_keys))
+        run = dict(static_shapes=dataset.static_shapes, use_bf16=use_bf16)
+        if tta is None:
+            logits, out_lengths = _batch_logits(loaded, features, batch, device, **run)
+        else:
+            n_copies, seed = tta
+            copies = []
+            for copy in range(n_copies):
+                seeds = [int(np.random.SeedSequence([seed, copy, key]).generate_state(1)[0]) for key in trial_keys]
+                noisy = tta_noise(features, batch["n_time_steps"], loaded.transforms, seeds)
+                logits, out_lengths = _batch_logits(loaded, noisy, batch, device, **run)
+                copies.append(logits.log_softmax(dim=-1))
+            # Arithmetic mean of the copies' posteriors, kept as log-probabilities.
+            logits = torch.logsumexp(torch.stack(copies), dim=0) - math.log(n_copies)  # (N, B, T', C) -> (B, T', C)
         for i, (day, trial) in enumerate(plan):
             if not batch["row_mask"][i]:
                 continue  # a trial dropped as bad (dataset.on_bad_trial=skip)
@@ -546,6 +630,57 @@ def compute_logits(
         progress.update(int(batch["row_mask"].sum()))
     progress.close()
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensembles: several models' posteriors on one frame grid
+
+COMBINE_RULES = ("prob", "logprob")
+
+
+def combine_posteriors(members: Sequence[np.ndarray], rule: str = "prob", weights: Sequence[float] | None = None) -> np.ndarray:
+    """One trial's (T, C) logits from each model -> the ensemble's (T, C) log-probabilities.
+
+    'prob': log sum_m w_m softmax(x_m), the arithmetic mean of the posteriors (what cut PER most
+    on the 2023 data); 'logprob': sum_m w_m log_softmax(x_m), the geometric mean (unnormalised;
+    decoding renormalises per frame). Weights default to equal and are normalised to sum 1.
+    """
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"combine rule must be one of {COMBINE_RULES}, got {rule!r}")
+    w = torch.tensor(list(weights) if weights is not None else [1.0] * len(members), dtype=torch.float64)
+    if len(w) != len(members):
+        raise ValueError(f"{len(members)} models but {len(w)} weights")
+    w = w / w.sum()
+    log_probs = torch.stack([torch.as_tensor(m, dtype=torch.float64).log_softmax(dim=-1) for m in members])  # (M, T, C)
+    if rule == "prob":
+        combined = torch.logsumexp(log_probs + w.log()[:, None, None], dim=0)  # (M, T, C) -> (T, C)
+    else:
+        combined = (log_probs * w[:, None, None]).sum(dim=0)  # (M, T, C) -> (T, C)
+    return combined.float().numpy()
+
+
+def combine_records(
+    members: Sequence[Sequence[TrialRecord]], names: Sequence[str], rule: str = "prob", weights: Sequence[float] | None = None
+) -> list[TrialRecord]:
+    """The ensemble's records: the members must hold the same trials in the same order, each on
+    the same frame grid; the first member's labels and metadata are kept."""
+    first = members[0]
+    for records, name in zip(members[1:], names[1:]):
+        if len(records) != len(first):
+            raise DataError(f"{name} has {len(records)} trials, {names[0]} has {len(first)}: not the same split and data")
+        for a, b in zip(first, records):
+            if (a.session, a.block_num, a.trial_num) != (b.session, b.block_num, b.trial_num):
+                raise DataError(f"{name}: trial {b.session} block {b.block_num} trial {b.trial_num} where {names[0]} "
+                                f"has {a.session} block {a.block_num} trial {a.trial_num}: not the same trials")
+            if len(a.logits) != len(b.logits):
+                raise DataError(f"{name} and {names[0]} give {a.session} block {a.block_num} trial {a.trial_num} "
+                                f"{len(b.logits)} and {len(a.logits)} frames: their frame grids differ")
+    combined = []
+    for i, record in enumerate(first):
+        logits = combine_posteriors([records[i].logits for records in members], rule, weights)
+        combined.append(TrialRecord(record.session, record.day_index, record.block_num, record.trial_num, logits,
+                                    record.true_phonemes, record.sentence_label))
+    return combined
 
 
 def save_logits(path: Path, records: Sequence[TrialRecord], sessions: Sequence[str], split: str) -> None:

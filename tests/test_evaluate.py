@@ -124,7 +124,8 @@ def test_val_words_logits_roundtrip_and_corpus_table(data_dir: Path, run_dir: Pa
     description.write_text("\n".join(rows) + "\n")
     common = ["--split", "val", "--lexicon_words", "train", "--beam_size", "20", "--description_csv", str(description)]
     first = evaluate(["--model_path", str(run_dir), "--data_dir", str(data_dir), *common,
-                      "--grid_search", "--grid_lm_weights", "0.5,1", "--grid_word_scores", "0", "--out", str(tmp_path / "a")])
+                      "--grid_search", "--grid_lm_weights", "0.5,1", "--grid_word_scores", "0", "--grid_blank_penalties", "0",
+                      "--out", str(tmp_path / "a")])
     for name in ("logits.npz", "per_trial.csv", "metrics.json", "summary.txt", "per_session.png", "lm.arpa"):
         assert (tmp_path / "a" / name).is_file(), name
     assert len(first["grid_search"]) == 2 and 0 <= first["words"]["wer_greedy_lookup"]
@@ -135,6 +136,7 @@ def test_val_words_logits_roundtrip_and_corpus_table(data_dir: Path, run_dir: Pa
     second = evaluate(["--logits_in", str(tmp_path / "a" / "logits.npz"), "--lm_arpa", str(tmp_path / "a" / "lm.arpa"),
                        "--data_dir", str(data_dir), *common,
                        "--lm_weight", str(first["decoder"]["lm_weight"]), "--word_score", str(first["decoder"]["word_score"]),
+                       "--blank_penalty", str(first["decoder"]["blank_penalty"]),
                        "--out", str(tmp_path / "b")])
     assert second["phonemes"] == first["phonemes"] and second["words"] == first["words"]
 
@@ -249,3 +251,119 @@ def test_robustness_sweep_writes_per_by_level_and_compares_runs(data_dir: Path, 
     assert (tmp_path / "b" / "per_channel_dropout.png").stat().st_size > 0
     assert evaluate_model.main(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--no_words",
                                 "--perturb", "bursts", "--compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+
+
+# ---------------------------------------------------------------------------------- ensembles and TTA
+
+
+def test_combination_rules_follow_their_formulas():
+    from evaluate_model_helpers import combine_posteriors
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 41)), rng.normal(size=(6, 41))
+    p_a, p_b = torch.from_numpy(a).softmax(-1).numpy(), torch.from_numpy(b).softmax(-1).numpy()
+    np.testing.assert_allclose(combine_posteriors([a, b], "prob", [1, 3]), np.log(0.25 * p_a + 0.75 * p_b), atol=1e-5)
+    np.testing.assert_allclose(combine_posteriors([a, b], "logprob", [1, 3]), 0.25 * np.log(p_a) + 0.75 * np.log(p_b), atol=1e-5)
+    np.testing.assert_allclose(combine_posteriors([a, b], "prob"), np.log(0.5 * p_a + 0.5 * p_b), atol=1e-5)  # equal weights
+    for rule in ("prob", "logprob"):  # one member, or two copies: that model's log-probabilities
+        np.testing.assert_allclose(combine_posteriors([a], rule), np.log(p_a), atol=1e-5)
+        np.testing.assert_allclose(combine_posteriors([a, a], rule), np.log(p_a), atol=1e-5)
+
+
+def _texts(out: Path) -> list[tuple[str, str]]:
+    with (out / "per_trial.csv").open() as f:
+        return [(r["phonemes_decoded"], r["text_decoded"]) for r in csv.DictReader(f)]
+
+
+def test_ensemble_of_one_model_or_two_copies_equals_the_model(data_dir: Path, run_dir: Path, tmp_path: Path):
+    common = ["--data_dir", str(data_dir), "--split", "val", "--lexicon_words", "train", "--beam_size", "10"]
+    single = evaluate(["--model_path", str(run_dir), *common, "--out", str(tmp_path / "one")])
+    for rule in ("prob", "logprob"):
+        out = tmp_path / f"two_{rule}"
+        double = evaluate(["--model_path", str(run_dir), str(run_dir), "--combine", rule, *common, "--out", str(out)])
+        assert double["phonemes"]["per"] == single["phonemes"]["per"] and double["words"]["wer"] == single["words"]["wer"]
+        assert _texts(out) == _texts(tmp_path / "one")
+        assert (out / "logits_0.npz").is_file() and (out / "logits_1.npz").is_file()  # one cache per model
+    # The cached logits join an ensemble without rerunning their model; several files combine too.
+    cached = str(tmp_path / "one" / "logits.npz")
+    for members in (["--logits_in", cached, "--model_path", str(run_dir)], ["--logits_in", cached, cached]):
+        mixed = evaluate([*members, "--weights", "1", "2", *common, "--out", str(tmp_path / "mixed")])
+        assert mixed["phonemes"]["per"] == single["phonemes"]["per"] and _texts(tmp_path / "mixed") == _texts(tmp_path / "one")
+
+
+def test_ensemble_bad_input_exits_2_before_any_model_runs(
+    data_dir: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a model ran before the ensemble was checked")
+
+    monkeypatch.setattr(evaluate_model, "compute_logits", must_not_run)
+    other_grid = tmp_path / "stride2"
+    (other_grid / "checkpoint").mkdir(parents=True)
+    cfg = tiny_config(data_dir, other_grid)
+    cfg.model.patch_stride = 2
+    save_config(cfg, other_grid / "config.yaml")
+    torch.save({"model_state_dict": rnn_model.build_model(cfg.model, n_days=3).state_dict(), "sessions": SESSIONS},
+               other_grid / "checkpoint" / "best_checkpoint.pt")
+    short = tmp_path / "short"
+    (short / "checkpoint").mkdir(parents=True)
+    cfg = tiny_config(data_dir, short)
+    cfg.dataset.sessions = SESSIONS[:2]
+    save_config(cfg, short / "config.yaml")
+    torch.save({"model_state_dict": rnn_model.build_model(cfg.model, n_days=2).state_dict(), "sessions": SESSIONS[:2]},
+               short / "checkpoint" / "best_checkpoint.pt")
+    out = tmp_path / "out"
+    cases = [
+        (["--model_path", str(run_dir), str(other_grid)], f"{other_grid} (patch 14, stride 2)"),
+        (["--model_path", str(run_dir), str(short)], "different session lists"),
+        (["--model_path", str(run_dir), str(run_dir), "--weights", "1"], "--weights has 1 values for 2"),
+    ]
+    for members, message in cases:
+        assert evaluate_model.main([*members, "--data_dir", str(data_dir), "--no_words", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()  # nothing written
+
+
+def test_tta_of_one_clean_copy_is_plain_decoding_and_independent_of_batching(data_dir: Path, run_dir: Path):
+    from dataset import build_eval_loader
+    from evaluate_model_helpers import compute_logits
+
+    loaded = rnn_model.load_run_model(run_dir)
+
+    def logits(batch_size: int, tta=None) -> list[np.ndarray]:
+        loader = build_eval_loader(str(data_dir), loaded.sessions, "val", batch_size=batch_size, patch_size=14, patch_stride=4)
+        return [r.logits for r in compute_logits(loaded, loader, torch.device("cpu"), tta=tta)]
+
+    plain = logits(4)
+    loaded.transforms.white_noise_std, loaded.transforms.constant_offset_std = 0.0, 0.0
+    for a, b in zip(plain, logits(4, tta=(1, 0))):
+        np.testing.assert_allclose(torch.from_numpy(a).log_softmax(-1).numpy(), b, atol=1e-5)
+    loaded.transforms.white_noise_std, loaded.transforms.constant_offset_std = 1.0, 0.2
+    noisy = logits(4, tta=(3, 0))
+    assert all(not np.allclose(torch.from_numpy(a).log_softmax(-1).numpy(), b, atol=1e-3) for a, b in zip(plain, noisy))
+    for a, b in zip(noisy, logits(3, tta=(3, 0))):  # other batch-mates and padding: the same copies
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_blank_penalty_lengthens_greedy_output():
+    from evaluate_model_helpers import blank_penalised_log_probs
+
+    # Frames: phoneme 5 clear, then blank narrowly ahead of phoneme 7.
+    logits = torch.tensor([[0.0] * 41, [0.0] * 41])
+    logits[0, 5], logits[1, 0], logits[1, 7] = 4.0, 3.0, 2.5
+    assert greedy_ctc_decode(blank_penalised_log_probs(logits)[None], torch.tensor([2]))[0] == [5]
+    penalised = blank_penalised_log_probs(logits, 1.0)
+    np.testing.assert_allclose(penalised[:, 0], logits.log_softmax(-1)[:, 0] - 1.0, atol=1e-6)
+    assert greedy_ctc_decode(penalised[None], torch.tensor([2]))[0] == [5, 7]
+
+
+def test_every_evaluator_function_is_at_most_100_lines():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("evaluate_model.py", "evaluate_model_helpers.py", "llm_rescoring.py"):
+        tree = ast.parse((root / name).read_text())
+        long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+                if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and f.end_lineno - f.lineno + 1 > 100]
+        assert not long, (name, long)

@@ -35,10 +35,18 @@ def ids(*symbols: str) -> tuple[int, ...]:
 
 
 def test_normalize_text_matches_upstream_rules():
+    # Upstream's rule: keep letters, '-', space, apostrophe; '- ' -> ' '; drop '--'; " '" -> "'";
+    # lower case; strip; collapse spaces.
     assert normalize_text("Hello, World!") == "hello world"
-    assert normalize_text("I don't know -- maybe   twenty-one.") == "i don't know maybe twenty-one"
+    assert normalize_text("Well--no") == "wellno"  # '--' deleted, not a word break
+    # '- ' is replaced before '--' is looked for: a spaced dash keeps its first hyphen as a word.
+    assert normalize_text("I don't know -- maybe   twenty-one.") == "i don't know - maybe twenty-one"
     assert normalize_text("Rock 'n roll, 42 times") == "rock'n roll times"
-    assert normalize_text("well - no") == "well no"
+    assert normalize_text("well - no") == "well no"  # '- ' becomes a space
+    assert normalize_text("a -b") == "a -b"  # a hyphen not followed by a space survives
+    assert normalize_text("so -") == "so -"  # at the end nothing follows it: upstream keeps it
+    assert normalize_text("---x") == "-x"  # '--' removed once, left to right
+    assert normalize_text("  The   END.  ") == "the end"
 
 
 def test_split_words_cuts_at_silence():
@@ -179,3 +187,17 @@ def test_homophones_beyond_trie_limit_are_handled(tmp_path: Path):
     write_arpa(["ag ag ag", "ag"], arpa, order=2)
     decoder = WordBeamDecoder(lexicon, arpa)
     assert decoder.decode(_clean_logits(list(ids("B", "IY")) + [SIL_ID])) == "ag"
+
+
+def test_nbest_scores_add_up_to_the_beam_score_and_are_distinct(grammar_setup):
+    _, held_out, _, decoder = grammar_setup
+    rng = np.random.default_rng(3)
+    logits = _noisy_logits(phonemize(held_out[0].split()), rng, p_sub=0.4)
+    raw = decoder._search(logits)
+    hypotheses = decoder.decode_nbest(logits, 5)
+    assert 1 < len(hypotheses) <= 5 and len({h.text for h in hypotheses}) == len(hypotheses)
+    assert hypotheses[0].text == decoder.decode(logits)
+    o = decoder.options
+    # flashlight's own score is the rescoring rule without the LLM (sil_score is 0 here).
+    totals = [h.acoustic + o.lm_weight * h.ngram + o.word_score * h.n_words for h in hypotheses]
+    assert totals[0] == pytest.approx(raw[0].score, abs=1e-3) and totals == sorted(totals, reverse=True)
