@@ -56,9 +56,13 @@ def base_run(holdout_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A trained decoder of the two training sessions (the held-out one is not in its list)."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
+    n_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread avoids oversubscribing a busy machine
-    rnn_trainer.train(_base_config(holdout_dir, run_dir, f"num_training_batches={N_BASE_STEPS}",
-                                   f"batches_per_val_step={N_BASE_STEPS}", f"batches_per_train_log={N_BASE_STEPS}"))
+    try:
+        rnn_trainer.train(_base_config(holdout_dir, run_dir, f"num_training_batches={N_BASE_STEPS}",
+                                       f"batches_per_val_step={N_BASE_STEPS}", f"batches_per_train_log={N_BASE_STEPS}"))
+    finally:
+        torch.set_num_threads(n_threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     return run_dir
 
