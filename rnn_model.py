@@ -12,7 +12,8 @@ GRUs run through `xla_gru.GRU` (same parameters as nn.GRU, backward memory linea
 `decoder_outputs` and `infer` are the one way callers run either model (autocast policy, the
 model call, output lengths); `read_checkpoint` is the one reader of checkpoint files, this
 repo's and upstream's, and `load_run_model` / `load_upstream_model` rebuild a trained decoder
-from a model directory.
+from a model directory; `load_day_mapped` loads weights trained under another session list, day
+layers matched by session (calibration, init_from_checkpoint).
 
 Used as a library: `from rnn_model import build_model, infer, read_checkpoint, GRUDecoder, TripleGRUDecoder`.
 Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
