@@ -3,6 +3,8 @@
 Every read of this layout and every padded batch, for training, validation and evaluation,
 comes from here. Used as a library (rnn_trainer.py, evaluate_model.py, the benchmarks):
     from dataset import build_dataloaders, build_eval_loader, read_labels, DataError, PHONEMES
+Calibration to one session (calibrate_session.py) reads it through session_trial_index; a run whose
+session list differs from its initial checkpoint's maps day layers by name through day_sources.
 Layout: <dataset_dir>/t15.YYYY.MM.DD/data_{train,val,test}.hdf5, groups trial_0000, ... holding
 `input_features` (T, 512) and, for train/val, `seq_class_ids` / `transcription` (zero-padded).
 Day index = position of the session in the session list, for every split.
@@ -95,6 +97,21 @@ def discover_sessions(dataset_dir: str) -> list[str]:
     if not sessions:
         raise DataError(f"{dataset_dir}: no session folders (t15.YYYY.MM.DD) found")
     return sessions
+
+
+def day_sources(source_sessions: Sequence[str], sessions: Sequence[str]) -> list[int | None]:
+    """For each session of `sessions`, its day index in `source_sessions` (a checkpoint's session
+    list), or None where the source has no day layer for it.
+
+    Day index = position in a session list, so weights trained under one list are moved to another
+    by session name, not by position: a run may drop, reorder or add sessions (a new session then
+    starts from a fresh day layer).
+    """
+    if len(set(sessions)) != len(sessions):
+        repeated = sorted({s for s in sessions if list(sessions).count(s) > 1})
+        raise DataError(f"session list names {', '.join(repeated)} more than once (one day layer per session)")
+    position = {name: day for day, name in enumerate(source_sessions)}
+    return [position.get(name) for name in sessions]
 
 
 def session_files(dataset_dir: str, sessions: Sequence[str], split: str) -> list[str | None]:
@@ -607,6 +624,29 @@ def build_eval_loader(
         time_buckets=buckets, max_seq_elements=derived_label_padding(index), on_bad_trial=on_bad_trial,
     )
     return _loader(eval_set, batch_size=None, sampler=range(len(eval_set)), n_workers=0, seed=0, pin_memory=False)
+
+
+def session_trial_index(
+    dataset_dir: str, session: str, split: str, *, day: int, n_trials: int | None = None, cfg: Any = None
+) -> dict[int, dict]:
+    """One session's trials of a split as a split index under day index `day` (the session's
+    position in the model's session list), keeping its first `n_trials` trials in trial order.
+
+    For calibrating a model to one session (calibrate_session.py): the index feeds a
+    BrainToTextDataset whose batches carry `day` as their day_indices. DataError when the session
+    has no such split or fewer than n_trials usable trials. `cfg` supplies the patching and
+    on_bad_trial checks of the trainer's loaders.
+    """
+    path = session_files(dataset_dir, [session], split)[0]
+    if path is None:
+        raise DataError(f"{os.path.join(dataset_dir, session)}: session has no data_{split}.hdf5")
+    kwargs = _index_kwargs(cfg) if cfg is not None else {}
+    index, _ = train_test_split_indices([path], 0, labelled=split != "test", **kwargs)
+    entry = index[0]
+    if n_trials is not None and n_trials > len(entry["trials"]):
+        raise DataError(f"{path}: {n_trials} trials asked for, but the session has only {len(entry['trials'])} usable {split} trials")
+    trials = entry["trials"][:n_trials]
+    return {day: {"trials": trials, "session_path": path, "meta": {t: entry["meta"][t] for t in trials}}}
 
 
 def _trial_groups(f: h5py.File) -> list[str]:

@@ -28,6 +28,15 @@ own (see `Artifacts`):
     python make_synthetic_data.py --out data/synthetic_artifacts --burst_rate 0.5 --dead_rate 0.02 \
         --saturated_rate 0.01 --baseline_shift_std 0.5 [--artifact_splits train val test]
 
+Held-out sessions, for calibrating a trained decoder to a day it has not seen (calibrate_session.py):
+--holdout_sessions N writes N more sessions after the n_sessions training ones, under the next
+real session dates, whose drift continues from the last training session; every held-out session
+has val and test data. Their names go to <out>/holdout_sessions.txt; train on the others by listing
+them (the command prints the override). The training sessions are byte-identical to those written
+without the option:
+
+    python make_synthetic_data.py --out data/synthetic_holdout --holdout_sessions 2
+
 Library use: `from make_synthetic_data import generate_dataset, generate_sentences`.
 """
 
@@ -356,8 +365,10 @@ def generate_dataset(
     mean_phoneme_bins: float = 10.0,
     trials_per_block: int = 20,
     artifacts: Artifacts | None = None,
+    n_holdout_sessions: int = 0,
 ) -> list[str]:
-    """Write a synthetic dataset under `out_dir`; returns the session names (day order).
+    """Write a synthetic dataset under `out_dir`; returns the session names (day order), the
+    `n_holdout_sessions` held-out ones last (also listed in <out_dir>/holdout_sessions.txt).
 
     Deterministic in `seed`; a session's data depends only on (seed, its position), so adding
     sessions does not change the earlier ones. `artifacts` draw from a random stream of their own,
@@ -365,9 +376,14 @@ def generate_dataset(
     """
     if not 1 <= n_sessions <= len(REAL_SESSIONS):
         raise ValueError(f"n_sessions must be in 1..{len(REAL_SESSIONS)}, got {n_sessions}")
+    if not 0 <= n_holdout_sessions <= len(REAL_SESSIONS) - n_sessions:
+        raise ValueError(f"n_sessions + holdout_sessions must be at most {len(REAL_SESSIONS)} (the real session dates), "
+                         f"got {n_sessions} + {n_holdout_sessions}")
     if n_train_trials < 1:
         raise ValueError(f"n_train_trials must be >= 1, got {n_train_trials}")
-    sessions = REAL_SESSIONS[:n_sessions]
+    # Held-out sessions take the next dates: one drifting sequence, so their drift continues.
+    sessions = REAL_SESSIONS[: n_sessions + n_holdout_sessions]
+    holdout = set(sessions[n_sessions:])
     models = _session_models(sessions, seed)
     latents = _phoneme_latents(seed)
     artifact_splits = set(artifacts.splits) if artifacts is not None and artifacts.active() else set()
@@ -376,7 +392,7 @@ def generate_dataset(
         folder = os.path.join(out_dir, session)
         os.makedirs(folder, exist_ok=True)
         splits = [("train", n_train_trials, True)]
-        if session not in TRAIN_ONLY_SESSIONS:
+        if session not in TRAIN_ONLY_SESSIONS or session in holdout:  # calibration is scored on val
             splits += [("val", n_val_trials, True), ("test", n_test_trials, False)]
         block = 1
         for split_code, (split, n_trials, labelled) in enumerate(splits):
@@ -402,6 +418,9 @@ def generate_dataset(
         writer.writerow(["id", "session", "block_num", "trial_num", "sentence_label"])
         for i, row in enumerate(answer_rows):
             writer.writerow([i, *row])
+    if n_holdout_sessions:
+        with open(os.path.join(out_dir, "holdout_sessions.txt"), "w") as f:
+            f.write("".join(name + "\n" for name in sessions[n_sessions:]))
     return sessions
 
 
@@ -414,6 +433,8 @@ def main() -> None:
     parser.add_argument("--n_test_trials", type=int, default=16, help="test trials per session that has test data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snr", type=float, default=0.3, help="scale of the speech signal on the channels")
+    parser.add_argument("--holdout_sessions", type=int, default=0,
+                        help="extra sessions after the training ones, for calibration (listed in holdout_sessions.txt)")
     artifacts = parser.add_argument_group("artifacts, all off by default (amplitudes in block stds, 20 ms bins)")
     artifact_fields = [f for f in dataclasses.fields(Artifacts) if f.name != "splits"]
     for f in artifact_fields:
@@ -422,15 +443,22 @@ def main() -> None:
     artifacts.add_argument("--artifact_splits", nargs="+", default=list(Artifacts.splits), choices=Artifacts.splits,
                            help="splits that get the artifacts (default: all)")
     args = parser.parse_args()
+    if args.holdout_sessions < 0 or args.n_sessions + args.holdout_sessions > len(REAL_SESSIONS):
+        parser.error(f"--n_sessions + --holdout_sessions must be in 1..{len(REAL_SESSIONS)} (the real session dates)")
     start = time.time()
     sessions = generate_dataset(
         args.out, args.n_sessions, args.n_train_trials, args.n_val_trials, args.n_test_trials, args.seed, args.snr,
         artifacts=Artifacts(
             **{f.name: getattr(args, f.name) for f in artifact_fields}, splits=tuple(args.artifact_splits)
         ),
+        n_holdout_sessions=args.holdout_sessions,
     )
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(args.out) for n in names)
     print(f"wrote {len(sessions)} sessions to {args.out} ({size / 1e6:.0f} MB) in {time.time() - start:.1f} s")
+    if args.holdout_sessions:
+        training = sessions[: args.n_sessions]
+        print(f"held out {', '.join(sessions[args.n_sessions:])}; train on the others with "
+              f"--set dataset.sessions=[{','.join(training)}]")
 
 
 if __name__ == "__main__":

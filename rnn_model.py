@@ -12,13 +12,15 @@ GRUs run through `xla_gru.GRU` (same parameters as nn.GRU, backward memory linea
 `decoder_outputs` and `infer` are the one way callers run either model (autocast policy, the
 model call, output lengths); `read_checkpoint` is the one reader of checkpoint files, this
 repo's and upstream's, and `load_run_model` / `load_upstream_model` rebuild a trained decoder
-from a model directory.
+from a model directory; `load_day_mapped` loads weights trained under another session list, day
+layers matched by session (calibration, init_from_checkpoint).
 
 Used as a library: `from rnn_model import build_model, infer, read_checkpoint, GRUDecoder, TripleGRUDecoder`.
 Tested by: `.venv/bin/python -m pytest tests/test_model.py -q`.
 """
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from config import ConfigError, TransformsConfig, config_from_dict, from_upstream, load_config
+from config import Config, ConfigError, TransformsConfig, config_from_dict, from_upstream, load_config
 from xla_gru import GRU
 
 # Prefixes that wrappers add to saved parameter names: torch.compile and DistributedDataParallel.
@@ -35,6 +37,7 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Where a checkpoint sits inside a model directory: this repo's run directories, then upstream's.
 CHECKPOINT_NAMES = (Path("checkpoint") / "best_checkpoint.pt", Path("checkpoint") / "best_checkpoint")
 UPSTREAM_ARGS = Path("checkpoint") / "args.yaml"  # upstream's config, saved beside its checkpoint
+_DAY_KEY = re.compile(r"(.*day_(?:weights|biases))\.(\d+)")  # a day layer's state-dict key: (prefix, day)
 
 
 class CheckpointError(ValueError):
@@ -451,15 +454,9 @@ def _check_patching(patch_size: int, patch_stride: int) -> None:
         raise ValueError(f"patch_size must be >= 0 and patch_stride > 0 when patching; got {patch_size}, {patch_stride}")
 
 
-def load_state_dict_compat(
-    model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any], source: str | Path | None = None
-) -> Any:
-    """Load an upstream or local checkpoint dict, or a bare state dict, strictly into `model`.
-
-    Accepts {'model_state_dict': ...} checkpoints and strips the `_orig_mod.` (torch.compile) and
-    `module.` (DDP) prefixes, in any nesting. Returns load_state_dict's result. With `source` (the
-    file the weights came from), weights that do not fit raise CheckpointError naming it.
-    """
+def _stripped_state_dict(state_dict_or_checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model state dict of a checkpoint dict (or a bare state dict) with the `_orig_mod.`
+    (torch.compile) and `module.` (DDP) prefixes stripped, in any nesting."""
     state_dict = state_dict_or_checkpoint
     if "model_state_dict" in state_dict:
         state_dict = state_dict["model_state_dict"]
@@ -472,6 +469,53 @@ def load_state_dict_compat(
                 if key.startswith(prefix):
                     key, stripped = key[len(prefix) :], True
         cleaned[key] = value
+    return cleaned
+
+
+def load_day_mapped(
+    model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any], day_sources: Sequence[int | None],
+    source: str | Path | None = None,
+) -> Any:
+    """Load a checkpoint trained with another session list: day d of `model` gets the checkpoint's
+    day `day_sources[d]` (dataset.day_sources maps them by session name), or keeps the fresh
+    layer `model` was built with (identity weights, zero biases) where that is None. Every other
+    weight is loaded strictly, as load_state_dict_compat.
+
+    Works on state-dict keys (`...day_weights.{d}`, `...day_biases.{d}`), whatever the modules
+    hold the days in.
+    """
+    loaded = _stripped_state_dict(state_dict_or_checkpoint)
+    mapped = {}
+    for key, fresh in model.state_dict().items():
+        match = _DAY_KEY.fullmatch(key)
+        if match is None:
+            if key in loaded:
+                mapped[key] = loaded[key]
+            continue  # a missing key: the strict load below names it
+        day = int(match.group(2))
+        if day >= len(day_sources):
+            raise CheckpointError(f"{key}: the model has more days than the {len(day_sources)} day sources given")
+        origin = day_sources[day]
+        origin_key = f"{match.group(1)}.{origin}"
+        if origin is not None and origin_key not in loaded:
+            raise CheckpointError(f"{source or 'checkpoint'}: has no {origin_key} (day {origin} of its session list)")
+        mapped[key] = fresh if origin is None else loaded[origin_key]
+    for key in loaded:  # keys the model lacks, apart from the day layers of days left out
+        if _DAY_KEY.fullmatch(key) is None and key not in mapped:
+            mapped[key] = loaded[key]
+    return load_state_dict_compat(model, mapped, source=source)
+
+
+def load_state_dict_compat(
+    model: nn.Module, state_dict_or_checkpoint: Mapping[str, Any], source: str | Path | None = None
+) -> Any:
+    """Load an upstream or local checkpoint dict, or a bare state dict, strictly into `model`.
+
+    Accepts {'model_state_dict': ...} checkpoints and strips the `_orig_mod.` (torch.compile) and
+    `module.` (DDP) prefixes, in any nesting. Returns load_state_dict's result. With `source` (the
+    file the weights came from), weights that do not fit raise CheckpointError naming it.
+    """
+    cleaned = _stripped_state_dict(state_dict_or_checkpoint)
     try:
         return model.load_state_dict(cleaned, strict=True)
     except RuntimeError as error:
@@ -592,6 +636,7 @@ class TrainedModel:
     time_buckets: list[int]  # padded lengths on XLA, as in training
     feature_subset: list[int] | None = None
     source: str = ""  # the checkpoint file
+    config: Config | None = None  # the config the model was built from (upstream's mapped to this schema)
 
 
 def load_run_model(model_path: str | Path) -> TrainedModel:
@@ -613,6 +658,7 @@ def load_run_model(model_path: str | Path) -> TrainedModel:
     return TrainedModel(
         model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms,
         time_buckets=list(cfg.dataset.time_buckets), feature_subset=cfg.dataset.feature_subset, source=str(path),
+        config=cfg,
     )
 
 
@@ -639,7 +685,7 @@ def load_upstream_model(model_path: str | Path) -> TrainedModel:
     load_state_dict_compat(model, read_checkpoint(path), source=path)
     return TrainedModel(
         model=model.eval(), sessions=sessions, transforms=cfg.dataset.data_transforms, time_buckets=[],
-        feature_subset=cfg.dataset.feature_subset, source=str(path),
+        feature_subset=cfg.dataset.feature_subset, source=str(path), config=cfg,
     )
 
 

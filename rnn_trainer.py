@@ -43,7 +43,7 @@ from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_co
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
 from day_adamw import DayAdamW, count_days
-from dataset import build_dataloaders
+from dataset import build_dataloaders, day_sources
 from evaluate_model_helpers import count_edits, greedy_ctc_decode
 
 CHECKPOINT_DIR = "checkpoint"
@@ -688,7 +688,7 @@ def _plot_curves(run_dir: Path) -> None:
 
 
 def _build_replica_model(
-    cfg: Config, *, n_days: int, device: torch.device, rank: int, broadcast: bool
+    cfg: Config, *, n_days: int, device: torch.device, rank: int, broadcast: bool, sessions: Sequence[str] | None = None
 ) -> nn.Module:
     """This replica's model on its device, holding the same weights as every other replica.
 
@@ -697,12 +697,17 @@ def _build_replica_model(
     parameters and buffers are sent to the others explicitly. Afterwards the global RNG is
     per replica, for dropout and augmentation: replica r > 0 reseeds with seed + r, replica 0
     continues the stream it built with, so a one-process run draws what it always drew.
-    `init_from_checkpoint` may name a checkpoint file, a run directory or an upstream model directory.
+    `init_from_checkpoint` may name a checkpoint file, a run directory or an upstream model directory;
+    its day layers are matched to `sessions` (the run's list, day index = position) by name.
     """
     set_seed(cfg.seed)
     model = rnn_model.build_model(cfg.model, n_days=n_days)
     if cfg.init_from_checkpoint:
-        load_checkpoint(cfg.init_from_checkpoint, model=model)
+        checkpoint = rnn_model.read_checkpoint(cfg.init_from_checkpoint)
+        # Day layers follow the session names (a new session starts as identity); a checkpoint
+        # that names no sessions (upstream's) is loaded by position.
+        sources = day_sources(checkpoint.get("sessions") or sessions, sessions) if sessions else list(range(n_days))
+        rnn_model.load_day_mapped(model, checkpoint, sources, source=rnn_model.checkpoint_file(cfg.init_from_checkpoint))
     model.to(device)
     if broadcast:
         import torch_xla.core.xla_model as xm
@@ -786,7 +791,7 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
         save_config(cfg, run_dir / "config.yaml")
     _barrier(accelerator)
 
-    model = _build_replica_model(cfg, n_days=len(sessions), device=device, rank=rank, broadcast=is_xla and world > 1)
+    model = _build_replica_model(cfg, n_days=len(sessions), sessions=sessions, device=device, rank=rank, broadcast=is_xla and world > 1)
     optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)

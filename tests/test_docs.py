@@ -98,6 +98,7 @@ def _parse_in_main(module_name: str, args: list[str], monkeypatch: pytest.Monkey
 
 def _check_script(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse `args` as `script` does; for the trainers also load the config with its overrides."""
+    import calibrate_session
     import evaluate_model
     import launch_tpu_training
     import train_model
@@ -108,6 +109,7 @@ def _check_script(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch)
         "train_model.py": train_model.parse_args,
         "launch_tpu_training.py": launch_tpu_training.build_parser().parse_args,
         "evaluate_model.py": evaluate_model.build_parser().parse_args,
+        "calibrate_session.py": calibrate_session.build_parser().parse_args,
         "make_synthetic_data.py": lambda a: _parse_in_main("make_synthetic_data", a, monkeypatch),
         "ablation.py": lambda a: _parse_in_main("ablation", a, monkeypatch),
     }

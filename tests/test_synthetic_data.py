@@ -236,3 +236,36 @@ def test_command_line_artifact_options_reach_the_chosen_split(tmp_path):
     clean, bursts = _file_hashes(tmp_path / "clean"), _file_hashes(tmp_path / "bursts")
     changed = sorted(path for path in clean if clean[path] != bursts[path])
     assert changed == [os.path.join(session, "data_train.hdf5") for session in synth.REAL_SESSIONS[:2]]
+
+
+def test_holdout_sessions_continue_the_drift_and_leave_the_training_sessions_unchanged(tmp_path):
+    kwargs = {"n_sessions": 2, "n_train_trials": 3, "n_val_trials": 2, "n_test_trials": 1, "seed": 5}
+    plain = synth.generate_dataset(str(tmp_path / "plain"), **kwargs)
+    held = synth.generate_dataset(str(tmp_path / "held"), n_holdout_sessions=2, **kwargs)
+    assert plain == synth.REAL_SESSIONS[:2] and held == synth.REAL_SESSIONS[:4]
+    plain_files, held_files = _file_hashes(tmp_path / "plain"), _file_hashes(tmp_path / "held")
+    assert "holdout_sessions.txt" not in plain_files  # without the option nothing new is written
+    for name, digest in plain_files.items():
+        if name != "test_sentences.csv":  # which also lists the held-out sessions' test trials
+            assert held_files[name] == digest, name
+    assert (tmp_path / "held" / "holdout_sessions.txt").read_text().split() == held[2:]
+    for session in held[2:]:  # every held-out session can be scored on val
+        assert {f"{session}/data_{split}.hdf5" for split in ("train", "val", "test")} <= set(held_files)
+    # The held-out days drift on from the last training day: further in time, less alike.
+    models = synth._session_models(held, seed=5)
+    last = models[1].tc_map
+
+    def similarity(a, b):
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    assert similarity(last, models[2].tc_map) > similarity(last, models[3].tc_map)
+
+
+def test_command_line_rejects_more_sessions_than_real_dates(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "make_synthetic_data.py", "--out", str(tmp_path / "x"), "--n_sessions", "44",
+         "--holdout_sessions", "2"], cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "--n_sessions + --holdout_sessions must be in 1..45" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "x").exists()
