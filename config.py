@@ -112,6 +112,9 @@ class Config:
     batches_per_val_step: int = 2_000
     save_best_checkpoint: bool = True
     save_final_model: bool = True
+    checkpoint_every_steps: int = 300  # periodic last-state checkpoints, independent of validation; 0: none
+    keep_checkpoints: int = 2  # periodic checkpoints kept (besides best and last)
+    resume: str | None = None  # 'auto': continue output_dir's newest checkpoint when there is one
     early_stopping: bool = False
     early_stopping_val_steps: int = 20
     use_tpu: bool = False
@@ -132,6 +135,7 @@ _CHOICES = {
     "optimizer.lr_scheduler_type": ("cosine", "linear"),
     # Accelerate's trackers (accelerate.utils.LoggerType), by name; not imported here because
     # importing accelerate picks the XLA backend before train_model.py can choose.
+    "resume": (None, "auto"),
     "log_with": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
                  "trackio"),
 }
@@ -199,9 +203,26 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_ranges(cfg: Config) -> Config:
+    """Values of the right type that still cannot work."""
+    if cfg.optimizer.grad_norm_clip_value < 0:
+        raise ConfigError("config key 'optimizer.grad_norm_clip_value': must be >= 0 (0: no clipping), "
+                          f"got {cfg.optimizer.grad_norm_clip_value}")
+    for key in ("gradient_accumulation_steps", "keep_checkpoints"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(cfg, key)}")
+    if cfg.checkpoint_every_steps < 0:
+        raise ConfigError(f"config key 'checkpoint_every_steps': must be >= 0 (0: none), got {cfg.checkpoint_every_steps}")
+    subset = cfg.dataset.feature_subset
+    if subset is not None and len(subset) != cfg.model.n_input_features:
+        raise ConfigError(f"config key 'dataset.feature_subset': has {len(subset)} features, "
+                          f"model.n_input_features is {cfg.model.n_input_features}")
+    return cfg
+
+
 def config_from_dict(values: dict) -> Config:
     """Build a Config from a nested dict; missing keys take the dataclass defaults."""
-    return _build(Config, values or {})
+    return _check_ranges(_build(Config, values or {}))
 
 
 def config_to_dict(cfg: Config) -> dict:

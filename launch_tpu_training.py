@@ -14,6 +14,7 @@ import argparse
 import glob
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def _replica(index: int, config_values: dict, resume_dir: str | None) -> None:
     rnn_trainer.train(cfg, resume_dir=resume_dir)
 
 
+def _forward_stop_signals() -> None:
+    """SIGTERM / SIGINT to the launcher go on to every replica process, which saves after its step
+    in flight and exits; the launcher then returns 143 / 130. Without this the launcher would die at
+    once and leave the replicas running as orphans. With one replica (debug_single_process) the
+    trainer runs in this process and sets its own handlers over these."""
+    import multiprocessing
+
+    def forward(signum: int, frame: object) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rnn_args.yaml", help="yaml config")
@@ -76,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="replicas on this host: 1 or all of its TPU devices (default: the config's num_tpu_cores)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                        help="continue this run directory; auto: the config's output_dir if it holds a checkpoint")
     return parser
 
 
@@ -105,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PJRT_DEVICE"] = "TPU"
     import torch_xla
 
+    import rnn_trainer
     from dataset import DataError
     from rnn_model import CheckpointError
 
+    _forward_stop_signals()
     try:
         # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
         # It ignores what _replica returns, but re-raises here an exception raised in a replica.
@@ -115,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
+    except rnn_trainer.TrainingInterrupted as stop:
+        return 128 + stop.signum  # every replica saved and left after the same step
     return 0
 
 

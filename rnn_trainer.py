@@ -22,8 +22,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from evaluate_model_helpers import count_edits, greedy_ctc_decode
 CHECKPOINT_DIR = "checkpoint"
 BEST_CHECKPOINT = "best_checkpoint.pt"
 LAST_CHECKPOINT = "last_checkpoint.pt"
+PERIODIC_CHECKPOINT = "step_{step:08d}.pt"  # every checkpoint_every_steps, the newest keep_checkpoints kept
 TRACKER_PROJECT = "brain-to-text"  # log_with's project; TensorBoard writes to RUN_DIR/brain-to-text/
 # Loss terms that count trials: summed over a step's micro-batches rather than averaged.
 _COUNT_TERMS = ("ctc_infeasible",)
@@ -307,7 +310,10 @@ def train_step(
                 share = 1.0 if name in _COUNT_TERMS else 1.0 / len(micro_batches)  # counts add up, losses average
                 sums[name] = sums.get(name, 0.0) + value.detach() * share
     # Clip and check without error_if_nonfinite: that option reads the norm on the host.
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_norm_clip_value)
+    # A clip value of 0 means no clipping, as upstream (it clips only when > 0); an infinite max norm
+    # still returns the norm and, on XLA, still all-reduces the gradients inside Accelerate.
+    max_norm = cfg.optimizer.grad_norm_clip_value or math.inf
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     finite = finite & torch.isfinite(grad_norm)
     if accelerator.num_processes > 1:
         # Every replica must take the same skip decision, or the weights drift apart; the logged
@@ -489,11 +495,17 @@ def save_checkpoint(
     sessions: Sequence[str],
     generator: torch.Generator | None = None,
     n_skipped_steps: int = 0,
+    n_bad_vals: int = 0,
+    with_optimizer: bool = True,
 ) -> None:
-    """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model."""
+    """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model.
+
+    Without `with_optimizer` (the best checkpoint) the AdamW moments are left out: evaluation and
+    init_from_checkpoint read only the weights, and the moments are twice their size.
+    """
     checkpoint = {
         "model_state_dict": _to_cpu(model.state_dict()),
-        "optimizer_state_dict": _to_cpu(optimizer.state_dict()),
+        **({"optimizer_state_dict": _to_cpu(optimizer.state_dict())} if with_optimizer else {}),
         "scheduler_state_dict": scheduler.state_dict(),
         "config": config_to_dict(cfg),
         "step": step,
@@ -504,8 +516,32 @@ def save_checkpoint(
         "rng_states": _rng_states(generator=generator),
         "sessions": list(sessions),
         "n_skipped_steps": n_skipped_steps,
+        "n_bad_vals": n_bad_vals,
     }
     _atomic_save(checkpoint, path)
+
+
+def _checkpoint_step(path: Path) -> int:
+    step = rnn_model.read_checkpoint(path).get("step")
+    if not isinstance(step, int):
+        raise rnn_model.CheckpointError(f"{path}: the checkpoint names no step")
+    return step
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from: the highest step among last_checkpoint.pt and the
+    periodic ones (the last on a tie), or None when the run has none. An unreadable candidate
+    (say, truncated by a full disk) stops with a CheckpointError naming it rather than falling
+    back silently to an older one or to a fresh start."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    candidates = sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
+    if (directory / LAST_CHECKPOINT).is_file():
+        candidates.append(directory / LAST_CHECKPOINT)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda path: (_checkpoint_step(path), path.name == LAST_CHECKPOINT))
 
 
 def restore_checkpoint(
@@ -749,6 +785,7 @@ class _Run:
     best_val_per: float = math.inf
     best_val_loss: float = math.inf
     n_bad_vals: int = 0
+    last_val: tuple[float, float] = (math.nan, math.nan)  # PER and loss of the latest validation
     n_skipped: Tensor | None = None  # device scalar
     step_counter: Tensor | None = None  # device scalar
 
@@ -775,7 +812,10 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
 
     resumed = None
     if resume_dir is not None:
-        resumed = rnn_model.read_checkpoint(Path(resume_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT)
+        path = newest_checkpoint(resume_dir)
+        if path is None:
+            raise rnn_model.CheckpointError(f"{Path(resume_dir) / CHECKPOINT_DIR}: no checkpoint to resume from")
+        resumed = rnn_model.read_checkpoint(path)
         cfg.output_dir = str(resume_dir)
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resumed["sessions"])
@@ -828,7 +868,82 @@ def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
     if not is_main:  # the checkpoint holds the main process's RNG states only
         set_seed(run.cfg.seed + 1000 * checkpoint["step"], device_specific=True)
     run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
+    run.n_bad_vals = checkpoint.get("n_bad_vals", 0)
+    run.last_val = (checkpoint["val_per"], checkpoint["val_loss"])
     run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
+
+
+def _save_state(run: _Run, path: Path, *, step: int, with_optimizer: bool = True) -> None:
+    """Write the run's state at `step` to `path` from the main process; every replica waits."""
+    if run.accelerator.is_main_process:
+        save_checkpoint(
+            path, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=run.cfg, step=step,
+            best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=run.last_val[0],
+            val_loss=run.last_val[1], sessions=run.sessions, generator=run.generator,
+            n_skipped_steps=int(run.n_skipped.cpu()), n_bad_vals=run.n_bad_vals, with_optimizer=with_optimizer,
+        )
+    _barrier(run.accelerator)
+
+
+def _save_periodic(run: _Run, *, step: int) -> None:
+    """A checkpoint every checkpoint_every_steps, whatever the validation cadence; the oldest
+    periodic ones beyond keep_checkpoints are removed once the new one is complete."""
+    directory = run.run_dir / CHECKPOINT_DIR
+    _save_state(run, directory / PERIODIC_CHECKPOINT.format(step=step), step=step)
+    if run.accelerator.is_main_process:
+        periodic = sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
+        for old in periodic[: -run.cfg.keep_checkpoints]:
+            old.unlink()
+    _barrier(run.accelerator)
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; its state was saved at `step`."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:  # re-raised in the launcher from a replica
+        return TrainingInterrupted, (self.signum, self.step)
+
+
+class _StopSignals:
+    """Within the block, SIGTERM and SIGINT only set `signum`; the loop stops between steps.
+
+    A second signal while the state is being saved changes nothing: the save goes on, and it is
+    atomic anyway, so the previous checkpoint stays whole until the new one replaces it.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _agreed_stop(run: _Run, signum: int | None) -> int | None:
+    """The signal to stop on when any replica got one, else None; every replica answers the same,
+    so all of them save and leave after the same step. With several replicas this reads one
+    all-reduced value per step (on XLA a wait for the step to finish); one replica reads nothing."""
+    if run.accelerator.num_processes == 1:
+        return signum
+    got = torch.tensor([float(signum is not None)], device=run.accelerator.device)
+    if float(_sum_over_replicas(got, accelerator=run.accelerator).cpu()[0]) == 0:
+        return None
+    return signum or signal.SIGTERM
 
 
 def _log_train(run: _Run, *, step: int, terms: Mapping[str, Tensor], ms: float) -> None:
@@ -854,22 +969,16 @@ def _validate_and_save(run: _Run, *, step: int) -> bool:
         run.best_val_per, run.best_val_loss, run.n_bad_vals = val_per, val_loss, 0
     else:
         run.n_bad_vals += 1
+    run.last_val = (val_per, val_loss)
     run.log.line(f"val  {step:>{len(str(n_steps))}}/{n_steps} | loss {val_loss:.3f} | per {val_per:.4f} | "
                  f"best {run.best_val_per:.4f} | {result['n_trials']} trials | "
                  f"{1000 * (time.perf_counter() - start):.0f} ms")
     run.log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
                     "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
-    if run.accelerator.is_main_process:
-        saved = dict(
-            model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=cfg, step=step,
-            best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=val_per, val_loss=val_loss,
-            sessions=run.sessions, generator=run.generator, n_skipped_steps=int(run.n_skipped.cpu()),
-        )
-        if improved and cfg.save_best_checkpoint:
-            save_checkpoint(run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, **saved)
-        if cfg.save_final_model:
-            save_checkpoint(run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, **saved)
-    _barrier(run.accelerator)
+    if improved and cfg.save_best_checkpoint:
+        _save_state(run, run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, step=step, with_optimizer=False)
+    if cfg.save_final_model:
+        _save_state(run, run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, step=step)
     if cfg.early_stopping and run.n_bad_vals >= cfg.early_stopping_val_steps:
         run.log.line(f"early stopping at step {step}: no better val PER in {run.n_bad_vals} validations")
         return True
@@ -877,11 +986,16 @@ def _validate_and_save(run: _Run, *, step: int) -> bool:
 
 
 def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
-    """Train per `cfg`; with `resume_dir`, continue that run from its last checkpoint.
+    """Train per `cfg`; with `resume_dir`, continue that run from its newest checkpoint. With
+    `resume_dir="auto"` (or `cfg.resume: auto`) continue `cfg.output_dir` when it holds a
+    checkpoint and start fresh otherwise, so a restart script can rerun one command.
 
     Returns {'step', 'best_val_per', 'best_val_loss', 'n_skipped_steps', 'run_dir', 'model'}
-    (the unwrapped model).
+    (the unwrapped model). SIGTERM or SIGINT end the run after the step in flight with its state
+    in checkpoint/last_checkpoint.pt and raise TrainingInterrupted.
     """
+    if resume_dir == "auto" or (resume_dir is None and cfg.resume == "auto"):
+        resume_dir = cfg.output_dir if newest_checkpoint(cfg.output_dir) is not None else None
     run = _set_up(cfg, resume_dir)
     accelerator, n_steps = run.accelerator, cfg.num_training_batches
     run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
@@ -892,25 +1006,35 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     window_start, window_steps = time.perf_counter(), 0
     step = run.start_step
     try:
-        for step in range(run.start_step + 1, n_steps + 1):
-            micro_batches = next(run.train_steps)
-            if not run.is_xla:
-                micro_batches = [_to_device(b, accelerator.device) for b in micro_batches]
-            terms = train_step(
-                accelerator=accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                micro_batches=micro_batches, cfg=cfg, step_counter=run.step_counter, n_skipped=run.n_skipped,
-                generator=run.generator, use_dense_ctc=run.is_xla,  # torch's CTC falls back to aten on XLA
-            )
-            progress.update(1)
-            window_steps += 1
-            if step % cfg.batches_per_train_log == 0 or step == n_steps:
-                _log_train(run, step=step, terms=terms, ms=1000.0 * (time.perf_counter() - window_start) / window_steps)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.batches_per_val_step == 0 or step == n_steps:
-                stop = _validate_and_save(run, step=step)
-                window_start = time.perf_counter()  # validation time is not training time
-                if stop:
-                    break
+        with _StopSignals() as signals:
+            for step in range(run.start_step + 1, n_steps + 1):
+                micro_batches = next(run.train_steps)
+                if not run.is_xla:
+                    micro_batches = [_to_device(b, accelerator.device) for b in micro_batches]
+                terms = train_step(
+                    accelerator=accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                    micro_batches=micro_batches, cfg=cfg, step_counter=run.step_counter, n_skipped=run.n_skipped,
+                    generator=run.generator, use_dense_ctc=run.is_xla,  # torch's CTC falls back to aten on XLA
+                )
+                progress.update(1)
+                window_steps += 1
+                if step % cfg.batches_per_train_log == 0 or step == n_steps:
+                    _log_train(run, step=step, terms=terms,
+                               ms=1000.0 * (time.perf_counter() - window_start) / window_steps)
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % cfg.batches_per_val_step == 0 or step == n_steps:
+                    stop = _validate_and_save(run, step=step)
+                    window_start = time.perf_counter()  # validation time is not training time
+                    if stop:
+                        break
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < n_steps:
+                    _save_periodic(run, step=step)
+                signum = _agreed_stop(run, signals.signum)
+                if signum is not None:
+                    _save_state(run, run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, step=step)
+                    run.log.line(f"{signal.Signals(signum).name}: saved {CHECKPOINT_DIR}/{LAST_CHECKPOINT} "
+                                 f"at step {step}, stopping")
+                    raise TrainingInterrupted(signum, step)
     finally:
         progress.close()
         run.log.close()

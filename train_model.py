@@ -3,9 +3,13 @@
     python train_model.py --config_path rnn_args.yaml [--set dataset.batch_size=8 ...] [--resume RUN_DIR]
     accelerate launch --config_file accelerate_config_tpu.yaml train_model.py --config_path rnn_args.yaml
 
---resume RUN_DIR continues RUN_DIR from checkpoint/last_checkpoint.pt; without --config_path it
-reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a finished run).
-A bad config, data directory or checkpoint ends the run with one line on stderr and exit status 2.
+--resume RUN_DIR continues RUN_DIR from its newest checkpoint (last or periodic); without
+--config_path it reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a
+finished run). `--resume auto` (or `resume: auto` in the config) continues the config's
+output_dir when it holds a checkpoint and starts fresh otherwise: rerun the same command after a
+preemption. SIGTERM / SIGINT save checkpoint/last_checkpoint.pt after the step in flight and exit
+with status 143 / 130. A bad config, data directory or checkpoint ends the run with one line on
+stderr and exit status 2.
 """
 
 import argparse
@@ -24,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable"
     )
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run directory")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                        help="continue this run directory; auto: the config's output_dir if it holds a checkpoint")
     return parser.parse_args(argv)
 
 
@@ -41,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config_path = args.config_path
     if config_path is None:
-        config_path = os.path.join(args.resume, "config.yaml") if args.resume else "rnn_args.yaml"
+        resuming_a_dir = args.resume not in (None, "auto")
+        config_path = os.path.join(args.resume, "config.yaml") if resuming_a_dir else "rnn_args.yaml"
     try:
         cfg = load_config(config_path, args.set)
     except ConfigError as error:
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         rnn_trainer.train(cfg, resume_dir=args.resume)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
         _fail(error)
+    except rnn_trainer.TrainingInterrupted as stop:
+        raise SystemExit(128 + stop.signum) from None  # 143 for SIGTERM, 130 for SIGINT, as schedulers expect
 
 
 if __name__ == "__main__":

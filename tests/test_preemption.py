@@ -1,0 +1,155 @@
+"""Runs that survive preemption: SIGTERM/SIGINT save after the step in flight and exit 143/130,
+periodic checkpoints (keep_checkpoints), `--resume auto`, and the config checks that go with them.
+
+    pytest tests/test_preemption.py
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+
+import rnn_model
+import rnn_trainer
+import train_model
+from config import ConfigError
+from conftest import make_config, tiny_config_dict
+
+
+def _write_config(data_dir: Path, run_dir: Path, path: Path, **top: object) -> Path:
+    values = tiny_config_dict(str(data_dir), str(run_dir))
+    values.update({"num_training_batches": 6, "batches_per_val_step": 3, **top})
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _signal_after_step(monkeypatch, k: int, signum: int) -> None:
+    """Deliver `signum` to this process right after the k-th train_step returns."""
+    real_step, calls = rnn_trainer.train_step, []
+
+    def step_then_signal(**kwargs):
+        out = real_step(**kwargs)
+        calls.append(1)
+        if len(calls) == k:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(rnn_trainer, "train_step", step_then_signal)
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    for p, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_the_step_and_auto_resume_ends_equal_to_an_uninterrupted_run(
+    data_dir: Path, tmp_path: Path, monkeypatch, signum: int, status: int
+):
+    straight = _write_config(data_dir, tmp_path / "straight", tmp_path / "straight.yaml")
+    train_model.main(["--config_path", str(straight)])
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    run_dir = tmp_path / "run"
+    config = _write_config(data_dir, run_dir, tmp_path / "run.yaml")
+    previous_handler = signal.getsignal(signum)
+    _signal_after_step(monkeypatch, k=2, signum=signum)
+    with pytest.raises(SystemExit) as stopped:
+        train_model.main(["--config_path", str(config), "--resume", "auto"])
+    assert stopped.value.code == status
+    assert signal.getsignal(signum) is previous_handler  # the trainer's handlers are gone again
+    assert _weights(run_dir)["step"] == 2
+    lines = [line for line in (run_dir / "train.log").read_text().splitlines() if "stopping" in line]
+    assert lines == [f"{signal.Signals(signum).name}: saved checkpoint/last_checkpoint.pt at step 2, stopping"]
+    monkeypatch.undo()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    train_model.main(["--config_path", str(config), "--resume", "auto"])  # the same command, rerun
+    _assert_same_state(_weights(tmp_path / "straight"), _weights(run_dir))
+    assert "resumed" in (run_dir / "train.log").read_text()
+
+
+def test_periodic_checkpoints_keep_the_newest_and_resume_from_the_highest_step(data_dir: Path, tmp_path: Path):
+    cfg = make_config(data_dir, tmp_path, "num_training_batches=7", "batches_per_val_step=100",
+                      "checkpoint_every_steps=2", "keep_checkpoints=2")
+    rnn_trainer.train(cfg)
+    directory = tmp_path / "checkpoint"
+    assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
+    assert rnn_trainer.newest_checkpoint(tmp_path) == directory / "last_checkpoint.pt"  # step 7 (the end)
+    (directory / "last_checkpoint.pt").unlink()
+    assert rnn_trainer.newest_checkpoint(tmp_path) == directory / "step_00000006.pt"
+    periodic = torch.load(directory / "step_00000006.pt", weights_only=False)
+    assert periodic["step"] == 6 and "optimizer_state_dict" in periodic and "rng_states" in periodic
+
+
+def test_best_checkpoint_holds_no_optimizer_state_and_still_initialises(data_dir: Path, tmp_path: Path):
+    rnn_trainer.train(make_config(data_dir, tmp_path))
+    best = torch.load(tmp_path / "checkpoint" / "best_checkpoint.pt", weights_only=False)
+    assert "optimizer_state_dict" not in best and "model_state_dict" in best
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = make_config(data_dir, tmp_path / "init", f"init_from_checkpoint={tmp_path / 'checkpoint' / 'best_checkpoint.pt'}",
+                      "num_training_batches=1")
+    rnn_trainer.train(cfg)
+
+
+def test_auto_resume_starts_fresh_without_checkpoints_and_stops_on_a_truncated_one(
+    data_dir: Path, tmp_path: Path, capsys
+):
+    missing = tmp_path / "missing"
+    config = _write_config(data_dir, missing, tmp_path / "c.yaml", num_training_batches=1)
+    train_model.main(["--config_path", str(config), "--resume", "auto"])
+    assert _weights(missing)["step"] == 1
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    truncated = tmp_path / "truncated"
+    (truncated / "checkpoint").mkdir(parents=True)
+    whole = (missing / "checkpoint" / "last_checkpoint.pt").read_bytes()
+    (truncated / "checkpoint" / "step_00000001.pt").write_bytes(whole[: len(whole) // 3])
+    config = _write_config(data_dir, truncated, tmp_path / "t.yaml", resume="auto")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        train_model.main(["--config_path", str(config)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000001.pt" in err[0] and "cannot read the checkpoint" in err[0]
+    assert not (truncated / "train.log").exists()  # nothing started over
+
+
+def test_clip_value_zero_means_no_clipping(data_dir: Path, tmp_path: Path):
+    """Upstream clips only when the value is > 0: with 0 a step equals one with an infinite clip."""
+    results = []
+    for clip in ("0", "1e30"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = make_config(data_dir, tmp_path / clip, f"optimizer.grad_norm_clip_value={clip}", "num_training_batches=1")
+        results.append(rnn_trainer.train(cfg)["model"].state_dict())
+    initial = rnn_model.build_model(make_config(data_dir, tmp_path).model, n_days=3)
+    moved = [name for name, t in results[0].items() if not torch.equal(t, results[1][name])]
+    assert moved == []
+    changed = [n for n, t in initial.state_dict().items() if not torch.equal(t, results[0][n])]
+    assert changed  # the step did move the weights
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.grad_norm_clip_value=-1", "grad_norm_clip_value"),
+    ("gradient_accumulation_steps=0", "gradient_accumulation_steps"),
+    ("keep_checkpoints=0", "keep_checkpoints"),
+    ("checkpoint_every_steps=-5", "checkpoint_every_steps"),
+    ("dataset.feature_subset=[0,1,2]", "feature_subset"),
+    ("resume=sometimes", "resume"),
+])
+def test_config_rejects_values_that_cannot_work(data_dir: Path, tmp_path: Path, override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        make_config(data_dir, tmp_path, override)
