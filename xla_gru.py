@@ -102,9 +102,6 @@ class _GRURecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype) -> Tensor:
         """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
-        if not any(ctx.needs_input_grad[:4]):  # no_grad / inference: keep no gates
-            _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi)
-            return hs
         _, (hs, gates) = _loop(functools.partial(_forward_step, save_dtype=save_dtype), (h0, w_hh, b_hh), gi)
         ctx.save_for_backward(h0, w_hh, hs, gates)
         return hs
@@ -124,6 +121,19 @@ class _GRURecurrence(torch.autograd.Function):
         return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None
 
 
+def _recurrence(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype) -> Tensor:
+    """hs (T, B, H) of the recurrence; saves gates for a backward only when one can follow.
+
+    Decided here, outside the autograd Function: inside it `ctx.needs_input_grad` reports the
+    inputs' requires_grad even under torch.no_grad(), so validation and evaluation (weights that
+    require grad, grad mode off) would trace and stack the (T, B, 4H) gates for nothing.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (gi, h0, w_hh, b_hh)):
+        return _GRURecurrence.apply(gi, h0, w_hh, b_hh, save_dtype)
+    _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi)
+    return hs
+
+
 def gru_scan(
     x: Tensor, hx: Tensor, weights: list[tuple[Tensor, Tensor, Tensor, Tensor]], *, dropout: float,
     training: bool, save_dtype: torch.dtype = torch.float32,
@@ -140,7 +150,7 @@ def gru_scan(
         if layer > 0:
             layer_input = F.dropout(layer_input, dropout, training)
         gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, 3H)
-        layer_input = _GRURecurrence.apply(gi, hx[layer], w_hh, b_hh, save_dtype)  # (T, B, H)
+        layer_input = _recurrence(gi, hx[layer], w_hh, b_hh, save_dtype)  # (T, B, H)
         finals.append(layer_input[-1])
     return layer_input.transpose(0, 1), torch.stack(finals)  # (T, B, H) -> (B, T, H); L x (B, H) -> (L, B, H)
 

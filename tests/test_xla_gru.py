@@ -203,9 +203,54 @@ def test_xla_gru_matches_cpu_and_compiles_one_loop_without_stacked_weights():
     assert "matches" in stdout and "control ok" in stdout, stdout
 
 
-def test_inference_without_grad_matches():
+def test_inference_without_grad_matches_and_saves_nothing(monkeypatch):
+    """Under no_grad the weights still require grad; the recurrence must not save gates anyway."""
     reference, ours = _pair(5, 7, 2, batch_first=True)
     x, h0 = torch.randn(2, 6, 5), torch.randn(2, 2, 7)
-    with torch.no_grad():
-        for want, got in zip(reference(x, h0), ours(x, h0)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in ours.parameters())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the saving (training) recurrence ran with grad mode off")
+
+    monkeypatch.setattr(xla_gru._GRURecurrence, "apply", fail)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad():
+            for want, got in zip(reference(x, h0), ours(x, h0)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+XLA_INFERENCE_SCRIPT = r"""
+import os, re, sys, tempfile
+from pathlib import Path
+dump = tempfile.mkdtemp()
+os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump}"
+import torch
+import torch_xla
+import xla_gru
+
+device = torch_xla.device()
+T, B, I, H = 9, 3, 10, 12
+gates = rf"f32\[{T},{B},{4 * H}\]"  # the (T, B, 4H) gates a training forward saves
+gru = xla_gru.GRU(I, H, 2, batch_first=True).to(device)  # its weights require grad
+x = torch.randn(B, T, I).to(device)
+
+out, h_n = gru(x)  # grad mode on: the control, the check must see the saved gates
+assert re.search(gates, torch_xla._XLAC._get_xla_tensors_hlo([out, h_n]))
+with torch.no_grad():
+    out, h_n = gru(x)
+traced = torch_xla._XLAC._get_xla_tensors_hlo([out, h_n])
+assert not re.findall(gates, traced), re.findall(gates, traced)
+torch_xla.sync()
+out.cpu()
+assignments = list(Path(dump).glob("*buffer-assignment.txt"))
+compiled = list(Path(dump).glob("*before_optimizations.txt"))
+assert len(assignments) == len(compiled) == 1, (assignments, compiled)
+for path in (*assignments, *compiled):
+    assert not re.findall(gates, path.read_text()), path
+print("no gates")
+"""
+
+
+@requires_xla
+def test_xla_inference_graph_holds_no_gate_buffer():
+    assert "no gates" in run_xla_script(XLA_INFERENCE_SCRIPT)
