@@ -122,12 +122,15 @@ def test_cpu_default_is_torch_kernel(monkeypatch):
 
 @pytest.mark.parametrize("use_amp", [False, True])
 def test_decoders_match_with_the_scan_gru(use_amp: bool):
-    """Both decoders give the same logits and gradients on either GRU path (bf16 autocast too)."""
+    """Both decoders, causal and bidirectional, give the same logits and gradients on either GRU
+    path (bf16 autocast too)."""
     torch.manual_seed(0)
     x, day_idx = torch.randn(2, 26, 8), torch.tensor([1, 0])
     models = [
         TripleGRUDecoder(8, 6, 2, 5, patch_size=4, patch_stride=2, noise_hidden_size=0),
         GRUDecoder(8, 6, 2, 5, n_layers=2, patch_size=4, patch_stride=2),
+        TripleGRUDecoder(8, 6, 2, 5, patch_size=4, patch_stride=2, noise_hidden_size=0, bidirectional=True),
+        GRUDecoder(8, 6, 2, 5, n_layers=2, patch_size=4, patch_stride=2, bidirectional=True),
     ]
     for model in models:
         results = []
