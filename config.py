@@ -40,6 +40,7 @@ class ModelConfig:
     n_noisy_layers: int = 2
     noise_hidden_size: int = 0  # 0: noise GRU as wide as the patched input (the design)
     gru_save_dtype: str = "float32"  # activations the XLA GRU saves for backward: 'float32' or 'bfloat16'
+    bidirectional: bool = False  # speech GRUs read the whole trial (offline decoding); false: causal, real-time
 
 
 @dataclass

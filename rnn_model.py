@@ -162,9 +162,23 @@ def _init_gru_weights(gru: GRU) -> None:
             nn.init.xavier_uniform_(param)
 
 
-def _new_initial_state(hidden_size: int) -> nn.Parameter:
-    """Learnable initial hidden state (1, 1, H), shared by all layers and trials, xavier-initialised."""
-    return nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, hidden_size)))
+def _new_initial_state(hidden_size: int, n_directions: int = 1) -> nn.Parameter:
+    """Learnable initial hidden state (D, 1, H), one per direction, shared by all layers and trials.
+
+    Each direction's (1, 1, H) is xavier-initialised on its own, so a causal model's h0 keeps
+    upstream's shape (1, 1, H) and initialisation.
+    """
+    return nn.Parameter(torch.cat([nn.init.xavier_uniform_(torch.zeros(1, 1, hidden_size)) for _ in range(n_directions)]))
+
+
+def _initial_states(h0: Tensor, n_layers: int, batch_size: int) -> Tensor:
+    """Every layer's initial state in nn.GRU's layout, from the per-direction h0 (D, 1, H).
+
+    Returns (L*D, B, H), index layer * D + direction: every layer starts from h0.
+    """
+    n_directions, _, hidden_size = h0.shape
+    states = h0[None].expand(n_layers, n_directions, batch_size, hidden_size)  # (D, 1, H) -> (L, D, B, H)
+    return states.reshape(n_layers * n_directions, batch_size, hidden_size)  # (L, D, B, H) -> (L*D, B, H)
 
 
 def _new_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -178,7 +192,7 @@ def _run_gru(gru: GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
 
     Under bf16 a 768-unit layer's outputs are off by ~1e-3 on average, four orders of magnitude
     more than in float32 (TPU_MODEL_SUMMARY.md, "Where bf16 applies"), so mixed precision stops at
-    the GRU's boundary. x: (B, T, I); states: (n_layers, B, H).
+    the GRU's boundary. x: (B, T, I); states: (L*D, B, H).
     """
     dtype = gru.weight_hh_l0.dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -192,6 +206,8 @@ class GRUDecoder(nn.Module):
     State-dict names and shapes match upstream (`day_weights.{i}`, `day_biases.{i}`, `gru.*`,
     `out.*`, `h0`), so upstream checkpoints load strictly; the day layers are held stacked
     (`day_weights` (n_days, D, D), `day_biases` (n_days, 1, D)) and split per day on saving.
+    `bidirectional` (offline decoding: the whole trial is read before a frame is decoded) adds
+    nn.GRU's `gru.*_reverse` weights, a second h0 row and a head over 2H features.
     """
 
     def __init__(
@@ -206,6 +222,7 @@ class GRUDecoder(nn.Module):
         n_layers: int = 5,
         patch_size: int = 0,
         patch_stride: int = 0,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         _check_patching(patch_size, patch_stride)
@@ -218,30 +235,34 @@ class GRUDecoder(nn.Module):
         self.n_layers = n_layers
         self.patch_size = patch_size
         self.patch_stride = patch_stride
+        self.bidirectional = bidirectional
+        n_directions = 2 if bidirectional else 1
 
         self.day_layer_activation = nn.Softsign()
         _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
         self.input_size = patched_size(neural_dim, patch_size)
-        self.gru = GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True)
+        self.gru = GRU(self.input_size, n_units, n_layers, dropout=rnn_dropout, batch_first=True,
+                       bidirectional=bidirectional)
         _init_gru_weights(self.gru)
-        self.out = _new_linear(n_units, n_classes)
-        self.h0 = _new_initial_state(n_units)
+        self.out = _new_linear(n_directions * n_units, n_classes)  # both directions' states when bidirectional
+        self.h0 = _new_initial_state(n_units, n_directions)
 
     def forward(
         self, x: Tensor, day_idx: Tensor, states: Tensor | None = None, return_state: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x: (B, T, D) features; day_idx: (B,) day indices; states: (n_layers, B, H) or None for h0.
+        """x: (B, T, D) features; day_idx: (B,) day indices; states: (L*Dir, B, H) or None for h0
+        (Dir = 2 directions when bidirectional, nn.GRU's layout).
 
-        Returns logits (B, T', C) in float32, plus the final hidden state (n_layers, B, H) when
+        Returns logits (B, T', C) in float32, plus the final hidden state (L*Dir, B, H) when
         return_state is set.
         """
         x = _select_day_affine(x, day_idx, self.day_weights, self.day_biases)
         x = self.day_layer_dropout(self.day_layer_activation(x))
         x = patch_inputs(x, self.patch_size, self.patch_stride)  # (B, T, D) -> (B, T', P*D)
         if states is None:
-            states = self.h0.expand(self.n_layers, x.shape[0], self.n_units)  # (1, 1, H) -> (L, B, H)
-        output, hidden = _run_gru(self.gru, x, states)
+            states = _initial_states(self.h0, self.n_layers, x.shape[0])  # (Dir, 1, H) -> (L*Dir, B, H)
+        output, hidden = _run_gru(self.gru, x, states)  # output: (B, T', Dir*H)
         logits = self.out(output).float()  # autocast returns bf16 from the head; callers get float32
         if return_state:
             return logits, hidden
@@ -264,23 +285,26 @@ class DayInputLayer(nn.Module):
 
 
 class GRUBranch(nn.Module):
-    """A batch-first GRU with a learnable initial state and an optional linear output layer."""
+    """A batch-first GRU (causal or bidirectional) with a learnable initial state per direction and
+    an optional linear output layer over every direction's state."""
 
     def __init__(
-        self, *, input_size: int, hidden_size: int, n_layers: int, dropout: float = 0.0, output_size: int = 0
+        self, *, input_size: int, hidden_size: int, n_layers: int, dropout: float = 0.0, output_size: int = 0,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.n_layers = n_layers
-        self.gru = GRU(input_size, hidden_size, n_layers, dropout=dropout, batch_first=True)
+        n_directions = 2 if bidirectional else 1
+        self.gru = GRU(input_size, hidden_size, n_layers, dropout=dropout, batch_first=True, bidirectional=bidirectional)
         _init_gru_weights(self.gru)
-        self.h0 = _new_initial_state(hidden_size)
-        self.out = _new_linear(hidden_size, output_size) if output_size > 0 else None
+        self.h0 = _new_initial_state(hidden_size, n_directions)
+        self.out = _new_linear(n_directions * hidden_size, output_size) if output_size > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, I). Returns (B, T, output_size) through the output layer, else (B, T, H), float32."""
-        states = self.h0.expand(self.n_layers, x.shape[0], self.hidden_size)  # (1, 1, H) -> (L, B, H)
-        output, _ = _run_gru(self.gru, x, states)
+        """x: (B, T, I). Returns (B, T, output_size) through the output layer, else (B, T, Dir*H), float32."""
+        states = _initial_states(self.h0, self.n_layers, x.shape[0])  # (Dir, 1, H) -> (L*Dir, B, H)
+        output, _ = _run_gru(self.gru, x, states)  # (B, T, Dir*H)
         if self.out is None:
             return output
         return self.out(output).float()
@@ -339,6 +363,7 @@ class CleanSpeechModel(nn.Module):
         patch_size: int = 0,
         patch_stride: int = 0,
         n_layers: int = 3,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         _check_patching(patch_size, patch_stride)
@@ -347,7 +372,7 @@ class CleanSpeechModel(nn.Module):
         self.day_layer = DayInputLayer(neural_dim=neural_dim, n_days=n_days, input_dropout=input_dropout)
         self.branch = GRUBranch(
             input_size=patched_size(neural_dim, patch_size), hidden_size=n_units, n_layers=n_layers,
-            dropout=rnn_dropout, output_size=n_classes,
+            dropout=rnn_dropout, output_size=n_classes, bidirectional=bidirectional,
         )
 
     def forward(self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -363,11 +388,13 @@ class NoisySpeechModel(nn.Module):
     """Decodes phonemes from the noise estimate alone (trained adversarially through a GRL)."""
 
     def __init__(
-        self, *, input_size: int, n_units: int, n_classes: int, rnn_dropout: float = 0.0, n_layers: int = 2
+        self, *, input_size: int, n_units: int, n_classes: int, rnn_dropout: float = 0.0, n_layers: int = 2,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         self.branch = GRUBranch(
-            input_size=input_size, hidden_size=n_units, n_layers=n_layers, dropout=rnn_dropout, output_size=n_classes
+            input_size=input_size, hidden_size=n_units, n_layers=n_layers, dropout=rnn_dropout, output_size=n_classes,
+            bidirectional=bidirectional,
         )
 
     def forward(self, noise: Tensor) -> Tensor:
@@ -403,6 +430,13 @@ class TripleGRUDecoder(nn.Module):
 
     The clean decoder reads (day-processed patched input - noise); the noisy decoder reads the
     noise through gradient reversal, which pushes speech information out of the noise estimate.
+
+    `bidirectional` makes the clean and noisy speech GRUs bidirectional; the noise model stays
+    causal. Its output is subtracted from the input, so it must stay as wide as the patch (P*D,
+    7168 at full size): a bidirectional noise GRU would either double its 617M parameters and
+    need a 2*P*D -> P*D projection (another ~103M), or halve each direction's width, changing the
+    design's noise estimator; the speech decoders still see every noise frame of the trial in
+    both directions, since the clean one reads (input - noise) and the noisy one the noise itself.
     """
 
     def __init__(
@@ -420,6 +454,7 @@ class TripleGRUDecoder(nn.Module):
         n_clean_layers: int = 3,
         n_noisy_layers: int = 2,
         noise_hidden_size: int = 0,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         self.n_classes = n_classes
@@ -428,10 +463,12 @@ class TripleGRUDecoder(nn.Module):
         shared = dict(neural_dim=neural_dim, n_days=n_days, rnn_dropout=rnn_dropout, input_dropout=input_dropout,
                       patch_size=patch_size, patch_stride=patch_stride)
         self.noise_model = NoiseModel(**shared, n_layers=n_noise_layers, noise_hidden_size=noise_hidden_size)
-        self.clean_model = CleanSpeechModel(**shared, n_units=n_units, n_classes=n_classes, n_layers=n_clean_layers)
+        self.clean_model = CleanSpeechModel(
+            **shared, n_units=n_units, n_classes=n_classes, n_layers=n_clean_layers, bidirectional=bidirectional
+        )
         self.noisy_model = NoisySpeechModel(
             input_size=self.noise_model.patched_size, n_units=n_units, n_classes=n_classes, rnn_dropout=rnn_dropout,
-            n_layers=n_noisy_layers,
+            n_layers=n_noisy_layers, bidirectional=bidirectional,
         )
 
     def forward(
@@ -604,6 +641,7 @@ def build_model(cfg_model: Any, n_days: int) -> nn.Module:
         input_dropout=cfg_model.input_dropout,
         patch_size=cfg_model.patch_size,
         patch_stride=cfg_model.patch_stride,
+        bidirectional=cfg_model.bidirectional,
     )
     save_dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if cfg_model.gru_save_dtype not in save_dtypes:

@@ -1,18 +1,23 @@
-"""A GRU for XLA whose backward memory grows with T'·B·H, not with T'·H².
+"""A GRU for XLA, causal or bidirectional, whose backward memory grows with T'·B·H, not with T'·H².
 
 torch_xla replaces `nn.GRU` with a scan whose carry holds the weight matrices, and scan saves
 every step's carry for the backward pass: one copy of W_ih and W_hh per time step (about 2.65 GB
 per frame for the full TripleGRUDecoder). This GRU instead
 
-- projects the inputs of all time steps in one matmul before the recurrence (x @ W_ih^T);
-- runs the recurrence as one compiled loop (torch_xla.experimental.scan's loop builder on XLA,
-  a Python loop elsewhere), saving only the per-step gates and hidden states;
+- projects the inputs of all time steps in one matmul before the recurrence (x @ W_ih^T), for
+  both directions at once when bidirectional ([W_ih; W_ih_reverse] stacked: one matmul forward,
+  one for each of its gradients);
+- runs each direction's recurrence as one compiled loop (torch_xla.experimental.scan's loop
+  builder on XLA, a Python loop elsewhere; the reverse direction loops from the last step to the
+  first), saving only the per-step gates and hidden states;
 - runs its own backward as a reverse loop that returns per-step gate gradients, then forms the
   weight gradients as single matmuls over all steps, outside the loop.
 
 The weights ride in the loop carry, where a while loop keeps one copy whatever the length; they
-are never stacked per step. `GRU` subclasses torch's own `nn.GRU` class (not torch_xla's patched
-one), so parameter names and shapes are nn.GRU's and every checkpoint loads unchanged. It uses
+are never stacked per step. torch_xla's own scan GRU has no bidirectional form (it falls back to
+the unrolled nn.GRU that stores weights per step). `GRU` subclasses torch's own `nn.GRU` class
+(not torch_xla's patched one), so parameter names and shapes are nn.GRU's (`*_reverse` for the
+reverse direction) and every checkpoint loads unchanged, on CPU, CUDA (cuDNN) and XLA alike. It uses
 this recurrence on XLA devices, or anywhere with `use_scan = True` (how the tests compare it with
 torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA).
 
@@ -96,24 +101,30 @@ class _GRURecurrence(torch.autograd.Function):
     """hs = GRU recurrence over precomputed input projections, with a memory-lean backward.
 
     Saves hs (T, B, H) and the gates r, z, n, W_hn h + b_hn (T, B, 4H) in `save_dtype`; the
-    backward returns dgi per step and dW_hh, db_hh as one matmul / sum over all steps.
+    backward returns dgi per step and dW_hh, db_hh as one matmul / sum over all steps. With
+    `reverse` the recurrence runs from the last step to the first (a bidirectional GRU's reverse
+    direction): hs[t] is then the state after reading steps T-1 .. t.
     """
 
     @staticmethod
-    def forward(ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool
+    ) -> Tensor:
         """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
-        if not any(ctx.needs_input_grad[:4]):  # no_grad / inference: keep no gates
-            _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi)
-            return hs
-        _, (hs, gates) = _loop(functools.partial(_forward_step, save_dtype=save_dtype), (h0, w_hh, b_hh), gi)
+        step = functools.partial(_forward_step, save_dtype=save_dtype)
+        _, (hs, gates) = _loop(step, (h0, w_hh, b_hh), gi, reverse=reverse)
         ctx.save_for_backward(h0, w_hh, hs, gates)
+        ctx.reverse = reverse
         return hs
 
     @staticmethod
-    def backward(ctx: Any, d_hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+    def backward(ctx: Any, d_hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
         h0, w_hh, hs, gates = ctx.saved_tensors
-        h_prev = torch.cat([h0[None], hs[:-1]])  # h_{t-1} for every t: (T, B, H)
-        (dh0, _), dgi = _loop(_backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=True)
+        # The state each step read: h_{t-1} forward, h_{t+1} in reverse. (T, B, H)
+        h_prev = torch.cat([hs[1:], h0[None]]) if ctx.reverse else torch.cat([h0[None], hs[:-1]])
+        (dh0, _), dgi = _loop(
+            _backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=not ctx.reverse
+        )
         # dgh differs from dgi only in its n block (times r): rebuilt here rather than stacked by
         # the loop as a second (T, B, 3H) output.
         r = gates[..., : h0.shape[-1]].float()
@@ -121,32 +132,64 @@ class _GRURecurrence(torch.autograd.Function):
         dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (T, B, 3H)
         dgh_flat = dgh.reshape(-1, dgh.shape[-1])  # (T, B, 3H) -> (T*B, 3H)
         dw_hh = dgh_flat.t() @ h_prev.reshape(-1, h_prev.shape[-1])  # (3H, T*B) @ (T*B, H) -> (3H, H)
-        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None
+        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None, None
+
+
+def _recurrence(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool = False
+) -> Tensor:
+    """hs (T, B, H) of the recurrence; saves gates for a backward only when one can follow.
+
+    Decided here, outside the autograd Function: inside it `ctx.needs_input_grad` reports the
+    inputs' requires_grad even under torch.no_grad(), so validation and evaluation (weights that
+    require grad, grad mode off) would trace and stack the (T, B, 4H) gates for nothing.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (gi, h0, w_hh, b_hh)):
+        return _GRURecurrence.apply(gi, h0, w_hh, b_hh, save_dtype, reverse)
+    _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi, reverse=reverse)
+    return hs
+
+
+Weights = tuple[Tensor, Tensor, Tensor, Tensor]  # one direction of one layer: w_ih, w_hh, b_ih, b_hh
 
 
 def gru_scan(
-    x: Tensor, hx: Tensor, weights: list[tuple[Tensor, Tensor, Tensor, Tensor]], *, dropout: float,
+    x: Tensor, hx: Tensor, weights: list[tuple[Weights, ...]] | list[Weights], *, dropout: float,
     training: bool, save_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """Multi-layer unidirectional GRU, batch first, with nn.GRU's equations and dropout rule.
+    """Multi-layer GRU, batch first, with nn.GRU's equations, dropout rule and state layout.
 
-    x: (B, T, I); hx: (L, B, H); weights: per layer (w_ih, w_hh, b_ih, b_hh). Returns the last
-    layer's outputs (B, T, H) and the final states (L, B, H). Float32 throughout, with the saved
+    x: (B, T, I); weights: per layer, one (w_ih, w_hh, b_ih, b_hh) per direction (forward, then
+    reverse when bidirectional), or the bare tuple for a unidirectional layer; hx: (L*D, B, H),
+    index layer * D + direction. Returns the last layer's outputs (B, T, D*H), the directions'
+    outputs concatenated, and the final states (L*D, B, H). Float32 throughout, with the saved
     activations in `save_dtype`.
     """
     layer_input = x.transpose(0, 1)  # (B, T, I) -> (T, B, I): the loop runs over dim 0
     finals = []
-    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+    for layer, directions in enumerate(weights):
+        if isinstance(directions[0], Tensor):
+            directions = (directions,)
         if layer > 0:
             layer_input = F.dropout(layer_input, dropout, training)
-        gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, 3H)
-        layer_input = _GRURecurrence.apply(gi, hx[layer], w_hh, b_hh, save_dtype)  # (T, B, H)
-        finals.append(layer_input[-1])
-    return layer_input.transpose(0, 1), torch.stack(finals)  # (T, B, H) -> (B, T, H); L x (B, H) -> (L, B, H)
+        if len(directions) == 1:
+            w_ih, b_ih = directions[0][0], directions[0][2]
+        else:  # both directions' input projections in one matmul
+            w_ih = torch.cat([d[0] for d in directions])  # D x (3H, I) -> (D*3H, I)
+            b_ih = torch.cat([d[2] for d in directions])  # D x (3H,) -> (D*3H,)
+        gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, D*3H)
+        outputs = []
+        for direction, (gi_d, (_, w_hh, _, b_hh)) in enumerate(zip(gi.chunk(len(directions), dim=-1), directions)):
+            reverse = direction == 1
+            hs = _recurrence(gi_d, hx[layer * len(directions) + direction], w_hh, b_hh, save_dtype, reverse)
+            outputs.append(hs)  # (T, B, H)
+            finals.append(hs[0] if reverse else hs[-1])  # the reverse direction ends at t = 0
+        layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)  # D x (T, B, H) -> (T, B, D*H)
+    return layer_input.transpose(0, 1), torch.stack(finals)  # (T, B, D*H) -> (B, T, D*H); L*D x (B, H) -> (L*D, B, H)
 
 
 class GRU(_TorchGRU):
-    """nn.GRU (unidirectional, with biases) that runs `gru_scan` on XLA or when `use_scan` is set.
+    """nn.GRU (with biases, causal or bidirectional) that runs `gru_scan` on XLA or when `use_scan` is set.
 
     `save_dtype` (float32, or bfloat16 to halve the saved gates) applies to the activations the
     scan saves for backward; torch's kernels ignore it.
@@ -154,22 +197,29 @@ class GRU(_TorchGRU):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.bidirectional or not self.bias or self.proj_size:
-            raise ValueError("xla_gru.GRU supports unidirectional GRUs with biases and no projection")
+        if not self.bias or self.proj_size:
+            raise ValueError("xla_gru.GRU supports GRUs with biases and no projection")
         # Plain attributes, not state, so checkpoints stay nn.GRU's.
         self.use_scan = False
         self.save_dtype = torch.float32  # dtype of the activations the scan saves for backward
 
     def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: (B, T, I) when batch_first else (T, B, I); hx: (L, B, H). Returns (output, h_n)."""
+        """x: (B, T, I) when batch_first else (T, B, I); hx: (L*D, B, H), D = 2 when bidirectional.
+
+        Returns (output (B, T, D*H) or (T, B, D*H), h_n (L*D, B, H)), as nn.GRU.
+        """
         if not (self.use_scan or x.device.type == "xla"):
             return super().forward(x, hx)
         if not self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I) -> (B, T, I)
         if hx is None:
-            hx = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
-        weights = [tuple(getattr(self, f"{kind}_l{layer}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                   for layer in range(self.num_layers)]
+            hx = x.new_zeros(self.num_layers * (2 if self.bidirectional else 1), x.shape[0], self.hidden_size)
+        suffixes = ("", "_reverse") if self.bidirectional else ("",)
+        weights = [
+            tuple(tuple(getattr(self, f"{kind}_l{layer}{suffix}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                  for suffix in suffixes)
+            for layer in range(self.num_layers)
+        ]
         output, h_n = gru_scan(
             x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=self.save_dtype
         )

@@ -216,7 +216,7 @@ def test_build_model_reads_config_section():
     cfg = types.SimpleNamespace(
         type="triple", n_input_features=8, n_units=6, n_classes=5, rnn_dropout=0.0, input_dropout=0.0,
         n_layers=2, patch_size=4, patch_stride=2, n_noise_layers=1, n_clean_layers=2, n_noisy_layers=1,
-        noise_hidden_size=3, gru_save_dtype="bfloat16",
+        noise_hidden_size=3, gru_save_dtype="bfloat16", bidirectional=False,
     )
     triple = build_model(cfg, n_days=4)
     assert {m.save_dtype for m in triple.modules() if hasattr(m, "save_dtype")} == {torch.bfloat16}
@@ -228,6 +228,66 @@ def test_build_model_reads_config_section():
         build_model(types.SimpleNamespace(**{**vars(cfg), "type": "transformer"}), n_days=4)
     with pytest.raises(ValueError, match="gru_save_dtype"):
         build_model(types.SimpleNamespace(**{**vars(cfg), "gru_save_dtype": "float16"}), n_days=4)
+    for model_type in ("baseline", "triple"):
+        model = build_model(types.SimpleNamespace(**{**vars(cfg), "type": model_type, "bidirectional": True}), n_days=4)
+        assert {m.bidirectional for m in model.modules() if isinstance(m, torch.nn.GRU)} == (
+            {True} if model_type == "baseline" else {True, False}  # the triple's noise GRU stays causal
+        )
+
+
+def _bidirectional_gru_parameter_count(input_size: int, hidden_size: int, n_layers: int) -> int:
+    """Two directions per layer; layers after the first read both directions' states (2H)."""
+    first = 2 * 3 * (hidden_size * input_size + hidden_size * hidden_size + 2 * hidden_size)
+    rest = 2 * 3 * (hidden_size * 2 * hidden_size + hidden_size * hidden_size + 2 * hidden_size)
+    return first + (n_layers - 1) * rest
+
+
+def test_bidirectional_full_size_shapes_and_counts_on_meta_device():
+    with torch.device("meta"):
+        baseline = GRUDecoder(**FULL, n_layers=5, bidirectional=True)
+        triple = TripleGRUDecoder(**FULL, bidirectional=True)
+    shapes = {n: tuple(p.shape) for n, p in baseline.named_parameters()}
+    assert shapes["h0"] == (2, 1, 768) and shapes["out.weight"] == (41, 2 * 768)
+    assert shapes["gru.weight_ih_l1_reverse"] == (3 * 768, 2 * 768)
+    assert sum(p.numel() for p in baseline.gru.parameters()) == _bidirectional_gru_parameter_count(7168, 768, 5)
+    assert not triple.noise_model.branch.gru.bidirectional and triple.noise_model.branch.h0.shape == (1, 1, 7168)
+    for branch, n_layers in ((triple.clean_model.branch, 3), (triple.noisy_model.branch, 2)):
+        assert sum(p.numel() for p in branch.gru.parameters()) == _bidirectional_gru_parameter_count(7168, 768, n_layers)
+        assert branch.h0.shape == (2, 1, 768) and branch.out.weight.shape == (41, 2 * 768)
+
+
+def test_bidirectional_baseline_is_torch_bidirectional_gru_with_h0_per_direction():
+    torch.manual_seed(0)
+    d, h, n_layers = 8, 6, 2
+    model = GRUDecoder(d, h, 2, 5, n_layers=n_layers, patch_size=4, patch_stride=2, bidirectional=True).eval()
+    x, day_idx = torch.randn(3, 20, d), torch.tensor([1, 0, 1])
+    logits, hidden = model(x, day_idx, return_state=True)
+
+    reference = torch.nn.modules.rnn.GRU(4 * d, h, n_layers, batch_first=True, bidirectional=True)
+    reference.load_state_dict({k.removeprefix("gru."): v for k, v in model.state_dict().items() if k.startswith("gru.")})
+    per_trial = torch.stack([x[i] @ model.day_weights[k] + model.day_biases[k] for i, k in enumerate(day_idx.tolist())])
+    patched = _upstream_patching(F.softsign(per_trial), 4, 2)
+    # nn.GRU's layout: state index layer * 2 + direction; every layer starts from its direction's h0.
+    h0 = torch.cat([model.h0] * n_layers).expand(2 * n_layers, 3, h)
+    output, expected_hidden = reference(patched, h0)
+    torch.testing.assert_close(logits, model.out(output), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.h0[0], model.h0[1])  # each direction initialised on its own
+    # The first frame's logits depend on the last bins: the reverse direction reads the whole trial.
+    later = x.clone()
+    later[:, -4:] += 1.0
+    assert not torch.allclose(model(later, day_idx)[:, 0], logits[:, 0])
+    causal = GRUDecoder(d, h, 2, 5, n_layers=n_layers, patch_size=4, patch_stride=2).eval()
+    torch.testing.assert_close(causal(later, day_idx)[:, 0], causal(x, day_idx)[:, 0])
+
+
+def test_causal_checkpoints_keep_their_names_and_do_not_load_into_bidirectional():
+    causal = GRUDecoder(4, 3, 2, 5, n_layers=2)
+    shapes = {n: tuple(v.shape) for n, v in causal.state_dict().items()}
+    assert shapes["h0"] == (1, 1, 3) and shapes["out.weight"] == (5, 3)
+    assert not any("reverse" in n for n in shapes)
+    with pytest.raises(RuntimeError, match="weight_ih_l0_reverse"):
+        load_state_dict_compat(GRUDecoder(4, 3, 2, 5, n_layers=2, bidirectional=True), causal.state_dict())
 
 
 @pytest.mark.parametrize("wrap", ["checkpoint_orig_mod", "bare_module", "bare_plain"])
@@ -308,11 +368,12 @@ from rnn_model import GRUDecoder, TripleGRUDecoder
 case = torch.load(CASE_PATH)
 device = torch_xla.device()
 x, day_idx = case["x"].to(device), case["day_idx"].to(device)
-for name, cls in (("baseline", GRUDecoder), ("triple", TripleGRUDecoder)):
+for name in case["names"]:
+    cls = TripleGRUDecoder if name.startswith("triple") else GRUDecoder
     model = cls(**case[name]["kwargs"])
     model.load_state_dict(case[name]["state"])
     model.to(device)
-    if name == "triple":
+    if cls is TripleGRUDecoder:
         outputs = model(x, day_idx, mode="full", grl_lambda=torch.tensor(0.5, device=device))
     else:
         outputs = (model(x, day_idx),)
@@ -325,7 +386,8 @@ for name, cls in (("baseline", GRUDecoder), ("triple", TripleGRUDecoder)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
     for pname, p in model.named_parameters():
         torch.testing.assert_close(p.grad.cpu(), case[name]["grads"][pname], rtol=1e-3, atol=1e-4, msg=pname)
-    print(name, "matches", type(model.gru if name == "baseline" else model.noise_model.branch.gru).__module__)
+    grus = [m for m in model.modules() if isinstance(m, torch.nn.modules.rnn.RNNBase)]
+    print(name, "matches", {type(m).__module__ for m in grus}, sorted({m.bidirectional for m in grus}))
 
 # bf16 autocast on XLA: runs forward and backward without dtype errors, outputs stay float32.
 model.zero_grad()
@@ -343,17 +405,21 @@ print("autocast ok")
 def test_xla_matches_cpu(tmp_path):
     torch.manual_seed(0)
     x, day_idx = torch.randn(2, 22, 8), torch.tensor([1, 0])
-    case = {"x": x, "day_idx": day_idx}
-    specs = {
-        "triple": (TripleGRUDecoder, dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, noise_hidden_size=0)),
-        "baseline": (GRUDecoder, dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, n_layers=2, patch_size=4, patch_stride=2)),
+    triple = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, noise_hidden_size=0)
+    baseline = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, n_layers=2, patch_size=4, patch_stride=2)
+    specs = {  # the triple last: the script's autocast check reuses it
+        "baseline": (GRUDecoder, baseline),
+        "baseline_bidirectional": (GRUDecoder, dict(baseline, bidirectional=True)),
+        "triple_bidirectional": (TripleGRUDecoder, dict(triple, bidirectional=True)),
+        "triple": (TripleGRUDecoder, triple),
     }
+    case = {"x": x, "day_idx": day_idx, "names": list(specs)}
     for name, (cls, kwargs) in specs.items():
         model = cls(**kwargs)
         with torch.no_grad():
             for w in model.parameters():
                 w.add_(0.1 * torch.randn_like(w))
-        if name == "triple":
+        if cls is TripleGRUDecoder:
             outputs = model(x, day_idx, mode="full", grl_lambda=torch.tensor(0.5))
         else:
             outputs = (model(x, day_idx),)
@@ -369,6 +435,9 @@ def test_xla_matches_cpu(tmp_path):
     path = tmp_path / "case.pt"
     torch.save(case, path)
     stdout = run_xla_script(XLA_SCRIPT.replace("CASE_PATH", repr(str(path))))
-    assert "triple matches xla_gru" in stdout  # our GRU, not the one torch_xla patches in
-    assert "baseline matches xla_gru" in stdout
+    # Our GRU, not the one torch_xla patches in; bidirectional where asked (the noise GRU stays causal).
+    assert {
+        "baseline matches {'xla_gru'} [False]", "triple matches {'xla_gru'} [False]",
+        "baseline_bidirectional matches {'xla_gru'} [True]", "triple_bidirectional matches {'xla_gru'} [False, True]",
+    } <= set(stdout.splitlines())
     assert "autocast ok" in stdout

@@ -37,18 +37,20 @@ def _outputs_and_grads(gru, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Ten
     return [output.detach(), h_n.detach(), *grads]
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_matches_torch_gru_outputs_states_and_all_gradients(batch_first: bool):
-    reference, ours = _pair(5, 7, 3, batch_first=batch_first)
+def test_matches_torch_gru_outputs_states_and_all_gradients(batch_first: bool, bidirectional: bool):
+    reference, ours = _pair(5, 7, 3, batch_first=batch_first, bidirectional=bidirectional)
     torch.manual_seed(2)
     x = torch.randn(4, 11, 5) if batch_first else torch.randn(11, 4, 5)
-    h0 = torch.randn(3, 4, 7)
+    h0 = torch.randn(3 * (2 if bidirectional else 1), 4, 7)
     names = ["output", "h_n", "x", "h0", *(n for n, _ in ours.named_parameters())]
     for name, want, got in zip(names, _outputs_and_grads(reference, x, h0), _outputs_and_grads(ours, x, h0)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_recurrence_gradients_are_exact_in_float64():
+@pytest.mark.parametrize("reverse", [False, True])
+def test_recurrence_gradients_are_exact_in_float64(reverse: bool):
     torch.manual_seed(0)
     n_steps, batch, hidden = 5, 3, 4
     inputs = (
@@ -57,22 +59,28 @@ def test_recurrence_gradients_are_exact_in_float64():
         torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
         torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
     )
-    assert torch.autograd.gradcheck(lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64), inputs)
+    assert torch.autograd.gradcheck(lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse), inputs)
 
 
-def test_dropout_between_layers_follows_nn_gru_rule():
-    """Layer l > 0 reads dropout(output of layer l-1); the last layer's output is not dropped."""
-    _, ours = _pair(6, 5, 2, batch_first=True, dropout=0.5)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_between_layers_follows_nn_gru_rule(bidirectional: bool):
+    """Layer l > 0 reads dropout(output of layer l-1, both directions); the last layer's output is not dropped."""
+    n_directions = 2 if bidirectional else 1
+    _, ours = _pair(6, 5, 2, batch_first=True, dropout=0.5, bidirectional=bidirectional)
     ours.train()
-    layers = [torch.nn.modules.rnn.GRU(6, 5, batch_first=True), torch.nn.modules.rnn.GRU(5, 5, batch_first=True)]
+    layers = [torch.nn.modules.rnn.GRU(size, 5, batch_first=True, bidirectional=bidirectional)
+              for size in (6, 5 * n_directions)]
     for index, layer in enumerate(layers):
-        layer.load_state_dict({f"{k}_l0": getattr(ours, f"{k}_l{index}") for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
-    x, h0 = torch.randn(3, 9, 6), torch.randn(2, 3, 5)
+        layer.load_state_dict({
+            f"{k}_l0{suffix}": getattr(ours, f"{k}_l{index}{suffix}")
+            for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for suffix in ("", "_reverse")[:n_directions]
+        })
+    x, h0 = torch.randn(3, 9, 6), torch.randn(2 * n_directions, 3, 5)
     torch.manual_seed(7)
     output, h_n = ours(x, h0)
     torch.manual_seed(7)
-    first, h1 = layers[0](x, h0[:1])
-    want, h2 = layers[1](F.dropout(first, 0.5, training=True), h0[1:])
+    first, h1 = layers[0](x, h0[:n_directions])
+    want, h2 = layers[1](F.dropout(first, 0.5, training=True), h0[n_directions:])
     torch.testing.assert_close(output, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_n, torch.cat([h1, h2]), rtol=1e-5, atol=1e-5)
     ours.eval()
@@ -91,12 +99,14 @@ def test_bf16_saved_activations_keep_outputs_and_approximate_gradients():
     assert any(not torch.equal(want, got) for want, got in zip(full[2:], half[2:]))  # bf16 really used
 
 
-def test_parameters_and_checkpoints_are_nn_grus():
-    reference, ours = _pair(4, 6, 2, batch_first=True)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_parameters_and_checkpoints_are_nn_grus(bidirectional: bool):
+    reference, ours = _pair(4, 6, 2, batch_first=True, bidirectional=bidirectional)
     ours.save_dtype = torch.bfloat16
     assert list(ours.state_dict()) == list(reference.state_dict())  # use_scan, save_dtype are not state
     assert all(a.shape == b.shape for a, b in zip(ours.state_dict().values(), reference.state_dict().values()))
     reference.load_state_dict(ours.state_dict(), strict=True)
+    assert bidirectional == any(name.endswith("_reverse") for name in ours.state_dict())
 
 
 def test_cpu_default_is_torch_kernel(monkeypatch):
@@ -112,12 +122,15 @@ def test_cpu_default_is_torch_kernel(monkeypatch):
 
 @pytest.mark.parametrize("use_amp", [False, True])
 def test_decoders_match_with_the_scan_gru(use_amp: bool):
-    """Both decoders give the same logits and gradients on either GRU path (bf16 autocast too)."""
+    """Both decoders, causal and bidirectional, give the same logits and gradients on either GRU
+    path (bf16 autocast too)."""
     torch.manual_seed(0)
     x, day_idx = torch.randn(2, 26, 8), torch.tensor([1, 0])
     models = [
         TripleGRUDecoder(8, 6, 2, 5, patch_size=4, patch_stride=2, noise_hidden_size=0),
         GRUDecoder(8, 6, 2, 5, n_layers=2, patch_size=4, patch_stride=2),
+        TripleGRUDecoder(8, 6, 2, 5, patch_size=4, patch_stride=2, noise_hidden_size=0, bidirectional=True),
+        GRUDecoder(8, 6, 2, 5, n_layers=2, patch_size=4, patch_stride=2, bidirectional=True),
     ]
     for model in models:
         results = []
@@ -151,14 +164,15 @@ device = torch_xla.device()
 torch.zeros(1, device=device).cpu()  # bring the runtime up before the first backward
 I, H, L, B = 10, 12, 2, 3
 
-def run(gru_cls, n_steps, where):
+def run(gru_cls, n_steps, where, bidirectional=False):
     torch.manual_seed(0)
-    reference = torch.nn.modules.rnn.GRU(I, H, L, batch_first=True)
-    x, h0 = torch.randn(B, n_steps, I), torch.randn(L, B, H)
-    w_out, w_state = torch.randn(B, n_steps, H), torch.randn(L, B, H)
+    D = 2 if bidirectional else 1
+    reference = torch.nn.modules.rnn.GRU(I, H, L, batch_first=True, bidirectional=bidirectional)
+    x, h0 = torch.randn(B, n_steps, I), torch.randn(L * D, B, H)
+    w_out, w_state = torch.randn(B, n_steps, D * H), torch.randn(L * D, B, H)
     model = reference
     if where == "xla":
-        model = gru_cls(I, H, L, batch_first=True)
+        model = gru_cls(I, H, L, batch_first=True, bidirectional=bidirectional)
         model.load_state_dict(reference.state_dict())
         model.to(device)
     dev = "cpu" if where == "cpu" else device
@@ -171,26 +185,29 @@ def run(gru_cls, n_steps, where):
 def hlo_of(tensors):
     return torch_xla._XLAC._get_xla_tensors_hlo(tensors)
 
-want = run(None, 9, "cpu")
-met.clear_all()
-got = run(xla_gru.GRU, 9, "xla")
-torch_xla.sync()
-for a, b in zip(want, got):
-    torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
-assert not [c for c in met.counter_names() if c.startswith("aten::")], met.counter_names()
+for bidirectional in (False, True):
+    want = run(None, 9, "cpu", bidirectional)
+    met.clear_all()
+    got = run(xla_gru.GRU, 9, "xla", bidirectional)
+    torch_xla.sync()
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    assert not [c for c in met.counter_names() if c.startswith("aten::")], met.counter_names()
 print("matches")
 
 def stacked_weights(text, n_steps):
-    # a weight matrix (3H, I) or (3H, H), or its transpose, repeated once per step
-    return re.findall(rf"f32\[{n_steps},({3*H},{I}|{I},{3*H}|{3*H},{H}|{H},{3*H})\]", text)
+    # a weight matrix (3H, I), (3H, 2H) or (3H, H), or its transpose, repeated once per step
+    shapes = "|".join(f"{a},{b}|{b},{a}" for a, b in ((3 * H, I), (3 * H, 2 * H), (3 * H, H)))
+    return re.findall(rf"f32\[{n_steps},({shapes})\]", text)
 
-sizes = {}
-for n_steps in (8, 32):
-    text = hlo_of(run(xla_gru.GRU, n_steps, "xla"))
-    sizes[n_steps] = len(text.splitlines())
-    assert not stacked_weights(text, n_steps), stacked_weights(text, n_steps)
-print("hlo lines", sizes)
-assert abs(sizes[32] - sizes[8]) <= 0.02 * sizes[8], sizes  # one loop body, whatever the length
+for bidirectional in (False, True):
+    sizes = {}
+    for n_steps in (8, 32):
+        text = hlo_of(run(xla_gru.GRU, n_steps, "xla", bidirectional))
+        sizes[n_steps] = len(text.splitlines())
+        assert not stacked_weights(text, n_steps), stacked_weights(text, n_steps)
+    print("hlo lines", bidirectional, sizes)
+    assert abs(sizes[32] - sizes[8]) <= 0.02 * sizes[8], sizes  # one loop body, whatever the length
 # The same check sees torch_xla's own scan GRU stack its weights per step.
 assert stacked_weights(hlo_of(run(TorchXlaScanGRU, 32, "xla")), 32)
 print("control ok")
@@ -203,9 +220,54 @@ def test_xla_gru_matches_cpu_and_compiles_one_loop_without_stacked_weights():
     assert "matches" in stdout and "control ok" in stdout, stdout
 
 
-def test_inference_without_grad_matches():
+def test_inference_without_grad_matches_and_saves_nothing(monkeypatch):
+    """Under no_grad the weights still require grad; the recurrence must not save gates anyway."""
     reference, ours = _pair(5, 7, 2, batch_first=True)
     x, h0 = torch.randn(2, 6, 5), torch.randn(2, 2, 7)
-    with torch.no_grad():
-        for want, got in zip(reference(x, h0), ours(x, h0)):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in ours.parameters())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the saving (training) recurrence ran with grad mode off")
+
+    monkeypatch.setattr(xla_gru._GRURecurrence, "apply", fail)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad():
+            for want, got in zip(reference(x, h0), ours(x, h0)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+XLA_INFERENCE_SCRIPT = r"""
+import os, re, sys, tempfile
+from pathlib import Path
+dump = tempfile.mkdtemp()
+os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump}"
+import torch
+import torch_xla
+import xla_gru
+
+device = torch_xla.device()
+T, B, I, H = 9, 3, 10, 12
+gates = rf"f32\[{T},{B},{4 * H}\]"  # the (T, B, 4H) gates a training forward saves
+gru = xla_gru.GRU(I, H, 2, batch_first=True).to(device)  # its weights require grad
+x = torch.randn(B, T, I).to(device)
+
+out, h_n = gru(x)  # grad mode on: the control, the check must see the saved gates
+assert re.search(gates, torch_xla._XLAC._get_xla_tensors_hlo([out, h_n]))
+with torch.no_grad():
+    out, h_n = gru(x)
+traced = torch_xla._XLAC._get_xla_tensors_hlo([out, h_n])
+assert not re.findall(gates, traced), re.findall(gates, traced)
+torch_xla.sync()
+out.cpu()
+assignments = list(Path(dump).glob("*buffer-assignment.txt"))
+compiled = list(Path(dump).glob("*before_optimizations.txt"))
+assert len(assignments) == len(compiled) == 1, (assignments, compiled)
+for path in (*assignments, *compiled):
+    assert not re.findall(gates, path.read_text()), path
+print("no gates")
+"""
+
+
+@requires_xla
+def test_xla_inference_graph_holds_no_gate_buffer():
+    assert "no gates" in run_xla_script(XLA_INFERENCE_SCRIPT)
