@@ -558,7 +558,9 @@ def restore_checkpoint(
     if model is not None:
         rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"], source=source)
     if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        # The wrapped optimizer itself: Accelerate's wrapper on XLA first sends the whole state to
+        # the device and drops the result, then torch's load_state_dict sends it again.
+        getattr(optimizer, "optimizer", optimizer).load_state_dict(checkpoint["optimizer_state_dict"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
     if restore_rng:
