@@ -1,9 +1,10 @@
-"""Does the adversarial denoiser help? Baseline vs TripleGRUDecoder vs the triple without its
-adversarial terms, trained on the same data at an equal number of steps and at an equal
-wall-clock budget.
+"""Does the adversarial denoiser help, and does reading the whole trial? Baseline vs
+TripleGRUDecoder vs the triple without its adversarial terms, each causal or bidirectional,
+trained on the same data at an equal number of steps and at an equal wall-clock budget.
 
     python benchmarks/ablation.py --data_dir data/synthetic [--config rnn_args_demo.yaml] [--steps 400]
-        [--seconds S] [--variants baseline triple triple_no_adv] [--out RUN_DIR] [--set key=value ...]
+        [--seconds S] [--variants baseline triple triple_no_adv baseline_bidirectional triple_bidirectional]
+        [--out RUN_DIR] [--set key=value ...]
 
 Variants (overrides on top of --config and --set):
   baseline       model.type=baseline: the upstream GRUDecoder (model.n_layers GRU layers)
@@ -13,6 +14,9 @@ Variants (overrides on top of --config and --set):
                  clean decoder's input (x_processed - noise). The NoisySpeechModel still runs its
                  forward pass (its time is in the step time) and counts in n_parameters; its
                  weights get no gradient.
+  baseline_bidirectional, triple_bidirectional
+                 the same with model.bidirectional=true: bidirectional speech GRUs (offline
+                 decoding), the triple's noise model still causal.
 
 Budgets:
   steps  every variant trains --steps optimizer steps.
@@ -60,6 +64,8 @@ VARIANTS = {
     "baseline": ["model.type=baseline"],
     "triple": ["model.type=triple"],
     "triple_no_adv": ["model.type=triple", "adversarial.enabled=false"],
+    "baseline_bidirectional": ["model.type=baseline", "model.bidirectional=true"],
+    "triple_bidirectional": ["model.type=triple", "model.bidirectional=true"],
 }
 # Schedule keys counted in steps: scaled with the step count of a time-budget run.
 STEP_KEYS = (

@@ -1,6 +1,7 @@
 """Device memory of one training micro-batch of the full-width models on XLA, and what fits a TPU.
 
-    python benchmarks/xla_memory.py [--frames 64 125 250] [--batch 4] [--gru ours|torch_xla] [--set key=value ...]
+    python benchmarks/xla_memory.py [--frames 64 125 250] [--batch 4] [--gru ours|torch_xla] [--bidirectional]
+        [--models baseline triple triple_noise768] [--set key=value ...]
 
 For each model of rnn_args.yaml at full width -- baseline 5x768, triple with the 7168-wide noise
 GRU, triple with noise_hidden_size 768 -- and each patched length T' in --frames, a fresh
@@ -22,6 +23,10 @@ TPU's does not (no tile padding, its own fusions), so the table is an estimate f
 
 --gru torch_xla measures torch_xla's own scan GRU (torch_xla.experimental.gru) in place of
 xla_gru.GRU, for comparison.
+
+--bidirectional measures every model a second time with model.bidirectional=true (reported as
+`<model>_bidirectional`, with its bytes per trial-frame as a multiple of the causal model's,
+measured side by side in the same run).
 """
 
 import os
@@ -164,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4, help="trials per micro-batch")
     parser.add_argument("--gru", choices=["ours", "torch_xla"], default="ours")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--bidirectional", action="store_true",
+                        help="also measure each model with model.bidirectional=true, and the ratio to causal")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override rnn_args.yaml, e.g. use_amp=false or model.gru_save_dtype=bfloat16")
     parser.add_argument("--_measure", nargs=6, help=argparse.SUPPRESS)
@@ -186,13 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
               "batch": args.batch, "frames": args.frames,
               "measured_by": "XLA CPU buffer assignment (Total bytes used) of the compiled micro-batch graph",
               "models": {}}
-    for name in args.models:
-        runs = [_run_measurement(name, frames, args.batch, args.set, args.gru) for frames in args.frames]
+    variants = [(name, name, args.set) for name in args.models]
+    if args.bidirectional:
+        variants += [(f"{name}_bidirectional", name, [*args.set, "model.bidirectional=true"]) for name in args.models]
+    for label, name, overrides in variants:
+        runs = [_run_measurement(name, frames, args.batch, overrides, args.gru) for frames in args.frames]
         intercept, slope = _fit([(frames, run["total_bytes"]) for frames, run in zip(args.frames, runs)])
         n_params = runs[0]["n_params"]
         fixed = intercept + 8 * n_params  # + AdamW's two float32 moments
         per_trial_frame = slope / args.batch
-        report["models"][name] = {
+        report["models"][label] = {
             "n_params": n_params,
             "total_bytes": [run["total_bytes"] for run in runs],
             "temp_bytes": [run["temp_bytes"] for run in runs],
@@ -202,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             "fit": fit_table(fixed_bytes=fixed, bytes_per_trial_frame=per_trial_frame,
                              frames_per_bucket=frames_per_bucket),
         }
+        causal = report["models"].get(name)
+        if label != name and causal:
+            report["models"][label]["per_trial_frame_vs_causal"] = round(per_trial_frame / causal["bytes_per_trial_frame"], 3)
     print(json.dumps(report))
     _print_table(report, frames_per_bucket)
     return report
@@ -214,7 +227,8 @@ def _print_table(report: dict, frames_per_bucket: dict[int, int]) -> None:
     header = f"{'model':<16} {'chip':<5} " + " ".join(f"{f'{b}/{frames_per_bucket[b]}':>9}" for b in buckets)
     print(header)
     for name, result in report["models"].items():
-        print(f"{name:<16} per trial-frame {result['bytes_per_trial_frame'] / 2**20:.3f} MiB, "
+        ratio = f" ({result['per_trial_frame_vs_causal']}x causal)" if "per_trial_frame_vs_causal" in result else ""
+        print(f"{name} per trial-frame {result['bytes_per_trial_frame'] / 2**20:.3f} MiB{ratio}, "
               f"fixed {result['fixed_bytes'] / GIB:.2f} GiB, compile {result['compile_seconds']} s")
         for chip, row in result["fit"].items():
             print(f"{'':<16} {chip:<5} " + " ".join(f"{row[b]:>9}" for b in buckets))

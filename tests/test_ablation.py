@@ -1,5 +1,6 @@
 """Test of benchmarks/ablation.py on a tiny model: one row per variant and budget, the time budget's
-step counts, the schedule scaling, and the adversarial terms really off in triple_no_adv.
+step counts, the schedule scaling, the adversarial terms really off in triple_no_adv, and the
+bidirectional variants really bidirectional.
 
     python -m pytest tests/test_ablation.py -q
 """
@@ -43,22 +44,27 @@ def test_ablation_rows_for_every_variant_and_budget(data_dir: Path, tmp_path: Pa
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["variant"], r["budget"]) for r in lines] == [(r["variant"], r["budget"]) for r in rows]
-    assert len(rows) == 6 and out.count("\n| ") == 2 + 6  # the table: header, rule, a row per run
-    by_steps = {r["variant"]: r for r in rows[:3]}
-    assert [r["variant"] for r in rows] == ["baseline", "triple", "triple_no_adv"] * 2
+    variants = ["baseline", "triple", "triple_no_adv", "baseline_bidirectional", "triple_bidirectional"]
+    n_variants = len(variants)
+    assert len(rows) == 2 * n_variants and out.count("\n| ") == 2 + 2 * n_variants  # header, rule, a row per run
+    by_steps = {r["variant"]: r for r in rows[:n_variants]}
+    assert [r["variant"] for r in rows] == variants * 2
     assert all(r["steps"] == 4 and r["budget"] == "4 steps" for r in by_steps.values())
     assert by_steps["triple"]["n_parameters"] == by_steps["triple_no_adv"]["n_parameters"]
     assert by_steps["triple"]["n_parameters"] > by_steps["baseline"]["n_parameters"]
+    for name in ("baseline", "triple"):  # a second direction for every speech GRU, its config saved
+        assert by_steps[f"{name}_bidirectional"]["n_parameters"] > by_steps[name]["n_parameters"]
+        assert "bidirectional: true" in (tmp_path / "runs" / f"{name}_bidirectional_steps" / "config.yaml").read_text()
     assert all(0.0 <= r["val_per"] < 2.0 and r["ms_per_step"] > 0 for r in rows)
 
     # The baseline's steps at its fastest window's step time; each variant's steps at its own.
     budget = 4 * by_steps["baseline"]["ms_per_step_best"] / 1000.0
     assert all(r["ms_per_step_best"] <= r["ms_per_step"] for r in rows)
-    for row in rows[3:]:
+    for row in rows[n_variants:]:
         assert row["budget"] == f"{budget:.0f} s"
         expected = 1000.0 * budget / by_steps[row["variant"]]["ms_per_step_best"]
         assert abs(row["steps"] - expected) <= 0.5 + 0.01 * expected
-    assert rows[3] == {**by_steps["baseline"], "budget": rows[3]["budget"]}  # its own budget: reused
+    assert rows[n_variants] == {**by_steps["baseline"], "budget": rows[n_variants]["budget"]}  # its own budget: reused
 
     # triple_no_adv: the total loss is the clean CTC alone; in triple the adversarial terms count.
     def train_records(name):
