@@ -21,7 +21,7 @@ def test_full_width_triple_memory_is_linear_in_frames_and_fits_v4_at_every_bucke
     import xla_memory
 
     frames = [64, 128, 192]
-    report = xla_memory.main(["--models", "triple", "--frames", *map(str, frames), "--batch", "4"])
+    report = xla_memory.main(["--models", "triple", "--frames", *map(str, frames), "--batch", "4", "--bidirectional"])
     result = report["models"]["triple"]
     assert result["n_params"] == 687_568_466
     per_trial_frame = result["bytes_per_trial_frame"]
@@ -33,3 +33,7 @@ def test_full_width_triple_memory_is_linear_in_frames_and_fits_v4_at_every_bucke
     first, second = (result["total_bytes"][i + 1] - result["total_bytes"][i] for i in range(2))
     assert abs(second - first) <= 0.2 * first, result
     assert all(batch >= 32 for batch in result["fit"]["v4"].values()), result  # rnn_args.yaml: 32 per core
+    # Bidirectional speech GRUs: a second, reverse loop per layer, same memory-lean backward.
+    bidirectional = report["models"]["triple_bidirectional"]
+    assert bidirectional["per_trial_frame_vs_causal"] <= 2.2, bidirectional
+    assert all(batch >= 32 for batch in bidirectional["fit"]["v4"].values()), bidirectional
