@@ -528,6 +528,11 @@ def _checkpoint_step(path: Path) -> int:
     return step
 
 
+def _periodic_checkpoints(directory: Path) -> list[Path]:
+    """The periodic checkpoints in a checkpoint directory, oldest first (the step is in the name)."""
+    return sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
+
+
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint a run continues from: the highest step among last_checkpoint.pt and the
     periodic ones (the last on a tie), or None when the run has none. An unreadable candidate
@@ -536,7 +541,7 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not directory.is_dir():
         return None
-    candidates = sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
+    candidates = _periodic_checkpoints(directory)
     if (directory / LAST_CHECKPOINT).is_file():
         candidates.append(directory / LAST_CHECKPOINT)
     if not candidates:
@@ -796,8 +801,16 @@ class _Run:
         return self.accelerator.distributed_type == DistributedType.XLA
 
 
-def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
-    """Accelerator, data, run directory, model, optimizer and schedule; a resumed run's states."""
+def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bool = False) -> _Run:
+    """Accelerator, data, run directory, model, optimizer and schedule; a resumed run's states.
+
+    With `fresh_without_checkpoint` a `resume_dir` holding no checkpoint starts a fresh run there.
+    """
+    resume_path = newest_checkpoint(resume_dir) if resume_dir is not None else None
+    if resume_path is None and resume_dir is not None:
+        if not fresh_without_checkpoint:
+            raise rnn_model.CheckpointError(f"{Path(resume_dir) / CHECKPOINT_DIR}: no checkpoint to resume from")
+        resume_dir = None
     # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
     # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
     # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
@@ -814,10 +827,7 @@ def _set_up(cfg: Config, resume_dir: str | None) -> _Run:
 
     resumed = None
     if resume_dir is not None:
-        path = newest_checkpoint(resume_dir)
-        if path is None:
-            raise rnn_model.CheckpointError(f"{Path(resume_dir) / CHECKPOINT_DIR}: no checkpoint to resume from")
-        resumed = rnn_model.read_checkpoint(path)
+        resumed = rnn_model.read_checkpoint(resume_path)
         cfg.output_dir = str(resume_dir)
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resumed["sessions"])
@@ -893,8 +903,7 @@ def _save_periodic(run: _Run, *, step: int) -> None:
     directory = run.run_dir / CHECKPOINT_DIR
     _save_state(run, directory / PERIODIC_CHECKPOINT.format(step=step), step=step)
     if run.accelerator.is_main_process:
-        periodic = sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
-        for old in periodic[: -run.cfg.keep_checkpoints]:
+        for old in _periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
             old.unlink()
     _barrier(run.accelerator)
 
@@ -996,9 +1005,8 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     (the unwrapped model). SIGTERM or SIGINT end the run after the step in flight with its state
     in checkpoint/last_checkpoint.pt and raise TrainingInterrupted.
     """
-    if resume_dir == "auto" or (resume_dir is None and cfg.resume == "auto"):
-        resume_dir = cfg.output_dir if newest_checkpoint(cfg.output_dir) is not None else None
-    run = _set_up(cfg, resume_dir)
+    auto = resume_dir == "auto" or (resume_dir is None and cfg.resume == "auto")
+    run = _set_up(cfg, cfg.output_dir if auto else resume_dir, fresh_without_checkpoint=auto)
     accelerator, n_steps = run.accelerator, cfg.num_training_batches
     run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
                  f"process(es)), {len(run.sessions)} sessions")
