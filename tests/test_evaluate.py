@@ -217,15 +217,20 @@ def test_metrics_json_is_plain_json(run_dir: Path, data_dir: Path, tmp_path: Pat
 # ---------------------------------------------------------------------------------- robustness
 
 
-def test_perturbed_logits_are_seeded_per_trial_whatever_the_batching(data_dir: Path, run_dir: Path):
+def _val_logits(loaded, data_dir: Path, batch_size: int, **options) -> list[np.ndarray]:
+    """Per-trial val logits of a loaded run at `batch_size`; `options` go to compute_logits."""
     from dataset import build_eval_loader
     from evaluate_model_helpers import compute_logits
 
+    loader = build_eval_loader(str(data_dir), loaded.sessions, "val", batch_size=batch_size, patch_size=14, patch_stride=4)
+    return [r.logits for r in compute_logits(loaded, loader, torch.device("cpu"), **options)]
+
+
+def test_perturbed_logits_are_seeded_per_trial_whatever_the_batching(data_dir: Path, run_dir: Path):
     loaded = rnn_model.load_run_model(run_dir)
 
     def logits(batch_size: int, perturbation=None) -> list[np.ndarray]:
-        loader = build_eval_loader(str(data_dir), loaded.sessions, "val", batch_size=batch_size, patch_size=14, patch_stride=4)
-        return [r.logits for r in compute_logits(loaded, loader, torch.device("cpu"), perturbation=perturbation)]
+        return _val_logits(loaded, data_dir, batch_size, perturbation=perturbation)
 
     clean = logits(4)
     noisy = logits(4, ("white_noise", 1.0, 0))
@@ -326,14 +331,10 @@ def test_ensemble_bad_input_exits_2_before_any_model_runs(
 
 
 def test_tta_of_one_clean_copy_is_plain_decoding_and_independent_of_batching(data_dir: Path, run_dir: Path):
-    from dataset import build_eval_loader
-    from evaluate_model_helpers import compute_logits
-
     loaded = rnn_model.load_run_model(run_dir)
 
     def logits(batch_size: int, tta=None) -> list[np.ndarray]:
-        loader = build_eval_loader(str(data_dir), loaded.sessions, "val", batch_size=batch_size, patch_size=14, patch_stride=4)
-        return [r.logits for r in compute_logits(loaded, loader, torch.device("cpu"), tta=tta)]
+        return _val_logits(loaded, data_dir, batch_size, tta=tta)
 
     plain = logits(4)
     loaded.transforms.white_noise_std, loaded.transforms.constant_offset_std = 0.0, 0.0
