@@ -865,8 +865,13 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
     if is_xla:
         import torch_xla
+        import torch_xla.core.xla_model as xm
 
         torch_xla.sync()  # materialise the placed weights in a setup graph of their own
+        if resumed is not None and run.accelerator.is_main_process:
+            # Every sync advances XLA's seed, and an uninterrupted run has no sync between the saved
+            # step and the next one: restore the seed after this one.
+            xm.set_rng_state(resumed["rng_states"]["xla"])
     return run
 
 
