@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+import storage
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -374,11 +376,10 @@ def from_upstream(values: dict) -> tuple[dict, list[str]]:
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
     """Read a yaml config (ours, or upstream's through from_upstream), apply dotted overrides, and
     check every key and type."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid yaml ({error})") from None
     if not isinstance(values, dict):
@@ -397,4 +398,4 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    storage.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
+import storage
 from config import ConfigError
 from dataset import PHONEMES, DataError, build_eval_loader, discover_sessions, read_labels, session_files
 from evaluate_model_helpers import (
@@ -434,7 +435,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_member(path: str, upstream: bool) -> rnn_model.TrainedModel:
     """One ensemble member; an upstream directory is recognised by checkpoint/args.yaml without config.yaml."""
-    detected = (Path(path) / "checkpoint" / "args.yaml").is_file() and not (Path(path) / "config.yaml").is_file()
+    detected = storage.isfile(storage.join(path, "checkpoint", "args.yaml")) and not storage.isfile(storage.join(path, "config.yaml"))
     return (rnn_model.load_upstream_model if upstream or detected else rnn_model.load_run_model)(path)
 
 

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+import storage
 from config import Config, ConfigError, TransformsConfig, config_from_dict, from_upstream, load_config
 from xla_gru import GRU
 
@@ -562,30 +563,34 @@ def load_state_dict_compat(
         raise CheckpointError(f"{source}: weights do not fit the configured model: {first_lines}") from None
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """The checkpoint a path names: the file itself, or a model directory's best checkpoint
+def checkpoint_file(path: str | Path) -> str:
+    """The checkpoint a path or URL names: the file itself, or a model directory's best checkpoint
     (this repo's checkpoint/best_checkpoint.pt, else upstream's checkpoint/best_checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
+    if storage.isdir(path):
         for name in CHECKPOINT_NAMES:
-            if (path / name).is_file():
-                return path / name
+            if storage.isfile(storage.join(path, str(name))):
+                return storage.join(path, str(name))
         raise CheckpointError(f"checkpoint not found: {path} holds neither {' nor '.join(map(str, CHECKPOINT_NAMES))}")
-    if not path.is_file():
+    if not storage.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    return str(path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint dict onto the CPU: this repo's (resume, init, evaluation) or upstream's.
 
-    mmap=True pages tensor data in from the file on demand instead of first reading the whole
-    file (~8 GB of weights and AdamW moments at full size) into host memory. weights_only=False:
-    this repo's checkpoints also hold numpy and Python RNG states.
+    mmap=True pages a local file's tensor data in on demand instead of first reading the whole
+    file (~8 GB of weights and AdamW moments at full size) into host memory; a URL (storage.py) is
+    read through fsspec. weights_only=False: this repo's checkpoints also hold numpy and Python RNG
+    states.
     """
     path = checkpoint_file(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if storage.is_url(path):
+            with storage.open_read(path) as handle:
+                checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # a truncated or foreign file: torch's own error is not the message to show
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
@@ -679,13 +684,13 @@ class TrainedModel:
 
 def load_run_model(model_path: str | Path) -> TrainedModel:
     """A run directory of this repo: config.yaml + checkpoint/best_checkpoint.pt."""
-    run_dir = Path(model_path)
-    if not run_dir.is_dir():
+    run_dir = str(model_path)
+    if not storage.isdir(run_dir):
         raise CheckpointError(f"model directory not found: {run_dir}")
-    path = run_dir / CHECKPOINT_NAMES[0]
+    path = storage.join(run_dir, str(CHECKPOINT_NAMES[0]))
     checkpoint = read_checkpoint(path)
-    config_path = run_dir / "config.yaml"
-    cfg = load_config(config_path) if config_path.is_file() else config_from_dict(checkpoint.get("config") or {})
+    config_path = storage.join(run_dir, "config.yaml")
+    cfg = load_config(config_path) if storage.isfile(config_path) else config_from_dict(checkpoint.get("config") or {})
     sessions = list(checkpoint.get("sessions") or cfg.dataset.sessions)
     if not sessions:
         raise CheckpointError(f"{path}: the checkpoint names no sessions (day order unknown)")

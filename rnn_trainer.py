@@ -24,12 +24,10 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import rnn_model
+import storage
 from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
@@ -455,33 +454,8 @@ def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None
         xm.set_rng_state(states["xla"])
 
 
-def _atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over `path`.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
-    path: str | Path,
+    path: str,
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -518,35 +492,39 @@ def save_checkpoint(
         "n_skipped_steps": n_skipped_steps,
         "n_bad_vals": n_bad_vals,
     }
-    _atomic_save(checkpoint, path)
+    storage.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
-def _checkpoint_step(path: Path) -> int:
-    step = rnn_model.read_checkpoint(path).get("step")
+def _checkpoint_step(checkpoint: Mapping[str, Any], path: str) -> int:
+    step = checkpoint.get("step")
     if not isinstance(step, int):
         raise rnn_model.CheckpointError(f"{path}: the checkpoint names no step")
     return step
 
 
-def _periodic_checkpoints(directory: Path) -> list[Path]:
+def _periodic_checkpoints(directory: str) -> list[str]:
     """The periodic checkpoints in a checkpoint directory, oldest first (the step is in the name)."""
-    return sorted(directory.glob(PERIODIC_CHECKPOINT.replace("{step:08d}", "*")))
+    return [storage.join(directory, entry)
+            for entry in storage.list_names(directory, PERIODIC_CHECKPOINT.replace("{step:08d}", "*"))]
 
 
-def newest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a run continues from: the highest step among last_checkpoint.pt and the
-    periodic ones (the last on a tie), or None when the run has none. An unreadable candidate
-    (say, truncated by a full disk) stops with a CheckpointError naming it rather than falling
-    back silently to an older one or to a fresh start."""
-    directory = Path(run_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return None
-    candidates = _periodic_checkpoints(directory)
-    if (directory / LAST_CHECKPOINT).is_file():
-        candidates.append(directory / LAST_CHECKPOINT)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda path: (_checkpoint_step(path), path.name == LAST_CHECKPOINT))
+def newest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint a run continues from, and its contents: the highest step among
+    last_checkpoint.pt and the periodic ones (last_checkpoint.pt on a tie), or None when the run
+    has none. A periodic checkpoint's step is in its name, so at most two files are read (at a URL
+    each read is a download). An unreadable candidate (say, truncated by a full disk) stops with a
+    CheckpointError naming it rather than falling back silently to an older one or to a fresh start."""
+    directory = storage.join(run_dir, CHECKPOINT_DIR)
+    newest: tuple[int, str, dict[str, Any]] | None = None
+    last_path = storage.join(directory, LAST_CHECKPOINT)
+    if storage.isfile(last_path):
+        last = rnn_model.read_checkpoint(last_path)
+        newest = (_checkpoint_step(last, last_path), last_path, last)
+    periodic = _periodic_checkpoints(directory)
+    if periodic and (newest is None or int(storage.name(periodic[-1]).removeprefix("step_").removesuffix(".pt")) > newest[0]):
+        checkpoint = rnn_model.read_checkpoint(periodic[-1])
+        newest = (_checkpoint_step(checkpoint, periodic[-1]), periodic[-1], checkpoint)
+    return None if newest is None else newest[1:]
 
 
 def restore_checkpoint(
@@ -557,7 +535,7 @@ def restore_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     generator: torch.Generator | None = None,
     restore_rng: bool = False,
-    source: str | Path | None = None,
+    source: str | None = None,
 ) -> None:
     """Load whichever of model/optimizer/scheduler/RNG states are given from a checkpoint dict."""
     if model is not None:
@@ -572,7 +550,7 @@ def restore_checkpoint(
         _set_rng_states(checkpoint["rng_states"], generator=generator)
 
 
-def load_checkpoint(path: str | Path, **states: Any) -> dict[str, Any]:
+def load_checkpoint(path: str, **states: Any) -> dict[str, Any]:
     """Read a checkpoint (rnn_model.read_checkpoint: a file or a model directory, on the CPU) and
     restore the states given as keywords (see restore_checkpoint); returns the checkpoint dict."""
     checkpoint = rnn_model.read_checkpoint(path)
@@ -639,18 +617,18 @@ class _RunLog:
     """
 
     def __init__(
-        self, run_dir: Path, enabled: bool, accelerator: Accelerator | None = None,
+        self, run_dir: str, enabled: bool, accelerator: Accelerator | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
-        self.log_file = open(run_dir / "train.log", "a") if enabled else None
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.log_file = storage.AppendFile(storage.join(run_dir, "train.log")) if enabled else None
+        self.metrics_file = storage.AppendFile(storage.join(run_dir, "metrics.jsonl")) if enabled else None
         self.tracking = enabled and accelerator is not None and bool(accelerator.log_with)
         self.accelerator = accelerator
         if self.tracking:
             accelerator.init_trackers(
                 TRACKER_PROJECT, config=_flat_scalars(config or {}, sep="."),
-                init_kwargs={"wandb": {"name": run_dir.name}},
+                init_kwargs={"wandb": {"name": storage.name(run_dir)}},
             )
 
     def line(self, text: str) -> None:
@@ -692,7 +670,7 @@ def _format_train_line(
     return " | ".join(parts)
 
 
-def _plot_curves(run_dir: Path) -> None:
+def _plot_curves(run_dir: str) -> None:
     """training_curves.png: train loss and val PER against step, from the whole metrics.jsonl.
 
     matplotlib is an optional extra (`.[plots]`); without it the plot is skipped with one line.
@@ -708,7 +686,7 @@ def _plot_curves(run_dir: Path) -> None:
 
     # Keyed by step: after a resume, steps past the last checkpoint are logged twice; keep the latest.
     train_loss, val_per = {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines():
         record = json.loads(line)
         if "train/loss" in record:
             train_loss[record["step"]] = record["train/loss"]
@@ -723,7 +701,8 @@ def _plot_curves(run_dir: Path) -> None:
         ax_per.plot(*zip(*val_points), marker="o")
     ax_per.set(xlabel="step", ylabel="val PER", title="Validation phoneme error rate")
     fig.tight_layout()
-    fig.savefig(run_dir / "training_curves.png", dpi=100)
+    storage.atomic_write(storage.join(run_dir, "training_curves.png"),
+                         lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -778,7 +757,7 @@ class _Run:
 
     cfg: Config
     accelerator: Accelerator
-    run_dir: Path
+    run_dir: str  # a local path or an fsspec URL (storage.py)
     sessions: list[str]
     model: nn.Module  # as prepared by Accelerate (DDP-wrapped with several CUDA/CPU processes)
     unwrapped: nn.Module
@@ -806,10 +785,10 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
 
     With `fresh_without_checkpoint` a `resume_dir` holding no checkpoint starts a fresh run there.
     """
-    resume_path = newest_checkpoint(resume_dir) if resume_dir is not None else None
-    if resume_path is None and resume_dir is not None:
+    newest = newest_checkpoint(resume_dir) if resume_dir is not None else None
+    if newest is None and resume_dir is not None:
         if not fresh_without_checkpoint:
-            raise rnn_model.CheckpointError(f"{Path(resume_dir) / CHECKPOINT_DIR}: no checkpoint to resume from")
+            raise rnn_model.CheckpointError(f"{storage.join(resume_dir, CHECKPOINT_DIR)}: no checkpoint to resume from")
         resume_dir = None
     # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
     # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
@@ -826,8 +805,8 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     is_xla = accelerator.distributed_type == DistributedType.XLA
 
     resumed = None
-    if resume_dir is not None:
-        resumed = rnn_model.read_checkpoint(resume_path)
+    if newest is not None:
+        resumed = newest[1]
         cfg.output_dir = str(resume_dir)
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resumed["sessions"])
@@ -836,11 +815,11 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         cfg, n_steps=cfg.num_training_batches, start_step=start_step, batches_per_step=cfg.gradient_accumulation_steps,
         n_replicas=world, rank=rank, pin_memory=device.type == "cuda",
     )
-    run_dir = Path(cfg.output_dir)
+    run_dir = cfg.output_dir
     # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
     if accelerator.is_main_process:
-        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        storage.makedirs(storage.join(run_dir, CHECKPOINT_DIR))
+        save_config(cfg, storage.join(run_dir, "config.yaml"))
     _barrier(accelerator)
 
     model = _build_replica_model(cfg, n_days=len(sessions), sessions=sessions, device=device, rank=rank, broadcast=is_xla and world > 1)
@@ -890,7 +869,7 @@ def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
     run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
 
 
-def _save_state(run: _Run, path: Path, *, step: int, with_optimizer: bool = True) -> None:
+def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True) -> None:
     """Write the run's state at `step` to `path` from the main process; every replica waits."""
     if run.accelerator.is_main_process:
         save_checkpoint(
@@ -905,11 +884,11 @@ def _save_state(run: _Run, path: Path, *, step: int, with_optimizer: bool = True
 def _save_periodic(run: _Run, *, step: int) -> None:
     """A checkpoint every checkpoint_every_steps, whatever the validation cadence; the oldest
     periodic ones beyond keep_checkpoints are removed once the new one is complete."""
-    directory = run.run_dir / CHECKPOINT_DIR
-    _save_state(run, directory / PERIODIC_CHECKPOINT.format(step=step), step=step)
+    directory = storage.join(run.run_dir, CHECKPOINT_DIR)
+    _save_state(run, storage.join(directory, PERIODIC_CHECKPOINT.format(step=step)), step=step)
     if run.accelerator.is_main_process:
         for old in _periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
-            old.unlink()
+            storage.remove(old)
     _barrier(run.accelerator)
 
 
@@ -992,9 +971,9 @@ def _validate_and_save(run: _Run, *, step: int) -> bool:
     run.log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
                     "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
     if improved and cfg.save_best_checkpoint:
-        _save_state(run, run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, step=step, with_optimizer=False)
+        _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT), step=step, with_optimizer=False)
     if cfg.save_final_model:
-        _save_state(run, run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, step=step)
+        _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT), step=step)
     if cfg.early_stopping and run.n_bad_vals >= cfg.early_stopping_val_steps:
         run.log.line(f"early stopping at step {step}: no better val PER in {run.n_bad_vals} validations")
         return True
@@ -1046,20 +1025,20 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                     _save_periodic(run, step=step)
                 signum = _agreed_stop(run, signals.signum)
                 if signum is not None:
-                    _save_state(run, run.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, step=step)
+                    _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT), step=step)
                     run.log.line(f"{signal.Signals(signum).name}: saved {CHECKPOINT_DIR}/{LAST_CHECKPOINT} "
                                  f"at step {step}, stopping")
                     raise TrainingInterrupted(signum, step)
     finally:
         progress.close()
         run.log.close()
-    if accelerator.is_main_process and (run.run_dir / "metrics.jsonl").exists():
+    if accelerator.is_main_process and storage.isfile(storage.join(run.run_dir, "metrics.jsonl")):
         _plot_curves(run.run_dir)
     return {
         "step": step,
         "best_val_per": run.best_val_per,
         "best_val_loss": run.best_val_loss,
         "n_skipped_steps": int(run.n_skipped.cpu()),
-        "run_dir": str(run.run_dir),
+        "run_dir": run.run_dir,
         "model": run.unwrapped,
     }

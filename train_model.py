@@ -7,7 +7,8 @@
 --config_path it reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a
 finished run). `--resume auto` (or `resume: auto` in the config) continues the config's
 output_dir when it holds a checkpoint and starts fresh otherwise: rerun the same command after a
-preemption. SIGTERM / SIGINT save checkpoint/last_checkpoint.pt after the step in flight and exit
+preemption. output_dir may be a bucket or any fsspec URL (gs://bucket/run with `pip install -e
+".[gcs]"`). SIGTERM / SIGINT save checkpoint/last_checkpoint.pt after the step in flight and exit
 with status 143 / 130. A bad config, data directory or checkpoint ends the run with one line on
 stderr and exit status 2.
 """
@@ -17,6 +18,7 @@ import os
 import sys
 from typing import NoReturn
 
+import storage
 from config import ConfigError, load_config
 
 
@@ -47,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     config_path = args.config_path
     if config_path is None:
         resuming_a_dir = args.resume not in (None, "auto")
-        config_path = os.path.join(args.resume, "config.yaml") if resuming_a_dir else "rnn_args.yaml"
+        config_path = storage.join(args.resume, "config.yaml") if resuming_a_dir else "rnn_args.yaml"
     try:
         cfg = load_config(config_path, args.set)
-    except ConfigError as error:
+    except (ConfigError, storage.StorageError) as error:
         _fail(error)
     if not cfg.use_tpu:
         # Must precede the first `import accelerate`, which would otherwise import torch_xla and
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         rnn_trainer.train(cfg, resume_dir=args.resume)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (DataError, ConfigError, CheckpointError, storage.StorageError, FileNotFoundError) as error:
         _fail(error)
     except rnn_trainer.TrainingInterrupted as stop:
         raise SystemExit(128 + stop.signum) from None  # 143 for SIGTERM, 130 for SIGINT, as schedulers expect

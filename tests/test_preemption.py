@@ -4,15 +4,18 @@ periodic checkpoints (keep_checkpoints), `--resume auto`, and the config checks 
     pytest tests/test_preemption.py
 """
 
+import json
 import os
 import signal
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState
 
+import evaluate_model
 import rnn_model
 import rnn_trainer
 import train_model
@@ -20,7 +23,7 @@ from config import ConfigError
 from conftest import make_config, requires_xla, run_xla_script, tiny_config_dict
 
 
-def _write_config(data_dir: Path, run_dir: Path, path: Path, **top: object) -> Path:
+def _write_config(data_dir: Path, run_dir: str | Path, path: Path, **top: object) -> Path:
     values = tiny_config_dict(str(data_dir), str(run_dir))
     values.update({"num_training_batches": 6, "batches_per_val_step": 3, **top})
     path.write_text(yaml.safe_dump(values))
@@ -88,11 +91,48 @@ def test_periodic_checkpoints_keep_the_newest_and_resume_from_the_highest_step(d
     rnn_trainer.train(cfg)
     directory = tmp_path / "checkpoint"
     assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
-    assert rnn_trainer.newest_checkpoint(tmp_path) == directory / "last_checkpoint.pt"  # step 7 (the end)
+    path, checkpoint = rnn_trainer.newest_checkpoint(str(tmp_path))
+    assert (path, checkpoint["step"]) == (str(directory / "last_checkpoint.pt"), 7)  # the end
     (directory / "last_checkpoint.pt").unlink()
-    assert rnn_trainer.newest_checkpoint(tmp_path) == directory / "step_00000006.pt"
+    path, checkpoint = rnn_trainer.newest_checkpoint(str(tmp_path))
+    assert (path, checkpoint["step"]) == (str(directory / "step_00000006.pt"), 6)
     periodic = torch.load(directory / "step_00000006.pt", weights_only=False)
     assert periodic["step"] == 6 and "optimizer_state_dict" in periodic and "rng_states" in periodic
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_a_run_at_an_fsspec_url_is_interrupted_and_resumed_like_a_local_one(
+    data_dir: Path, tmp_path: Path, monkeypatch, scheme: str
+):
+    """output_dir as a URL: config, logs, metrics and checkpoints go there, and a SIGTERM and
+    `--resume URL` end equal to an uninterrupted run on the local disk."""
+    straight = _write_config(data_dir, tmp_path / "straight", tmp_path / "straight.yaml")
+    train_model.main(["--config_path", str(straight)])
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    url = f"memory://runs/{tmp_path.name}" if scheme == "memory" else f"file://{tmp_path}/remote"
+    config = _write_config(data_dir, url, tmp_path / "run.yaml", checkpoint_every_steps=2)
+    _signal_after_step(monkeypatch, k=3, signum=signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        train_model.main(["--config_path", str(config), "--resume", "auto"])  # auto: nothing there yet
+    assert stopped.value.code == 143
+    monkeypatch.undo()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    fs, root = fsspec.core.url_to_fs(url)
+    assert sorted(fs.ls(f"{root}/checkpoint", detail=False)) == [
+        f"{root}/checkpoint/{name}" for name in ("best_checkpoint.pt", "last_checkpoint.pt", "step_00000002.pt")
+    ]  # no temporary objects left behind
+    assert rnn_model.read_checkpoint(f"{url}/checkpoint/last_checkpoint.pt")["step"] == 3
+
+    train_model.main(["--resume", url])  # the run's own config.yaml, read from the URL
+    _assert_same_state(_weights(tmp_path / "straight"), rnn_model.read_checkpoint(f"{url}/checkpoint/last_checkpoint.pt"))
+    log = fs.cat_file(f"{root}/train.log").decode()
+    assert "SIGTERM: saved checkpoint/last_checkpoint.pt at step 3" in log and f"resumed {url} at step 3" in log
+    steps = [json.loads(line)["step"] for line in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
+    assert steps[-1] == 6 and 3 in steps  # records of both halves, in one file
+    assert evaluate_model.load_member(url, upstream=False).sessions == _weights(tmp_path / "straight")["sessions"]
+    if scheme == "memory":
+        fs.rm(root, recursive=True)
 
 
 def test_best_checkpoint_holds_no_optimizer_state_and_still_initialises(data_dir: Path, tmp_path: Path):

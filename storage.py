@@ -1,0 +1,195 @@
+"""Where a run's files live: a local directory, or any fsspec URL (gs://bucket/run, memory://run,
+file:///abs/run). The trainer writes its config, logs, metrics and checkpoints, and reads them
+back to resume, through these functions only, so a run on a preemptible TPU VM can keep everything
+in a bucket that outlives the VM's disk.
+
+Local paths take the operating system's route: a temporary file, fsync, then a rename over the
+target. URLs go through fsspec (Google Cloud Storage needs gcsfs: `pip install -e ".[gcs]"`). An
+object store has neither rename nor append, so a file is written whole to a temporary object next
+to the target and then moved over it (GCS replaces an object whole: a reader sees the old one or
+the new one, never a torn one), and an appended log is rewritten whole on each flush (train.log
+and metrics.jsonl stay well under a megabyte over a full run).
+
+    from storage import join, atomic_write
+    atomic_write(join("gs://bucket/run", "checkpoint", "last_checkpoint.pt"), lambda f: torch.save(obj, f))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+class StorageError(OSError):
+    """An output location that cannot be used: an unknown URL scheme, or its package missing."""
+
+
+def is_url(path: str | Path) -> bool:
+    """True for `scheme://...` locations, which go through fsspec; plain paths use the OS."""
+    return "://" in str(path)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for `url` and the path within it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:  # gs:// without gcsfs, s3:// without s3fs
+        raise StorageError(f"{url}: {error} (for gs://: pip install -e \".[gcs]\")") from None
+    except ValueError as error:  # an unknown protocol
+        raise StorageError(f"{url}: {error}") from None
+
+
+def join(base: str | Path, *names: str) -> str:
+    """`base/name/...`; a URL keeps its `scheme://` (pathlib would fold the double slash)."""
+    if is_url(base):
+        return posixpath.join(str(base).rstrip("/"), *names)
+    return str(Path(base, *names))
+
+
+def name(path: str | Path) -> str:
+    """The last component of a path or URL."""
+    return posixpath.basename(str(path).rstrip("/")) if is_url(path) else Path(path).name
+
+
+def isfile(path: str | Path) -> bool:
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        return fs.isfile(inner)
+    return Path(path).is_file()
+
+
+def isdir(path: str | Path) -> bool:
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        return fs.isdir(inner)
+    return Path(path).is_dir()
+
+
+def makedirs(path: str | Path) -> None:
+    """Create a directory and its parents; on object stores (no directories) this may do nothing."""
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        fs.makedirs(inner, exist_ok=True)
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: str | Path) -> None:
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        fs.rm(inner)
+    else:
+        os.remove(path)
+
+
+def list_names(directory: str | Path, pattern: str) -> list[str]:
+    """The names (not paths) in `directory` matching the glob `pattern`, sorted; [] without the directory."""
+    if not isdir(directory):
+        return []
+    if is_url(directory):
+        fs, inner = _filesystem(str(directory))
+        names = [posixpath.basename(entry.rstrip("/")) for entry in fs.ls(inner, detail=False)]
+    else:
+        names = os.listdir(directory)
+    return sorted(entry for entry in names if fnmatch.fnmatchcase(entry, pattern))
+
+
+def open_read(path: str | Path) -> IO[bytes]:
+    """A binary file object to read (seekable: torch.load reads checkpoints from it)."""
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        return fs.open(inner, "rb")
+    return open(path, "rb")
+
+
+def read_text(path: str | Path) -> str:
+    with open_read(path) as handle:
+        return handle.read().decode()
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(file)` on a temporary file next to `path`, then replace `path` with it.
+
+    A crash or a signal at any point leaves either the old file or the new one, never a torn one,
+    and no temporary file once the exception has passed through here.
+    """
+    if is_url(path):
+        _atomic_write_url(str(path), write)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _atomic_write_url(url: str, write: Callable[[IO[bytes]], None]) -> None:
+    fs, inner = _filesystem(url)
+    parent, base = posixpath.split(inner)
+    tmp = posixpath.join(parent, f".{base}.{uuid.uuid4().hex}.tmp")
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as handle:  # the object exists only once this closes
+            write(handle)
+        fs.mv(tmp, inner)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+class AppendFile:
+    """A text file that grows by lines and keeps what an earlier run wrote (a resumed run appends).
+
+    Locally it is a file in append mode. At a URL the whole text is kept here and rewritten
+    atomically on each flush, since object stores cannot append.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        if is_url(path):
+            self._handle = None
+            self._text = read_text(path) if isfile(path) else ""
+        else:
+            self._handle = open(path, "a")
+
+    def write(self, text: str) -> None:
+        if self._handle is not None:
+            self._handle.write(text)
+        else:
+            self._text += text
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+        else:
+            write_text(self.path, self._text)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
