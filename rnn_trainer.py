@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -440,6 +441,28 @@ def _rng_states(generator: torch.Generator | None) -> dict[str, Any]:
     return states
 
 
+def _replica_rng_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every replica's random states in a checkpoint, by rank; older checkpoints hold the main
+    process's only (one dict rather than a list)."""
+    states = checkpoint["rng_states"]
+    return [states] if isinstance(states, Mapping) else list(states)
+
+
+def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
+    """Every replica's random states, on every replica, by rank: each replica draws its own dropout
+    masks and augmentation noise, so an exact resume needs them all. One exchange per checkpoint."""
+    states = _rng_states(generator=run.generator)
+    if run.accelerator.num_processes == 1:
+        return [states]
+    if run.is_xla:
+        import torch_xla.core.xla_model as xm
+
+        return [pickle.loads(payload) for payload in xm.rendezvous("rng_states", pickle.dumps(states))]
+    gathered: list[Any] = [None] * run.accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
 def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
@@ -471,11 +494,14 @@ def save_checkpoint(
     n_skipped_steps: int = 0,
     n_bad_vals: int = 0,
     with_optimizer: bool = True,
+    rng_states: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
     """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model.
 
     Without `with_optimizer` (the best checkpoint) the AdamW moments are left out: evaluation and
     init_from_checkpoint read only the weights, and the moments are twice their size.
+    The checkpoint's `rng_states` is a list: every replica's random states by rank (`rng_states`,
+    gathered by the caller), or this process's alone.
     """
     checkpoint = {
         "model_state_dict": _to_cpu(model.state_dict()),
@@ -487,7 +513,7 @@ def save_checkpoint(
         "best_val_loss": best_val_loss,
         "val_per": val_per,
         "val_loss": val_loss,
-        "rng_states": _rng_states(generator=generator),
+        "rng_states": list(rng_states or [_rng_states(generator=generator)]),
         "sessions": list(sessions),
         "n_skipped_steps": n_skipped_steps,
         "n_bad_vals": n_bad_vals,
@@ -547,7 +573,7 @@ def restore_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
     if restore_rng:
-        _set_rng_states(checkpoint["rng_states"], generator=generator)
+        _set_rng_states(_replica_rng_states(checkpoint)[0], generator=generator)
 
 
 def load_checkpoint(path: str, **states: Any) -> dict[str, Any]:
@@ -836,9 +862,9 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
         start_step=start_step,
     )
-    n_skipped = 0
+    n_skipped, rng_states = 0, None
     if resumed is not None:
-        _resume(run, resumed)
+        rng_states = _resume(run, resumed)
         n_skipped = resumed.get("n_skipped_steps", 0)
     run.step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
@@ -847,36 +873,46 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         import torch_xla.core.xla_model as xm
 
         torch_xla.sync()  # materialise the placed weights in a setup graph of their own
-        if resumed is not None and run.accelerator.is_main_process:
+        if rng_states is not None and "xla" in rng_states:
             # Every sync advances XLA's seed, and an uninterrupted run has no sync between the saved
             # step and the next one: restore the seed after this one.
-            xm.set_rng_state(resumed["rng_states"]["xla"])
+            xm.set_rng_state(rng_states["xla"])
     return run
 
 
-def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
-    """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics, RNG."""
-    is_main = run.accelerator.is_main_process
-    restore_checkpoint(
-        checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler,
-        generator=run.generator, restore_rng=is_main,
-    )
-    if not is_main:  # the checkpoint holds the main process's RNG states only
-        set_seed(run.cfg.seed + 1000 * checkpoint["step"], device_specific=True)
+def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics, and this
+    replica's random states, which it returns (None when the checkpoint lacks them)."""
+    restore_checkpoint(checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler)
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    saved = _replica_rng_states(checkpoint)
+    states = saved[rank] if len(saved) == world or (rank == 0 and len(saved) == 1) else None
+    if states is not None:
+        _set_rng_states(states, generator=run.generator)
+    else:  # another replica count, or an older checkpoint with the main process's states only
+        set_seed(run.cfg.seed + 1000 * checkpoint["step"] + rank, device_specific=False)
+        if run.generator is not None:
+            run.generator.manual_seed(run.cfg.seed + 1000 * checkpoint["step"] + rank)
+    if len(saved) != world:
+        run.log.line(f"the checkpoint holds random states of {len(saved)} replica(s) for {world}: "
+                     "replicas without theirs draw from a seed, so this run will not repeat an uninterrupted one")
     run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
     run.n_bad_vals = checkpoint.get("n_bad_vals", 0)
     run.last_val = (checkpoint["val_per"], checkpoint["val_loss"])
     run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
+    return states
 
 
 def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True) -> None:
     """Write the run's state at `step` to `path` from the main process; every replica waits."""
+    rng_states = _gather_rng_states(run)
     if run.accelerator.is_main_process:
         save_checkpoint(
             path, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=run.cfg, step=step,
             best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=run.last_val[0],
             val_loss=run.last_val[1], sessions=run.sessions, generator=run.generator,
             n_skipped_steps=int(run.n_skipped.cpu()), n_bad_vals=run.n_bad_vals, with_optimizer=with_optimizer,
+            rng_states=rng_states,
         )
     _barrier(run.accelerator)
 

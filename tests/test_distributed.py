@@ -1,4 +1,5 @@
-"""Data parallelism on the CPU: two gloo processes through Accelerate start and stay in sync.
+"""Data parallelism on the CPU: two gloo processes through Accelerate start and stay in sync, and a
+two-process run resumed from a periodic checkpoint ends equal to an uninterrupted one.
 
     python -m pytest tests/test_distributed.py -q
 
@@ -6,6 +7,7 @@ Runs `USE_TORCH_XLA=0 torchrun --standalone --nproc_per_node 2` on a tiny config
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +77,49 @@ def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Pat
     checkpoint = torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
     for name, value in checkpoint["model_state_dict"].items():
         assert torch.equal(value, rank0["state"][name]), name
+
+
+def _torchrun(worker: Path, config_path: Path, out: Path) -> None:
+    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(config_path), str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_two_replicas_resumed_from_a_periodic_checkpoint_end_equal_to_an_uninterrupted_run(
+    data_dir: Path, tmp_path: Path
+):
+    """Each replica draws its own dropout masks and noise: every replica's random states must come
+    back on resume, not only the main process's."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO_ROOT)))
+
+    def config(run: str) -> Path:
+        values = tiny_config_dict(str(data_dir), str(tmp_path / run))
+        values.update(num_training_batches=4, batches_per_train_log=1, batches_per_val_step=4,
+                      checkpoint_every_steps=2, resume="auto")
+        values["model"]["rnn_dropout"] = 0.1
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    _torchrun(worker, config("straight"), tmp_path)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # as a preemption at step 2 leaves it
+    for name in ("last_checkpoint.pt", "best_checkpoint.pt"):
+        (tmp_path / "resumed" / "checkpoint" / name).unlink()
+    periodic = torch.load(tmp_path / "resumed" / "checkpoint" / "step_00000002.pt", weights_only=False)
+    assert len(periodic["rng_states"]) == 2  # one entry per replica
+    _torchrun(worker, config("resumed"), tmp_path)
+
+    assert "resumed" in (tmp_path / "resumed" / "train.log").read_text()
+    a = torch.load(tmp_path / "straight" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for name, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][name]), name
+    for p, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
