@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from config import ConfigError, config_to_dict, load_config
 
+    from storage import StorageError
+
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as error:
+    except (ConfigError, StorageError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
     num_cores = cfg.num_tpu_cores if args.num_cores is None else args.num_cores
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
         # It ignores what _replica returns, but re-raises here an exception raised in a replica.
         torch_xla.launch(_replica, args=(config_to_dict(cfg), args.resume), debug_single_process=num_cores == 1)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (DataError, ConfigError, CheckpointError, StorageError, FileNotFoundError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
     except rnn_trainer.TrainingInterrupted as stop:
