@@ -450,14 +450,18 @@ def _replica_rng_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any]
 
 def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
     """Every replica's random states, on every replica, by rank: each replica draws its own dropout
-    masks and augmentation noise, so an exact resume needs them all. One exchange per checkpoint."""
+    masks and augmentation noise, so an exact resume needs them all. One exchange per checkpoint.
+
+    On XLA the exchange runs with one replica too (a rendezvous of one), so the path a TPU pod
+    takes is the one tested on the CPU backend; it syncs the graph, which _save_state undoes for
+    the seed."""
     states = _rng_states(generator=run.generator)
-    if run.accelerator.num_processes == 1:
-        return [states]
     if run.is_xla:
         import torch_xla.core.xla_model as xm
 
         return [pickle.loads(payload) for payload in xm.rendezvous("rng_states", pickle.dumps(states))]
+    if run.accelerator.num_processes == 1:
+        return [states]
     gathered: list[Any] = [None] * run.accelerator.num_processes
     torch.distributed.all_gather_object(gathered, states)
     return gathered
@@ -915,6 +919,12 @@ def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True)
             rng_states=rng_states,
         )
     _barrier(run.accelerator)
+    if run.is_xla:
+        import torch_xla.core.xla_model as xm
+
+        # The rendezvous and the barrier synced the graph, and each sync advances XLA's seed. Put
+        # back the seed the checkpoint holds, so a run goes on drawing as one resumed from it does.
+        xm.set_rng_state(rng_states[run.accelerator.process_index]["xla"])
 
 
 def _save_periodic(run: _Run, *, step: int) -> None:
@@ -925,7 +935,6 @@ def _save_periodic(run: _Run, *, step: int) -> None:
     if run.accelerator.is_main_process:
         for old in _periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
             storage.remove(old)
-    _barrier(run.accelerator)
 
 
 class TrainingInterrupted(Exception):

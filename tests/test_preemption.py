@@ -196,7 +196,7 @@ def test_config_rejects_values_that_cannot_work(data_dir: Path, tmp_path: Path, 
 
 
 XLA_CODE = """
-import os, signal, sys, tempfile
+import os, shutil, signal, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, "tests")
 import torch, yaml
@@ -210,7 +210,7 @@ generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trial
 
 def config(name):
     values = tiny_config_dict(str(root / "data"), str(root / name))
-    values.update(num_training_batches=4, batches_per_val_step=2, use_tpu=True)
+    values.update(num_training_batches=4, batches_per_val_step=2, checkpoint_every_steps=2, use_tpu=True)
     # Input dropout and white noise on: the resumed run must draw the same numbers on the device.
     assert values["model"]["input_dropout"] > 0 and values["dataset"]["data_transforms"]["white_noise_std"] > 0
     values["dataset"].update(static_shapes=True, time_buckets=[256, 512])
@@ -240,17 +240,32 @@ train_model.main(["--config_path", config("run"), "--resume", "auto"])
 a = torch.load(root / "straight/checkpoint/last_checkpoint.pt", weights_only=False)
 b = torch.load(root / "run/checkpoint/last_checkpoint.pt", weights_only=False)
 assert a["step"] == b["step"] == 4
-different = [n for n, t in a["model_state_dict"].items() if not torch.equal(t, b["model_state_dict"][n])]
-for p, state in a["optimizer_state_dict"]["state"].items():
-    different += [(p, k) for k, v in state.items() if not torch.equal(v, b["optimizer_state_dict"]["state"][p][k])]
-print("DIFFERENT", different)
+
+def differences(a, b):
+    different = [n for n, t in a["model_state_dict"].items() if not torch.equal(t, b["model_state_dict"][n])]
+    for p, state in a["optimizer_state_dict"]["state"].items():
+        different += [(p, k) for k, v in state.items() if not torch.equal(v, b["optimizer_state_dict"]["state"][p][k])]
+    return different
+
+print("DIFFERENT", differences(a, b))
+
+# Resumed from the periodic checkpoint of step 2, whose save synced the graph (the rendezvous that
+# gathers the replicas' random states): the straight run went on from there too.
+AcceleratorState._reset_state(reset_partial_state=True)
+shutil.copytree(root / "straight", root / "periodic")
+for name in ("last_checkpoint.pt", "best_checkpoint.pt"):
+    (root / "periodic/checkpoint" / name).unlink()
+train_model.main(["--config_path", config("periodic"), "--resume", "auto"])
+c = torch.load(root / "periodic/checkpoint/last_checkpoint.pt", weights_only=False)
+assert c["step"] == 4
+print("PERIODIC_DIFFERENT", differences(a, c))
 """
 
 
 @requires_xla
 def test_xla_sigterm_and_auto_resume_end_equal_to_an_uninterrupted_run():
     out = run_xla_script(XLA_CODE)
-    assert "DIFFERENT []" in out, out[-2000:]
+    assert "\nDIFFERENT []" in out and "PERIODIC_DIFFERENT []" in out, out[-2000:]
 
 
 UPLOAD_CODE = """
