@@ -71,6 +71,19 @@ def tiny_config_dict(data_dir: str, output_dir: str) -> dict:
     }
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same step, weights, AdamW moments and schedule (torch.equal)."""
+    import torch
+
+    assert a["step"] == b["step"]
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    for p, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+
+
 def make_config(data_dir: Path, output_dir: Path, *overrides: str):
     """tiny_config_dict as a Config, with dotted `key=value` overrides."""
     return config_from_dict(apply_overrides(tiny_config_dict(str(data_dir), str(output_dir)), overrides))

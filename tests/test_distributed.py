@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from conftest import tiny_config_dict
+from conftest import assert_same_training_state, tiny_config_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,16 @@ torch.save({{"state": state, "step": result["step"]}}, os.path.join(sys.argv[2],
 """
 
 
+def _torchrun(worker: Path, config_path: Path, out: Path) -> None:
+    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(config_path), str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
 def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Path):
     values = tiny_config_dict(str(data_dir), str(tmp_path / "run"))
     # Two micro-batches per step: DDP must skip its all-reduce in the first backward only.
@@ -53,13 +63,7 @@ def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Pat
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO_ROOT)))
 
-    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(config_path), str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _torchrun(worker, config_path, tmp_path)
 
     # Equal before the first step as built, not only because DDP broadcasts rank 0's weights.
     initial0, initial1 = torch.load(tmp_path / "initial0.pt"), torch.load(tmp_path / "initial1.pt")
@@ -77,16 +81,6 @@ def test_two_gloo_processes_hold_identical_weights(data_dir: Path, tmp_path: Pat
     checkpoint = torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
     for name, value in checkpoint["model_state_dict"].items():
         assert torch.equal(value, rank0["state"][name]), name
-
-
-def _torchrun(worker: Path, config_path: Path, out: Path) -> None:
-    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(config_path), str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def test_two_replicas_resumed_from_a_periodic_checkpoint_end_equal_to_an_uninterrupted_run(
@@ -117,9 +111,5 @@ def test_two_replicas_resumed_from_a_periodic_checkpoint_end_equal_to_an_uninter
     assert "resumed" in (tmp_path / "resumed" / "train.log").read_text()
     a = torch.load(tmp_path / "straight" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for name, value in a["model_state_dict"].items():
-        assert torch.equal(value, b["model_state_dict"][name]), name
-    for p, state in a["optimizer_state_dict"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
+    assert a["step"] == 4
+    assert_same_training_state(a, b)

@@ -20,7 +20,7 @@ import rnn_model
 import rnn_trainer
 import train_model
 from config import ConfigError
-from conftest import make_config, requires_xla, run_xla_script, tiny_config_dict
+from conftest import assert_same_training_state, make_config, requires_xla, run_xla_script, tiny_config_dict
 
 
 def _write_config(data_dir: Path, run_dir: str | Path, path: Path, **top: object) -> Path:
@@ -48,16 +48,6 @@ def _weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for name, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][name]), name
-    for p, state in a["optimizer_state_dict"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
-    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
-
-
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_the_step_and_auto_resume_ends_equal_to_an_uninterrupted_run(
     data_dir: Path, tmp_path: Path, monkeypatch, signum: int, status: int
@@ -81,7 +71,7 @@ def test_signal_saves_the_step_and_auto_resume_ends_equal_to_an_uninterrupted_ru
     AcceleratorState._reset_state(reset_partial_state=True)
 
     train_model.main(["--config_path", str(config), "--resume", "auto"])  # the same command, rerun
-    _assert_same_state(_weights(tmp_path / "straight"), _weights(run_dir))
+    assert_same_training_state(_weights(tmp_path / "straight"), _weights(run_dir))
     assert "resumed" in (run_dir / "train.log").read_text()
 
 
@@ -125,7 +115,7 @@ def test_a_run_at_an_fsspec_url_is_interrupted_and_resumed_like_a_local_one(
     assert rnn_model.read_checkpoint(f"{url}/checkpoint/last_checkpoint.pt")["step"] == 3
 
     train_model.main(["--resume", url])  # the run's own config.yaml, read from the URL
-    _assert_same_state(_weights(tmp_path / "straight"), rnn_model.read_checkpoint(f"{url}/checkpoint/last_checkpoint.pt"))
+    assert_same_training_state(_weights(tmp_path / "straight"), rnn_model.read_checkpoint(f"{url}/checkpoint/last_checkpoint.pt"))
     log = fs.cat_file(f"{root}/train.log").decode()
     assert "SIGTERM: saved checkpoint/last_checkpoint.pt at step 3" in log and f"resumed {url} at step 3" in log
     steps = [json.loads(line)["step"] for line in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]

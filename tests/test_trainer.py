@@ -22,7 +22,7 @@ import rnn_model
 import rnn_trainer
 from config import config_from_dict
 from dataset import build_dataloaders
-from conftest import QUIET_TRANSFORMS, make_config, requires_xla, run_xla_script
+from conftest import QUIET_TRANSFORMS, assert_same_training_state, make_config, requires_xla, run_xla_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,12 +174,8 @@ def test_resume_is_bit_exact_and_keeps_run_outputs(data_dir: Path, tmp_path: Pat
 
     a = torch.load(tmp_path / "straight" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
     b = torch.load(interrupted_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    for name, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][name]), name
-    for p, state in a["optimizer_state_dict"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b["optimizer_state_dict"]["state"][p][key]), (p, key)
+    assert a["step"] == 4
+    assert_same_training_state(a, b)
 
     # Logs are appended to, never rewritten.
     log_after = (interrupted_dir / "train.log").read_text()
