@@ -448,23 +448,35 @@ def _replica_rng_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any]
     return [states] if isinstance(states, Mapping) else list(states)
 
 
+_RNG_PAYLOAD_WORDS = 1 << 14  # int32 words for one replica's pickled random states (about 16 kB of 64)
+
+
 def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
     """Every replica's random states, on every replica, by rank: each replica draws its own dropout
     masks and augmentation noise, so an exact resume needs them all. One exchange per checkpoint.
 
-    On XLA the exchange runs with one replica too (a rendezvous of one), so the path a TPU pod
-    takes is the one tested on the CPU backend; it syncs the graph, which _save_state undoes for
-    the seed."""
+    On XLA the states travel as a fixed-size int32 tensor through one all_gather (one compiled
+    graph, no scalar reads), and they do so with one replica too, so the path a TPU pod takes is
+    the one tested on the CPU backend. gloo and NCCL use all_gather_object."""
     states = _rng_states(generator=run.generator)
     if run.is_xla:
         import torch_xla.core.xla_model as xm
 
-        return [pickle.loads(payload) for payload in xm.rendezvous("rng_states", pickle.dumps(states))]
+        payload = pickle.dumps(states)
+        n_words = -(-len(payload) // 4)
+        if n_words + 1 > _RNG_PAYLOAD_WORDS:
+            raise RuntimeError(f"random states of {len(payload)} bytes exceed the {4 * _RNG_PAYLOAD_WORDS}-byte exchange")
+        words = np.zeros(_RNG_PAYLOAD_WORDS, dtype=np.int32)
+        words[0] = len(payload)
+        words[1:1 + n_words] = np.frombuffer(payload.ljust(4 * n_words, b"\0"), dtype=np.int32)
+        gathered = xm.all_gather(torch.from_numpy(words).to(run.accelerator.device)).cpu().numpy()
+        rows = gathered.reshape(run.accelerator.num_processes, _RNG_PAYLOAD_WORDS)
+        return [pickle.loads(row[1:].tobytes()[: int(row[0])]) for row in rows]
     if run.accelerator.num_processes == 1:
         return [states]
-    gathered: list[Any] = [None] * run.accelerator.num_processes
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
+    gathered_objects: list[Any] = [None] * run.accelerator.num_processes
+    torch.distributed.all_gather_object(gathered_objects, states)
+    return gathered_objects
 
 
 def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None) -> None:
@@ -922,7 +934,7 @@ def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True)
     if run.is_xla:
         import torch_xla.core.xla_model as xm
 
-        # The rendezvous and the barrier synced the graph, and each sync advances XLA's seed. Put
+        # With several replicas the barrier synced the graph, and each sync advances XLA's seed. Put
         # back the seed the checkpoint holds, so a run goes on drawing as one resumed from it does.
         xm.set_rng_state(rng_states[run.accelerator.process_index]["xla"])
 

@@ -239,8 +239,8 @@ def differences(a, b):
 
 print("DIFFERENT", differences(a, b))
 
-# Resumed from the periodic checkpoint of step 2, whose save synced the graph (the rendezvous that
-# gathers the replicas' random states): the straight run went on from there too.
+# Resumed from the periodic checkpoint of step 2, whose save ran the all_gather of the replicas'
+# random states: the straight run went on from there too.
 AcceleratorState._reset_state(reset_partial_state=True)
 shutil.copytree(root / "straight", root / "periodic")
 for name in ("last_checkpoint.pt", "best_checkpoint.pt"):
