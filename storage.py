@@ -3,9 +3,10 @@ file:///abs/run). The trainer writes its config, logs, metrics and checkpoints, 
 back to resume, through these functions only, so a run on a preemptible TPU VM can keep everything
 in a bucket that outlives the VM's disk.
 
-Local paths take the operating system's route: a temporary file, fsync, then a rename over the
-target. URLs go through fsspec (Google Cloud Storage needs gcsfs: `pip install -e ".[gcs]"`). An
-object store has neither rename nor append, so a file is written whole to a temporary object next
+Reads, listings and removals go through fsspec for both (its local filesystem for plain paths;
+Google Cloud Storage needs gcsfs: `pip install -e ".[gcs]"`). Writes differ. A local file is
+written to a temporary file, fsynced and renamed over the target. An object store has neither
+rename nor append, so a file is written whole to a temporary object next
 to the target and then moved over it (GCS replaces an object whole: a reader sees the old one or
 the new one, never a torn one), and an appended log is rewritten whole on each flush (train.log
 and metrics.jsonl stay well under a megabyte over a full run).
@@ -31,14 +32,15 @@ class StorageError(OSError):
 
 
 def is_url(path: str | Path) -> bool:
-    """True for `scheme://...` locations, which go through fsspec; plain paths use the OS."""
+    """True for `scheme://...` locations; plain paths are written through the OS."""
     return "://" in str(path)
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
-    """fsspec's filesystem for `url` and the path within it."""
+def _filesystem(path: str | Path) -> tuple[Any, str]:
+    """fsspec's filesystem for a URL or a plain path (its local filesystem), and the path within it."""
     import fsspec
 
+    url = str(path)
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as error:  # gs:// without gcsfs, s3:// without s3fs
@@ -60,54 +62,39 @@ def name(path: str | Path) -> str:
 
 
 def isfile(path: str | Path) -> bool:
-    if is_url(path):
-        fs, inner = _filesystem(str(path))
-        return fs.isfile(inner)
-    return Path(path).is_file()
+    fs, inner = _filesystem(path)
+    return fs.isfile(inner)
 
 
 def isdir(path: str | Path) -> bool:
-    if is_url(path):
-        fs, inner = _filesystem(str(path))
-        return fs.isdir(inner)
-    return Path(path).is_dir()
+    fs, inner = _filesystem(path)
+    return fs.isdir(inner)
 
 
 def makedirs(path: str | Path) -> None:
     """Create a directory and its parents; on object stores (no directories) this may do nothing."""
-    if is_url(path):
-        fs, inner = _filesystem(str(path))
-        fs.makedirs(inner, exist_ok=True)
-    else:
-        Path(path).mkdir(parents=True, exist_ok=True)
+    fs, inner = _filesystem(path)
+    fs.makedirs(inner, exist_ok=True)
 
 
 def remove(path: str | Path) -> None:
-    if is_url(path):
-        fs, inner = _filesystem(str(path))
-        fs.rm(inner)
-    else:
-        os.remove(path)
+    fs, inner = _filesystem(path)
+    fs.rm(inner)
 
 
 def list_names(directory: str | Path, pattern: str) -> list[str]:
     """The names (not paths) in `directory` matching the glob `pattern`, sorted; [] without the directory."""
-    if not isdir(directory):
+    fs, inner = _filesystem(directory)
+    if not fs.isdir(inner):
         return []
-    if is_url(directory):
-        fs, inner = _filesystem(str(directory))
-        names = [posixpath.basename(entry.rstrip("/")) for entry in fs.ls(inner, detail=False)]
-    else:
-        names = os.listdir(directory)
+    names = (posixpath.basename(entry.rstrip("/")) for entry in fs.ls(inner, detail=False))
     return sorted(entry for entry in names if fnmatch.fnmatchcase(entry, pattern))
 
 
 def open_read(path: str | Path) -> IO[bytes]:
     """A binary file object to read (seekable: torch.load reads checkpoints from it)."""
-    if is_url(path):
-        fs, inner = _filesystem(str(path))
-        return fs.open(inner, "rb")
-    return open(path, "rb")
+    fs, inner = _filesystem(path)
+    return fs.open(inner, "rb")
 
 
 def read_text(path: str | Path) -> str:
