@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         print(missing, file=sys.stderr)
         return 1
     from config import ConfigError, config_to_dict, load_config
-
     from storage import StorageError
 
     try:

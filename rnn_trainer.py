@@ -878,45 +878,48 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
         start_step=start_step,
     )
-    n_skipped, rng_states = 0, None
+    n_skipped = 0
     if resumed is not None:
-        rng_states = _resume(run, resumed)
+        _resume(run, resumed)
         n_skipped = resumed.get("n_skipped_steps", 0)
     run.step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
     if is_xla:
         import torch_xla
-        import torch_xla.core.xla_model as xm
 
         torch_xla.sync()  # materialise the placed weights in a setup graph of their own
-        if rng_states is not None and "xla" in rng_states:
-            # Every sync advances XLA's seed, and an uninterrupted run has no sync between the saved
-            # step and the next one: restore the seed after this one.
-            xm.set_rng_state(rng_states["xla"])
+    if resumed is not None:
+        # Last: every sync advances XLA's seed, and an uninterrupted run has no sync between the
+        # saved step and the next one.
+        _restore_rng(run, resumed)
     return run
 
 
-def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics, and this
-    replica's random states, which it returns (None when the checkpoint lacks them)."""
+def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
+    """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics (the random
+    states come last, _restore_rng)."""
     restore_checkpoint(checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler)
+    run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
+    run.n_bad_vals = checkpoint.get("n_bad_vals", 0)
+    run.last_val = (checkpoint["val_per"], checkpoint["val_loss"])
+    run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
+
+
+def _restore_rng(run: _Run, checkpoint: Mapping[str, Any]) -> None:
+    """This replica's random states from the checkpoint; a replica without its own (another replica
+    count, or an older checkpoint with the main process's only) is seeded from (seed, step, rank)."""
     rank, world = run.accelerator.process_index, run.accelerator.num_processes
     saved = _replica_rng_states(checkpoint)
     states = saved[rank] if len(saved) == world or (rank == 0 and len(saved) == 1) else None
     if states is not None:
         _set_rng_states(states, generator=run.generator)
-    else:  # another replica count, or an older checkpoint with the main process's states only
+    else:
         set_seed(run.cfg.seed + 1000 * checkpoint["step"] + rank, device_specific=False)
         if run.generator is not None:
             run.generator.manual_seed(run.cfg.seed + 1000 * checkpoint["step"] + rank)
     if len(saved) != world:
         run.log.line(f"the checkpoint holds random states of {len(saved)} replica(s) for {world}: "
                      "replicas without theirs draw from a seed, so this run will not repeat an uninterrupted one")
-    run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
-    run.n_bad_vals = checkpoint.get("n_bad_vals", 0)
-    run.last_val = (checkpoint["val_per"], checkpoint["val_loss"])
-    run.log.line(f"resumed {run.run_dir} at step {run.start_step}")
-    return states
 
 
 def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True) -> None:
