@@ -53,6 +53,7 @@ os.environ.setdefault("USE_TORCH_XLA", "0")
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+import checkpoints  # noqa: E402
 import rnn_model  # noqa: E402
 import rnn_trainer  # noqa: E402
 from config import Config, ConfigError, save_config  # noqa: E402
@@ -225,13 +226,13 @@ def save_run(out: Path, *, model: nn.Module, cfg: Config, sessions: list[str], d
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(step)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    (out / rnn_trainer.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    (out / checkpoints.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     # best_val_* stay inf: these figures are one session's, not the run's validation set.
     saved = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, step=step, best_val_per=math.inf,
                  best_val_loss=math.inf, val_per=val_per, val_loss=val_loss, sessions=sessions)
-    for name in (rnn_trainer.BEST_CHECKPOINT, rnn_trainer.LAST_CHECKPOINT):
-        rnn_trainer.save_checkpoint(out / rnn_trainer.CHECKPOINT_DIR / name, **saved)
+    for name in (checkpoints.BEST_CHECKPOINT, checkpoints.LAST_CHECKPOINT):
+        checkpoints.save_checkpoint(out / checkpoints.CHECKPOINT_DIR / name, **saved)
 
 
 def plot_calibration(result: dict[str, Any], path: Path) -> None:
@@ -300,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CalibrationError("--steps and --batch_size must be >= 1")
     sweep = _parse_sweep(args.sweep)
     out = Path(args.out)
-    if (out / rnn_trainer.CHECKPOINT_DIR).exists():
+    if (out / checkpoints.CHECKPOINT_DIR).exists():
         raise CalibrationError(f"{out}: already holds a checkpoint directory; choose a new --out")
     start = load_start(args.model_path, upstream=args.upstream)
     cfg = start.cfg

@@ -10,8 +10,8 @@ Run through the command-line entry point:
 
     python train_model.py --config_path rnn_args.yaml [--set key=value ...] [--resume RUN_DIR]
 
-Public functions: build_optimizer, build_lr_scheduler, compute_loss, train_step, evaluate,
-save_checkpoint, load_checkpoint, train.
+Public functions: build_optimizer, build_lr_scheduler, compute_loss, train_step, evaluate, train.
+Checkpoint files (writing, reading, random states, the newest one) live in checkpoints.py.
 """
 
 from __future__ import annotations
@@ -21,17 +21,13 @@ import functools
 import json
 import math
 import os
-import pickle
-import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -39,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoints
 import rnn_model
 import storage
 from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
@@ -48,10 +45,6 @@ from day_adamw import DayAdamW, count_days
 from dataset import build_dataloaders, day_sources
 from evaluate_model_helpers import count_edits, greedy_ctc_decode
 
-CHECKPOINT_DIR = "checkpoint"
-BEST_CHECKPOINT = "best_checkpoint.pt"
-LAST_CHECKPOINT = "last_checkpoint.pt"
-PERIODIC_CHECKPOINT = "step_{step:08d}.pt"  # every checkpoint_every_steps, the newest keep_checkpoints kept
 TRACKER_PROJECT = "brain-to-text"  # log_with's project; TensorBoard writes to RUN_DIR/brain-to-text/
 # Loss terms that count trials: summed over a step's micro-batches rather than averaged.
 _COUNT_TERMS = ("ctc_infeasible",)
@@ -410,196 +403,6 @@ def evaluate(
     }
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy of nested dicts/lists with every tensor moved to the CPU (XLA tensors included)."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _rng_states(generator: torch.Generator | None) -> dict[str, Any]:
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        states["augmentation"] = generator.get_state()
-    if "torch_xla" in sys.modules:
-        import torch_xla.core.xla_model as xm
-
-        states["xla"] = xm.get_rng_state()
-    return states
-
-
-def _replica_rng_states(checkpoint: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Every replica's random states in a checkpoint, by rank; older checkpoints hold the main
-    process's only (one dict rather than a list)."""
-    states = checkpoint["rng_states"]
-    return [states] if isinstance(states, Mapping) else list(states)
-
-
-_RNG_PAYLOAD_WORDS = 1 << 14  # int32 words for one replica's pickled random states (about 16 kB of 64)
-
-
-def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
-    """Every replica's random states, on every replica, by rank: each replica draws its own dropout
-    masks and augmentation noise, so an exact resume needs them all. One exchange per checkpoint.
-
-    On XLA the states travel as a fixed-size int32 tensor through one all_gather (one compiled
-    graph, no scalar reads), and they do so with one replica too, so the path a TPU pod takes is
-    the one tested on the CPU backend. gloo and NCCL use all_gather_object."""
-    states = _rng_states(generator=run.generator)
-    if run.is_xla:
-        import torch_xla.core.xla_model as xm
-
-        payload = pickle.dumps(states)
-        n_words = -(-len(payload) // 4)
-        if n_words + 1 > _RNG_PAYLOAD_WORDS:
-            raise RuntimeError(f"random states of {len(payload)} bytes exceed the {4 * _RNG_PAYLOAD_WORDS}-byte exchange")
-        words = np.zeros(_RNG_PAYLOAD_WORDS, dtype=np.int32)
-        words[0] = len(payload)
-        words[1:1 + n_words] = np.frombuffer(payload.ljust(4 * n_words, b"\0"), dtype=np.int32)
-        gathered = xm.all_gather(torch.from_numpy(words).to(run.accelerator.device)).cpu().numpy()
-        rows = gathered.reshape(run.accelerator.num_processes, _RNG_PAYLOAD_WORDS)
-        return [pickle.loads(row[1:].tobytes()[: int(row[0])]) for row in rows]
-    if run.accelerator.num_processes == 1:
-        return [states]
-    gathered_objects: list[Any] = [None] * run.accelerator.num_processes
-    torch.distributed.all_gather_object(gathered_objects, states)
-    return gathered_objects
-
-
-def _set_rng_states(states: Mapping[str, Any], generator: torch.Generator | None) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if generator is not None and "augmentation" in states:
-        generator.set_state(states["augmentation"])
-    if "xla" in states and "torch_xla" in sys.modules:
-        import torch_xla.core.xla_model as xm
-
-        xm.set_rng_state(states["xla"])
-
-
-def save_checkpoint(
-    path: str,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    cfg: Config,
-    step: int,
-    best_val_per: float,
-    best_val_loss: float,
-    val_per: float,
-    val_loss: float,
-    sessions: Sequence[str],
-    generator: torch.Generator | None = None,
-    n_skipped_steps: int = 0,
-    n_bad_vals: int = 0,
-    with_optimizer: bool = True,
-    rng_states: Sequence[Mapping[str, Any]] | None = None,
-) -> None:
-    """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model.
-
-    Without `with_optimizer` (the best checkpoint) the AdamW moments are left out: evaluation and
-    init_from_checkpoint read only the weights, and the moments are twice their size.
-    The checkpoint's `rng_states` is a list: every replica's random states by rank (`rng_states`,
-    gathered by the caller), or this process's alone.
-    """
-    checkpoint = {
-        "model_state_dict": _to_cpu(model.state_dict()),
-        **({"optimizer_state_dict": _to_cpu(optimizer.state_dict())} if with_optimizer else {}),
-        "scheduler_state_dict": scheduler.state_dict(),
-        "config": config_to_dict(cfg),
-        "step": step,
-        "best_val_per": best_val_per,
-        "best_val_loss": best_val_loss,
-        "val_per": val_per,
-        "val_loss": val_loss,
-        "rng_states": list(rng_states or [_rng_states(generator=generator)]),
-        "sessions": list(sessions),
-        "n_skipped_steps": n_skipped_steps,
-        "n_bad_vals": n_bad_vals,
-    }
-    storage.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
-
-
-def _checkpoint_step(checkpoint: Mapping[str, Any], path: str) -> int:
-    step = checkpoint.get("step")
-    if not isinstance(step, int):
-        raise rnn_model.CheckpointError(f"{path}: the checkpoint names no step")
-    return step
-
-
-def _periodic_checkpoints(directory: str) -> list[str]:
-    """The periodic checkpoints in a checkpoint directory, oldest first (the step is in the name)."""
-    return [storage.join(directory, entry)
-            for entry in storage.list_names(directory, PERIODIC_CHECKPOINT.replace("{step:08d}", "*"))]
-
-
-def newest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint a run continues from, and its contents: the highest step among
-    last_checkpoint.pt and the periodic ones (last_checkpoint.pt on a tie), or None when the run
-    has none. A periodic checkpoint's step is in its name, so at most two files are read (at a URL
-    each read is a download). An unreadable candidate (say, truncated by a full disk) stops with a
-    CheckpointError naming it rather than falling back silently to an older one or to a fresh start."""
-    directory = storage.join(run_dir, CHECKPOINT_DIR)
-    newest: tuple[int, str, dict[str, Any]] | None = None
-    last_path = storage.join(directory, LAST_CHECKPOINT)
-    if storage.isfile(last_path):
-        last = rnn_model.read_checkpoint(last_path)
-        newest = (_checkpoint_step(last, last_path), last_path, last)
-    periodic = _periodic_checkpoints(directory)
-    if periodic and (newest is None or int(storage.name(periodic[-1]).removeprefix("step_").removesuffix(".pt")) > newest[0]):
-        checkpoint = rnn_model.read_checkpoint(periodic[-1])
-        newest = (_checkpoint_step(checkpoint, periodic[-1]), periodic[-1], checkpoint)
-    return None if newest is None else newest[1:]
-
-
-def restore_checkpoint(
-    checkpoint: Mapping[str, Any],
-    *,
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    generator: torch.Generator | None = None,
-    restore_rng: bool = False,
-    source: str | None = None,
-) -> None:
-    """Load whichever of model/optimizer/scheduler/RNG states are given from a checkpoint dict."""
-    if model is not None:
-        rnn_model.load_state_dict_compat(model, checkpoint["model_state_dict"], source=source)
-    if optimizer is not None:
-        # The wrapped optimizer itself: Accelerate's wrapper on XLA first sends the whole state to
-        # the device and drops the result, then torch's load_state_dict sends it again.
-        getattr(optimizer, "optimizer", optimizer).load_state_dict(checkpoint["optimizer_state_dict"])
-    if scheduler is not None:
-        scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-    if restore_rng:
-        _set_rng_states(_replica_rng_states(checkpoint)[0], generator=generator)
-
-
-def load_checkpoint(path: str, **states: Any) -> dict[str, Any]:
-    """Read a checkpoint (rnn_model.read_checkpoint: a file or a model directory, on the CPU) and
-    restore the states given as keywords (see restore_checkpoint); returns the checkpoint dict."""
-    checkpoint = rnn_model.read_checkpoint(path)
-    restore_checkpoint(checkpoint, source=rnn_model.checkpoint_file(path), **states)
-    return checkpoint
-
-
 # ----------------------------------------------------------------------------- data plumbing
 
 
@@ -827,10 +630,10 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
 
     With `fresh_without_checkpoint` a `resume_dir` holding no checkpoint starts a fresh run there.
     """
-    newest = newest_checkpoint(resume_dir) if resume_dir is not None else None
+    newest = checkpoints.newest_checkpoint(resume_dir) if resume_dir is not None else None
     if newest is None and resume_dir is not None:
         if not fresh_without_checkpoint:
-            raise rnn_model.CheckpointError(f"{storage.join(resume_dir, CHECKPOINT_DIR)}: no checkpoint to resume from")
+            raise rnn_model.CheckpointError(f"{storage.join(resume_dir, checkpoints.CHECKPOINT_DIR)}: no checkpoint to resume from")
         resume_dir = None
     # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
     # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
@@ -860,7 +663,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     run_dir = cfg.output_dir
     # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
     if accelerator.is_main_process:
-        storage.makedirs(storage.join(run_dir, CHECKPOINT_DIR))
+        storage.makedirs(storage.join(run_dir, checkpoints.CHECKPOINT_DIR))
         save_config(cfg, storage.join(run_dir, "config.yaml"))
     _barrier(accelerator)
 
@@ -898,7 +701,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
 def _resume(run: _Run, checkpoint: Mapping[str, Any]) -> None:
     """Continue from a run's last checkpoint: weights, optimizer, schedule, best metrics (the random
     states come last, _restore_rng)."""
-    restore_checkpoint(checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler)
+    checkpoints.restore_checkpoint(checkpoint, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler)
     run.best_val_per, run.best_val_loss = checkpoint["best_val_per"], checkpoint["best_val_loss"]
     run.n_bad_vals = checkpoint.get("n_bad_vals", 0)
     run.last_val = (checkpoint["val_per"], checkpoint["val_loss"])
@@ -909,10 +712,10 @@ def _restore_rng(run: _Run, checkpoint: Mapping[str, Any]) -> None:
     """This replica's random states from the checkpoint; a replica without its own (another replica
     count, or an older checkpoint with the main process's only) is seeded from (seed, step, rank)."""
     rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    saved = _replica_rng_states(checkpoint)
+    saved = checkpoints.replica_rng_states(checkpoint)
     states = saved[rank] if len(saved) == world or (rank == 0 and len(saved) == 1) else None
     if states is not None:
-        _set_rng_states(states, generator=run.generator)
+        checkpoints.set_rng_states(states, generator=run.generator)
     else:
         set_seed(run.cfg.seed + 1000 * checkpoint["step"] + rank, device_specific=False)
         if run.generator is not None:
@@ -924,9 +727,9 @@ def _restore_rng(run: _Run, checkpoint: Mapping[str, Any]) -> None:
 
 def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True) -> None:
     """Write the run's state at `step` to `path` from the main process; every replica waits."""
-    rng_states = _gather_rng_states(run)
+    rng_states = checkpoints.gather_rng_states(accelerator=run.accelerator, generator=run.generator)
     if run.accelerator.is_main_process:
-        save_checkpoint(
+        checkpoints.save_checkpoint(
             path, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=run.cfg, step=step,
             best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=run.last_val[0],
             val_loss=run.last_val[1], sessions=run.sessions, generator=run.generator,
@@ -945,10 +748,10 @@ def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True)
 def _save_periodic(run: _Run, *, step: int) -> None:
     """A checkpoint every checkpoint_every_steps, whatever the validation cadence; the oldest
     periodic ones beyond keep_checkpoints are removed once the new one is complete."""
-    directory = storage.join(run.run_dir, CHECKPOINT_DIR)
-    _save_state(run, storage.join(directory, PERIODIC_CHECKPOINT.format(step=step)), step=step)
+    directory = storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR)
+    _save_state(run, storage.join(directory, checkpoints.PERIODIC_CHECKPOINT.format(step=step)), step=step)
     if run.accelerator.is_main_process:
-        for old in _periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
+        for old in checkpoints.periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
             storage.remove(old)
 
 
@@ -1031,9 +834,9 @@ def _validate_and_save(run: _Run, *, step: int) -> bool:
     run.log.record({"step": step, "val/loss": val_loss, "val/per": val_per,
                     "val/per_by_day": {str(d): p for d, p in result["per_by_day"].items()}})
     if improved and cfg.save_best_checkpoint:
-        _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, BEST_CHECKPOINT), step=step, with_optimizer=False)
+        _save_state(run, storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR, checkpoints.BEST_CHECKPOINT), step=step, with_optimizer=False)
     if cfg.save_final_model:
-        _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT), step=step)
+        _save_state(run, storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR, checkpoints.LAST_CHECKPOINT), step=step)
     if cfg.early_stopping and run.n_bad_vals >= cfg.early_stopping_val_steps:
         run.log.line(f"early stopping at step {step}: no better val PER in {run.n_bad_vals} validations")
         return True
@@ -1085,8 +888,8 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                     _save_periodic(run, step=step)
                 signum = _agreed_stop(run, signals.signum)
                 if signum is not None:
-                    _save_state(run, storage.join(run.run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT), step=step)
-                    run.log.line(f"{signal.Signals(signum).name}: saved {CHECKPOINT_DIR}/{LAST_CHECKPOINT} "
+                    _save_state(run, storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR, checkpoints.LAST_CHECKPOINT), step=step)
+                    run.log.line(f"{signal.Signals(signum).name}: saved {checkpoints.CHECKPOINT_DIR}/{checkpoints.LAST_CHECKPOINT} "
                                  f"at step {step}, stopping")
                     raise TrainingInterrupted(signum, step)
     finally:

@@ -97,12 +97,13 @@ def evaluate(argv: list[str]) -> dict:
 
 
 def test_evaluation_per_equals_trainer_validation_per(data_dir: Path, run_dir: Path, tmp_path: Path):
+    import checkpoints
     import rnn_trainer
     from dataset import build_dataloaders
 
     cfg = tiny_config(data_dir, run_dir)
     model = rnn_model.build_model(cfg.model, n_days=len(SESSIONS))
-    rnn_trainer.load_checkpoint(run_dir / "checkpoint" / "best_checkpoint.pt", model=model)
+    checkpoints.load_checkpoint(run_dir / "checkpoint" / "best_checkpoint.pt", model=model)
     _, val_loader, sessions = build_dataloaders(cfg, n_steps=1)
     expected = rnn_trainer.evaluate(model, val_loader, cfg=cfg, n_days=len(sessions))
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 
+import checkpoints
 import evaluate_model
 import rnn_model
 import rnn_trainer
@@ -81,10 +82,10 @@ def test_periodic_checkpoints_keep_the_newest_and_resume_from_the_highest_step(d
     rnn_trainer.train(cfg)
     directory = tmp_path / "checkpoint"
     assert sorted(p.name for p in directory.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
-    path, checkpoint = rnn_trainer.newest_checkpoint(str(tmp_path))
+    path, checkpoint = checkpoints.newest_checkpoint(str(tmp_path))
     assert (path, checkpoint["step"]) == (str(directory / "last_checkpoint.pt"), 7)  # the end
     (directory / "last_checkpoint.pt").unlink()
-    path, checkpoint = rnn_trainer.newest_checkpoint(str(tmp_path))
+    path, checkpoint = checkpoints.newest_checkpoint(str(tmp_path))
     assert (path, checkpoint["step"]) == (str(directory / "step_00000006.pt"), 6)
     periodic = torch.load(directory / "step_00000006.pt", weights_only=False)
     assert periodic["step"] == 6 and "optimizer_state_dict" in periodic and "rng_states" in periodic
@@ -261,7 +262,7 @@ def test_xla_sigterm_and_auto_resume_end_equal_to_an_uninterrupted_run():
 UPLOAD_CODE = """
 import torch, torch_xla, torch_xla.debug.metrics as met
 from accelerate import Accelerator
-import rnn_model, rnn_trainer
+import checkpoints, rnn_model, rnn_trainer
 from config import config_from_dict
 cfg = config_from_dict({"model": {"type": "baseline", "n_input_features": 32, "n_units": 32, "n_layers": 1}})
 accelerator = Accelerator(mixed_precision="no")
@@ -271,10 +272,10 @@ for p in model.parameters():
     p.grad = torch.ones_like(p)
 optimizer.step()
 torch_xla.sync()
-state = rnn_trainer._to_cpu(optimizer.state_dict())
+state = checkpoints.to_cpu(optimizer.state_dict())
 n_bytes = sum(v.numel() * v.element_size() for s in state["state"].values() for v in s.values() if torch.is_tensor(v))
 before = met.metric_data("OutboundData")[1]
-rnn_trainer.restore_checkpoint({"optimizer_state_dict": state}, optimizer=optimizer)
+checkpoints.restore_checkpoint({"optimizer_state_dict": state}, optimizer=optimizer)
 torch_xla.sync()
 print("RATIO", (met.metric_data("OutboundData")[1] - before) / n_bytes)
 """

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+import checkpoints
 import rnn_model
 import rnn_trainer
 from config import config_from_dict
@@ -209,7 +210,7 @@ def _small_state(cfg):
 def test_crash_during_save_keeps_the_previous_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch, failing: str):
     cfg = make_config(data_dir, tmp_path)
     path = tmp_path / "checkpoint" / "last_checkpoint.pt"
-    rnn_trainer.save_checkpoint(path, step=1, **_small_state(cfg))
+    checkpoints.save_checkpoint(path, step=1, **_small_state(cfg))
 
     real_save = torch.save
 
@@ -226,10 +227,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(data_dir: Path, tmp_pat
     else:
         monkeypatch.setattr(rnn_trainer.os, "replace", failing_replace)
     with pytest.raises(OSError):
-        rnn_trainer.save_checkpoint(path, step=2, **_small_state(cfg))
+        checkpoints.save_checkpoint(path, step=2, **_small_state(cfg))
     monkeypatch.undo()
 
-    checkpoint = rnn_trainer.load_checkpoint(path, model=rnn_model.build_model(cfg.model, n_days=3))
+    checkpoint = checkpoints.load_checkpoint(path, model=rnn_model.build_model(cfg.model, n_days=3))
     assert checkpoint["step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last_checkpoint.pt"]  # no temp file left
 
@@ -475,9 +476,9 @@ def test_checkpoint_is_memory_mapped_when_loaded(data_dir: Path, tmp_path: Path)
     cfg = make_config(data_dir, tmp_path)
     path = tmp_path / "checkpoint.pt"
     state = _small_state(cfg)
-    rnn_trainer.save_checkpoint(path, step=1, **state)
+    checkpoints.save_checkpoint(path, step=1, **state)
     model = rnn_model.build_model(cfg.model, n_days=3)
-    checkpoint = rnn_trainer.load_checkpoint(path, model=model)
+    checkpoint = checkpoints.load_checkpoint(path, model=model)
     # Read in place from the file (pages on demand), not copied whole into host memory first.
     assert str(path) in Path("/proc/self/maps").read_text()
     for name, tensor in model.state_dict().items():
