@@ -1,5 +1,6 @@
-"""AdamW in a few tensor ops per parameter group, every changing scalar on the device, that
-leaves the day layers of days absent from a step untouched.
+"""AdamW that leaves the day layers of days absent from a step untouched: on XLA in a few foreach
+ops per parameter group with every changing scalar on the device, on CPU and CUDA through torch's
+fused AdamW kernel.
 
 Upstream (nejm-brain-to-text) builds a batch's day weights with
 `torch.stack([self.day_weights[i] for i in day_idx])`: a day absent from the batch is not in the
@@ -42,16 +43,17 @@ before the call, so weights, moments and step counts of absent days and of non-f
 bit-unchanged, as on the foreach path; the gradients are not modified. The update then equals
 torch's fused AdamW bit for bit, and torch's single-tensor AdamW (and the foreach path) with the
 first moment to the bit and the second moment and weights to float32 rounding (the kernel forms
-`v * beta2 + (1 - beta2) * g * g` in one expression). `_kernels` alone picks the path:
+the second moment in another operation order than addcmul). `_kernels` alone picks the path:
 `fused=None` (the default) takes the fused kernel on "cpu" and "cuda" when every parameter and
 moment is contiguous and all share one dtype, else the foreach ops; `fused=False` always the
 foreach ops (the benchmarks compare the two); `fused=True` the kernel or a ValueError.
 
-torch internals relied on, read against torch 2.9.0 and 2.14.1 (torch/optim/adam.py, `_fused_adam`
-and `_multi_tensor_adam`, identical in what is used here): `torch._fused_adamw_(params, grads,
+torch internals relied on, read against torch 2.9.0 and 2.14.1 (torch/optim/adam.py: `_fused_adam`,
+which the fused path follows, and `_single_tensor_adam`, which the foreach path follows op for op;
+the two versions differ there only in typing and tensor betas): `torch._fused_adamw_(params, grads,
 exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
-amsgrad, maximize, grad_scale, found_inf)` updates in place, reads each float32 step count after
-the caller has added this step, takes the bias corrections in float64 from it, and does nothing
+amsgrad, maximize, grad_scale, found_inf)` updates in place, reads each step count after the
+caller has added this step, takes the bias corrections in float64 from it, and does nothing
 where `found_inf` (a float32 tensor) is 1.0; the step counts are torch's `state["step"]` float32
 tensors on the parameter's device; `torch._foreach_*` ops as used below. The kernel walks a
 tensor's memory in order, so a gradient laid out otherwise is made contiguous first. Checked by

@@ -271,7 +271,8 @@ def compare_kernels(args: argparse.Namespace) -> dict[str, Any]:
             entry = {"parameters": n_params, "optimizer_step": _summary(optimizer_ms), "train_step": _summary(step_ms)}
             best = {v: min(ms) for v, ms in step_ms.items()}
             entry["train_step_foreach_over_fused"] = round(best["foreach"] / best["fused"], 3)
-            entry["optimizer_step_foreach_over_fused"] = round(min(optimizer_ms["foreach"]) / min(optimizer_ms["fused"]), 2)
+            entry["optimizer_step_foreach_over_fused"] = round(
+                min(optimizer_ms["foreach"]) / min(optimizer_ms["fused"]), 2)
             if "upstream" in best:
                 entry["train_step_upstream_over_fused"] = round(best["upstream"] / best["fused"], 3)
                 entry["train_step_upstream_over_fused_median"] = round(

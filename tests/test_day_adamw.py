@@ -1,7 +1,9 @@
-"""Tests of day_adamw.py: AdamW's update equal to torch's; days absent from a step keep their weights
-and optimizer state; present days follow torch's AdamW on a parameter that gets gradients only when
-its day is present; older per-day optimizer states convert; on XLA, no step recompiles where
-AdamW's scalars round to 0 or 1.
+"""Tests of day_adamw.py: AdamW's update equal to torch's, through the foreach ops (XLA's path) and
+through the fused kernel (the CPU and CUDA path), which agree with each other; days absent from a
+step keep their weights and optimizer state; present days follow torch's AdamW on a parameter that
+gets gradients only when its day is present; non-finite steps change nothing; torch AdamW options
+set per group are refused; older per-day optimizer states convert; on XLA, no step recompiles
+where AdamW's scalars round to 0 or 1.
 
     python -m pytest tests/test_day_adamw.py -q
 """
@@ -250,7 +252,8 @@ def test_torch_adamw_options_per_group_are_refused_given_or_loaded(option: str):
     key, value = option.split("=")
     value = {"True": True, "False": False}[value]
     model = _day_model()
-    groups = [{"params": [model.day_weights, model.day_biases], "per_day": True}, {"params": [model.shared], key: value}]
+    groups = [{"params": [model.day_weights, model.day_biases], "per_day": True},
+              {"params": [model.shared], key: value}]
     with pytest.raises(ValueError, match=f"^DayAdamW: parameter group 1 sets {option}; "):
         DayAdamW(groups, lr=0.01)
     with pytest.raises(ValueError, match=f"parameter group 2 sets {option}"):
@@ -264,7 +267,8 @@ def test_torch_adamw_options_per_group_are_refused_given_or_loaded(option: str):
         optimizer.load_state_dict(saved)
         assert key not in optimizer.param_groups[1]
     else:
-        with pytest.raises(ValueError, match=f"^DayAdamW: parameter group 1 of the loaded optimizer state sets {option}; "):
+        loaded = f"^DayAdamW: parameter group 1 of the loaded optimizer state sets {option}; "
+        with pytest.raises(ValueError, match=loaded):
             optimizer.load_state_dict(saved)
     # torch's defaults, as torch.optim.AdamW writes them, pass given or loaded.
     defaults = dict(amsgrad=False, maximize=False, differentiable=False, decoupled_weight_decay=True)
