@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py [--config rnn_args_demo.yaml] [--steps 6] [--rounds 2] [--bidirectional]
         [--set key=value ...]
     OMP_NUM_THREADS=1 python benchmarks/train_speed.py --kernels [--steps 8] [--n_days 45]
-        [--upstream UPSTREAM/model_training]
+        [--upstream UPSTREAM/model_training] [--models demo_triple demo_baseline recipe_baseline_256x3]
 
 Writes a small synthetic dataset (make_synthetic_data.generate_dataset) to a temp dir and runs
 rnn_trainer.train for --steps steps per model type (data loading and augmentation included,
@@ -248,7 +248,8 @@ def compare_kernels(args: argparse.Namespace) -> dict[str, Any]:
         data_dir = Path(tmp) / "data"
         generate_dataset(str(data_dir), n_sessions=args.n_days, n_train_trials=8, n_val_trials=2, n_test_trials=1,
                          seed=0)
-        for name, overrides in SPECS.items():
+        for name in args.models:
+            overrides = SPECS[name]
             cfg = load_config(args.config, [f"dataset.dataset_dir={data_dir}", f"output_dir={tmp}/run", "use_amp=false",
                                             *overrides, *args.set])
             batches = _host_batches(cfg, args.steps + 1)
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kernels", action="store_true", help="DayAdamW fused vs foreach (and upstream's step)")
     parser.add_argument("--n_days", type=int, default=45, help="--kernels: sessions, so day layers")
     parser.add_argument("--upstream", metavar="DIR", help="--kernels: upstream's model_training/ directory")
+    parser.add_argument("--models", nargs="+", choices=list(SPECS), default=list(SPECS), help="--kernels: models")
     args = parser.parse_args(argv)
     if args.kernels:
         return compare_kernels(args)
