@@ -1,5 +1,6 @@
-"""AdamW in a few tensor ops per parameter group, every changing scalar on the device, that
-leaves the day layers of days absent from a step untouched.
+"""AdamW that leaves the day layers of days absent from a step untouched: on XLA in a few foreach
+ops per parameter group with every changing scalar on the device, on CPU and CUDA through torch's
+fused AdamW kernel.
 
 Upstream (nejm-brain-to-text) builds a batch's day weights with
 `torch.stack([self.day_weights[i] for i in day_idx])`: a day absent from the batch is not in the
@@ -31,6 +32,39 @@ to float32 rounding (torch computes the bias corrections in float64 on the host)
 `torch._foreach_*` ops over a group, a few dozen traced ops per step instead of several per
 parameter and day.
 
+That path is for XLA. On the CPU and on CUDA, where a scalar is never a graph constant and a list
+of tensors may change from step to step, the same update runs through torch's fused AdamW kernel
+(`torch._fused_adamw_`, what `torch.optim.AdamW(fused=True)` calls), which reads each tensor once
+per step instead of once per foreach op: a group's parameters in one call; a `per_day` group one
+call per day over that day's rows (views into the stacked tensors, each with its own entry of the
+step counts as its step). What a step leaves unchanged is passed as the kernel's `found_inf`
+(1.0: the call returns before touching anything), and each step count grows by its update flag
+before the call, so weights, moments and step counts of absent days and of non-finite steps stay
+bit-unchanged, as on the foreach path; the gradients are not modified. The update then equals
+torch's fused AdamW bit for bit, and torch's single-tensor AdamW (and the foreach path) with the
+first moment to the bit and the second moment and weights to float32 rounding (the kernel forms
+the second moment in another operation order than addcmul). `_kernels` alone picks the path:
+`fused=None` (the default) takes the fused kernel on "cpu" and "cuda" when every parameter and
+moment is contiguous and all share one dtype, else the foreach ops; `fused=False` always the
+foreach ops (the benchmarks compare the two); `fused=True` the kernel or a ValueError.
+
+torch internals relied on, read against torch 2.9.0 and 2.14.1 (torch/optim/adam.py: `_fused_adam`,
+which the fused path follows, and `_single_tensor_adam`, which the foreach path follows op for op;
+the two versions differ there only in typing and tensor betas): `torch._fused_adamw_(params, grads,
+exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps,
+amsgrad, maximize, grad_scale, found_inf)` updates in place, reads each step count after the
+caller has added this step, takes the bias corrections in float64 from it, and does nothing
+where `found_inf` (a float32 tensor) is 1.0; the step counts are torch's `state["step"]` float32
+tensors on the parameter's device; `torch._foreach_*` ops as used below. The kernel walks a
+tensor's memory in order, so a gradient laid out otherwise is made contiguous first. Checked by
+`tests/test_day_adamw.py` on torch 2.9.0.
+
+torch.optim.AdamW's own per-group options (amsgrad, maximize, capturable, differentiable,
+decoupled_weight_decay, foreach, fused) are not implemented per group: a group that asks for a
+behaviour other than plain AdamW's, or for a kernel choice, is refused with one line, when given
+and when loaded (`_check_torch_options`); a loaded state's kernel choices and default values are
+dropped, since they record how the file's writer ran, not what its state means.
+
 Used by rnn_trainer.build_optimizer; tested by `python -m pytest tests/test_day_adamw.py -q`.
 """
 
@@ -41,10 +75,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Keys of torch.optim.AdamW's groups (and of this optimizer's before its groups were per_day)
-# that mean nothing here; dropped when an older checkpoint's state is loaded.
-_FOREIGN_GROUP_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
-                       "decoupled_weight_decay", "day_indices")
+# torch.optim.AdamW's group options, at the value under which its update is this optimizer's.
+_TORCH_ADAMW_BEHAVIOUR = {"amsgrad": False, "maximize": False, "differentiable": False, "decoupled_weight_decay": True}
+# torch.optim.AdamW's kernel choices: here one choice for every group, DayAdamW(fused=...).
+_TORCH_ADAMW_KERNELS = ("foreach", "fused", "capturable")
+# Devices with a fused AdamW kernel this optimizer has been read against.
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class DayAdamW(torch.optim.Optimizer):
@@ -52,12 +88,14 @@ class DayAdamW(torch.optim.Optimizer):
     `days_present`, and which leaves everything untouched when `finite` is False.
 
     `days_present` and `finite` apply to the next `step()` only; unset, every day counts as
-    present and the step as finite. All parameters must live on one device.
+    present and the step as finite. All parameters must live on one device. `fused`: None picks
+    torch's fused AdamW kernel where it applies (CPU, CUDA), False the foreach ops, True the
+    fused kernel or an error (see `_kernels`).
     """
 
     def __init__(
         self, params: Iterable[Any], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8, weight_decay: float = 1e-2, per_day: bool = False,
+        eps: float = 1e-8, weight_decay: float = 1e-2, per_day: bool = False, fused: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, per_day=per_day)
         super().__init__(params, defaults)
@@ -66,12 +104,39 @@ class DayAdamW(torch.optim.Optimizer):
         if len(layouts) > 1 or any(dim < 1 for _, dim in layouts):
             raise ValueError(f"per_day parameters must share their day count (first dim) and rank, got {layouts}")
         self.n_days, self._day_rank = next(iter(layouts), (0, 1))
+        self.fused = fused
         self.days_present: Tensor | None = None
         self.finite: Tensor | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_torch_options(param_group, index=len(self.param_groups), loaded=False)
+        super().add_param_group(param_group)
 
     def _step_shape(self, group: dict[str, Any]) -> tuple[int, ...]:
         """Shape of a parameter's step count: one per day, broadcasting against (n_days, ...)."""
         return (self.n_days,) + (1,) * (self._day_rank - 1) if group["per_day"] else ()
+
+    def _kernels(self, device: torch.device, params: list[Tensor]) -> str:
+        """"fused" or "foreach": the one place that picks how this step's update runs.
+
+        torch's fused kernel exists on the CPU and CUDA; it writes a parameter and its moments
+        walking memory in order, so they must be contiguous, and one call takes one dtype.
+        """
+        if self.fused is False:
+            return "foreach"
+        states = [self.state[p] for p in params]
+        tensors = params + [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states]
+        why_not = (
+            f"torch has no fused AdamW kernel on {device.type} here" if device.type not in _FUSED_DEVICES
+            else "a parameter or moment is not contiguous" if not all(t.is_contiguous() for t in tensors)
+            else "the parameters have several dtypes" if len({p.dtype for p in params}) > 1
+            else None
+        )
+        if why_not is None:
+            return "fused"
+        if self.fused:
+            raise ValueError(f"DayAdamW(fused=True): {why_not}")
+        return "foreach"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -86,6 +151,21 @@ class DayAdamW(torch.optim.Optimizer):
         if not groups:
             return loss
         device = groups[0][1][0].device
+        for group, params in groups:
+            self._init_state(group, params)
+        if finite is None:
+            finite = torch.ones((), dtype=torch.bool, device=device)
+        updates = []  # per group: True where this step updates (0-dim, or one entry per day)
+        for group, _ in groups:
+            keep = finite
+            if group["per_day"]:
+                days = present if present is not None else torch.ones(self.n_days, dtype=torch.bool, device=device)
+                keep = (days & finite).view(self._step_shape(group))  # (n_days,) -> (n_days, 1, ..., 1)
+            updates.append(keep)
+        if self._kernels(device, [p for _, params in groups for p in params]) == "fused":
+            for (group, params), keep in zip(groups, updates):
+                self._fused_update_group(group, params, update=keep)
+            return loss
         # lr and 1 - lr * wd of every group, computed in float64 as torch's AdamW does and sent as
         # one (n_groups, 2) tensor: torch_xla keeps a transferred tensor of rank > 0 as data, so no
         # value (0 at the first step, 1.0 while lr * wd is tiny) becomes a graph constant.
@@ -93,27 +173,55 @@ class DayAdamW(torch.optim.Optimizer):
         if device.type == "cuda":
             hyper = hyper.pin_memory()  # copied asynchronously: the step does not wait for the GPU
         hyper = hyper.to(device, non_blocking=True)
-        if finite is None:
-            finite = torch.ones((), dtype=torch.bool, device=device)
-        for i, (group, params) in enumerate(groups):
-            keep = finite
-            if group["per_day"]:
-                days = present if present is not None else torch.ones(self.n_days, dtype=torch.bool, device=device)
-                keep = (days & finite).view(self._step_shape(group))  # (n_days,) -> (n_days, 1, ..., 1)
+        for i, ((group, params), keep) in enumerate(zip(groups, updates)):
             self._update_group(group, params, lr=hyper[i, 0], decay=hyper[i, 1], update=keep)
         return loss
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], *, lr: Tensor, decay: Tensor,
-                      update: Tensor) -> None:
-        """AdamW's step over one group where `update` (bool, broadcasting against each parameter:
-        0-dim, or one entry per day) is True; elsewhere weights, moments and step counts stay."""
-        beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
+    def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Zero moments and step counts (one per day in a per_day group) for parameters without state."""
+        for p in params:
+            state = self.state[p]
             if not state:
                 state["step"] = torch.zeros(self._step_shape(group), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _fused_update_group(self, group: dict[str, Any], params: list[Tensor], *, update: Tensor) -> None:
+        """The group's update through torch's fused AdamW kernel, where `update` (as in
+        `_update_group`) is True: one call for the group, or one per day over the day's rows."""
+        states = [self.state[p] for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, [update.to(torch.float32)] * len(params))
+        skip = (~update).to(torch.float32)  # the kernel's found_inf: 1.0 returns before any write
+        lists = (
+            params,
+            [p.grad.contiguous() for p in params],  # laid out as the parameter, which the kernel assumes
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            steps,
+        )
+        if group["per_day"]:
+            # Day d's rows of every list, views into the stacked tensors: (n_days, ...) -> n_days x (...).
+            rows = [[t.unbind(0) for t in tensors] for tensors in lists]
+            calls = [tuple([r[d] for r in rows_of_list] for rows_of_list in rows) for d in range(self.n_days)]
+            skips = skip.view(self.n_days).unbind(0)
+        else:
+            calls, skips = [lists], [skip]
+        beta1, beta2 = group["betas"]
+        for (day_params, grads, exp_avgs, exp_avg_sqs, day_steps), found_inf in zip(calls, skips):
+            torch._fused_adamw_(
+                day_params, grads, exp_avgs, exp_avg_sqs, [], day_steps,
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
+            )
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], *, lr: Tensor, decay: Tensor,
+                      update: Tensor) -> None:
+        """AdamW's step over one group in foreach ops where `update` (bool, broadcasting against
+        each parameter: 0-dim, or one entry per day) is True; elsewhere weights, moments and step
+        counts stay."""
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
         # Gradients of what stays unchanged are zeroed in place: a NaN would survive any masking by
         # multiplication, and a zero adds no second-moment term.
         drop = ~update
@@ -158,19 +266,36 @@ class DayAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after converting a checkpoint written while the day layers were one
         parameter per day (by this optimizer or by plain AdamW): each day group's per-day moments
-        and step counts are stacked day first. Step counts go to the parameters' device."""
+        and step counts are stacked day first. Step counts go to the parameters' device. A group
+        that asks for a torch AdamW behaviour not implemented here is refused (ValueError)."""
+        for index, saved in enumerate(state_dict["param_groups"]):
+            _check_torch_options(saved, index=index, loaded=True)
         per_day = [group["per_day"] for group in self.param_groups]
         state_dict = _stack_per_day_state(self, state_dict)
         super().load_state_dict(state_dict)
         for group, is_per_day in zip(self.param_groups, per_day):
-            for key in _FOREIGN_GROUP_KEYS:
-                group.pop(key, None)
+            for key in (*_TORCH_ADAMW_BEHAVIOUR, *_TORCH_ADAMW_KERNELS, "day_indices"):
+                group.pop(key, None)  # "day_indices": this optimizer's key before per_day groups
             group["per_day"] = is_per_day  # the layout is this optimizer's, whatever the file says
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "step" in state:
                     step = state["step"].to(device=p.device, dtype=torch.float32)
                     state["step"] = step.reshape(self._step_shape(group)) if is_per_day else step
+
+
+def _check_torch_options(group: dict[str, Any], *, index: int, loaded: bool) -> None:
+    """ValueError, one line, for a group that sets a torch.optim.AdamW option this optimizer does not
+    implement: a behaviour other than plain AdamW's (given or loaded), or a kernel choice (given;
+    a loaded one only records how the file's writer ran)."""
+    where = f"DayAdamW: parameter group {index}" + (" of the loaded optimizer state" if loaded else "")
+    for key, value in _TORCH_ADAMW_BEHAVIOUR.items():
+        if key in group and group[key] != value:
+            raise ValueError(f"{where} sets {key}={group[key]!r}; DayAdamW implements AdamW with {key}={value} only")
+    given = [key for key in _TORCH_ADAMW_KERNELS if key in group]
+    if given and not loaded:
+        raise ValueError(f"{where} sets {given[0]}={group[given[0]]!r}; DayAdamW picks one kernel for every "
+                         "group: DayAdamW(..., fused=None|False|True)")
 
 
 def _stack_per_day_state(optimizer: DayAdamW, state_dict: dict[str, Any]) -> dict[str, Any]:

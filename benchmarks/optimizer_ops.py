@@ -12,7 +12,8 @@ gradient, a step creates the optimizer state, and a TorchDispatchMode then count
 that one rnn_trainer._masked_optimizer_step dispatches (4 days present, as days_per_batch
 draws). The count does not depend on the widths; two widths show it. step_ms is the host time of
 that call, the median of 5 steps: on XLA tracing only (the graph runs at the sync after it), on
-the CPU the whole update.
+the CPU the whole update (there through torch's fused kernel; `train_speed.py --kernels` times it
+against the foreach ops XLA runs).
 
 scalars: for the k-th optimizer step, k = 1 .. num_training_batches, with the config's betas,
 schedules (rnn_trainer._lr_factor: the k-th step uses the schedule's lr at k - 1) and weight

@@ -1,7 +1,9 @@
-"""Tests of day_adamw.py: AdamW's update equal to torch's; days absent from a step keep their weights
-and optimizer state; present days follow torch's AdamW on a parameter that gets gradients only when
-its day is present; older per-day optimizer states convert; on XLA, no step recompiles where
-AdamW's scalars round to 0 or 1.
+"""Tests of day_adamw.py: AdamW's update equal to torch's, through the foreach ops (XLA's path) and
+through the fused kernel (the CPU and CUDA path), which agree with each other; days absent from a
+step keep their weights and optimizer state; present days follow torch's AdamW on a parameter that
+gets gradients only when its day is present; non-finite steps change nothing; torch AdamW options
+set per group are refused; older per-day optimizer states convert; on XLA, no step recompiles
+where AdamW's scalars round to 0 or 1.
 
     python -m pytest tests/test_day_adamw.py -q
 """
@@ -41,25 +43,41 @@ def _day_model(seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _optimizer(model: torch.nn.Module) -> DayAdamW:
+# DayAdamW's two ways to run the update on the CPU, and the torch AdamW each one matches to the bit
+# in the moments: the foreach ops (XLA's path) torch's single-tensor AdamW, whose first moment the
+# fused kernel matches too; the fused kernel (the CPU/CUDA default) torch's fused AdamW.
+KERNELS = {"foreach": dict(foreach=False), "fused": dict(fused=True)}
+
+
+def _optimizer(model: torch.nn.Module, kernels: str | None = None) -> DayAdamW:
     groups = [
         {"params": [model.day_weights, model.day_biases], "per_day": True, "weight_decay": 0.05},
         {"params": [model.shared]},
     ]
-    return DayAdamW(groups, lr=0.01, betas=(0.9, 0.999), eps=0.1, weight_decay=0.01)
+    fused = None if kernels is None else kernels == "fused"
+    return DayAdamW(groups, lr=0.01, betas=(0.9, 0.999), eps=0.1, weight_decay=0.01, fused=fused)
 
 
-def test_update_equals_torch_adamw_per_group():
-    # Every group, day layers with every day present included: torch's AdamW (single-tensor, the
-    # path XLA took) over a warm-up from lr 0 and per-group decay. Moments to the bit; weights to
-    # float32 rounding (torch takes the bias corrections in float64 on the host).
+def _assert_weights_match(ours: torch.Tensor, reference: torch.Tensor, kernels: str, where: object) -> None:
+    """The fused kernel and torch's fused AdamW compute the same thing: bit for bit. The foreach ops
+    against single-tensor AdamW: float32 rounding (torch takes the bias corrections in float64)."""
+    if kernels == "fused":
+        assert torch.equal(ours, reference), where
+    else:
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_update_equals_torch_adamw_per_group(kernels: str):
+    # Every group, day layers with every day present included: torch's AdamW over a warm-up from
+    # lr 0 and per-group decay. Moments to the bit; weights as _assert_weights_match.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
     twin = copy.deepcopy(model)
     groups = lambda m, **day: [{"params": [m[0].weight], "weight_decay": 0.01}, {"params": [m[1].weight], **day},
                                {"params": [m[0].bias, m[1].bias], "weight_decay": 0.0}]
-    ours = DayAdamW(groups(model), lr=1e-3, eps=0.1, weight_decay=0.1)
-    reference = torch.optim.AdamW(groups(twin), lr=1e-3, eps=0.1, weight_decay=0.1, foreach=False)
+    ours = DayAdamW(groups(model), lr=1e-3, eps=0.1, weight_decay=0.1, fused=kernels == "fused")
+    reference = torch.optim.AdamW(groups(twin), lr=1e-3, eps=0.1, weight_decay=0.1, **KERNELS[kernels])
     for step in range(12):
         for group in ours.param_groups + reference.param_groups:
             group["lr"] = 1e-2 * min(step / 3, 1)  # starts at 0 like the warm-up
@@ -73,18 +91,19 @@ def test_update_equals_torch_adamw_per_group():
             assert torch.equal(ours.state[a]["exp_avg"], reference.state[b]["exp_avg"]), step
             assert torch.equal(ours.state[a]["exp_avg_sq"], reference.state[b]["exp_avg_sq"]), step
             assert float(ours.state[a]["step"]) == float(reference.state[b]["step"]) == step + 1
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+            _assert_weights_match(a.detach(), b.detach(), kernels, step)
     assert [g["weight_decay"] for g in ours.param_groups] == [0.01, 0.1, 0.0]
 
 
-def test_absent_days_are_untouched_and_present_days_follow_adamw():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_absent_days_are_untouched_and_present_days_follow_adamw(kernels: str):
     model = _day_model()
-    ours = _optimizer(model)
+    ours = _optimizer(model, kernels)
     stacked = [model.day_weights, model.day_biases]
     # Upstream's view: one AdamW parameter per day and layer, given a gradient only when its day is present.
     reference_params = [[torch.nn.Parameter(p[d].detach().clone()) for d in range(N_DAYS)] for p in stacked]
     reference = torch.optim.AdamW([r for rs in reference_params for r in rs], lr=0.01, betas=(0.9, 0.999), eps=0.1,
-                                  weight_decay=0.05, foreach=False)
+                                  weight_decay=0.05, **KERNELS[kernels])
     generator = torch.Generator().manual_seed(1)
     for step, days in enumerate(DAY_SETS):
         lr = 0.01 * step / 3  # a warm-up from exactly 0, as the trainer's schedule
@@ -116,7 +135,7 @@ def test_absent_days_are_untouched_and_present_days_follow_adamw():
                     assert torch.equal(state["exp_avg"][d], reference.state[ref]["exp_avg"]), (step, i, d)
                     assert torch.equal(state["exp_avg_sq"][d], reference.state[ref]["exp_avg_sq"]), (step, i, d)
                     assert float(state["step"][d]) == float(reference.state[ref]["step"]), (step, i, d)
-                    torch.testing.assert_close(p[d].detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+                    _assert_weights_match(p[d].detach(), ref.detach(), kernels, (step, i, d))
                 else:
                     assert torch.equal(p[d], before_params[i][d]), (step, i, d)
                     if before_state is not None:
@@ -148,9 +167,10 @@ def test_plain_adamw_moves_an_absent_day_and_dayadamw_does_not():
     assert moved["adamw"] > 1e-3 and moved["day_adamw"] == 0.0, moved
 
 
-def test_non_finite_step_leaves_everything_bit_unchanged():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_non_finite_step_leaves_everything_bit_unchanged(kernels: str):
     model = _day_model()
-    optimizer = _optimizer(model)
+    optimizer = _optimizer(model, kernels)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
@@ -166,6 +186,96 @@ def test_non_finite_step_leaves_everything_bit_unchanged():
         for key, value in state.items():
             assert torch.equal(value, before[1][index][key]), (index, key)
     assert optimizer.finite is None
+    # A finite step whose absent day has NaN gradient rows: that day stays as it was, the rest moves.
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.day_weights.grad[1] = float("nan")
+    optimizer.days_present = torch.tensor([True, False, True])
+    optimizer.step()
+    assert torch.equal(model.day_weights[1], before[0][0][1]) and torch.isfinite(model.day_weights).all()
+    assert not torch.equal(model.day_weights[0], before[0][0][0])
+    assert optimizer.state[model.day_weights]["step"].flatten().tolist() == [2.0, 1.0, 2.0]
+
+
+def test_fused_kernel_and_foreach_ops_agree_and_the_device_picks():
+    # The same run (day sets, warm-up from lr 0, one non-finite step) through both paths: step counts
+    # and first moments to the bit, second moments and weights to float32 rounding, and each path
+    # leaves an absent day's rows exactly as they were.
+    runs = {}
+    for kernels in KERNELS:
+        model = _day_model()
+        optimizer = _optimizer(model, kernels)
+        generator = torch.Generator().manual_seed(2)
+        for step, days in enumerate(DAY_SETS):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.01 * step / 3
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=generator)
+            before = model.day_weights.detach().clone()
+            optimizer.days_present = torch.tensor([d in days for d in range(N_DAYS)])
+            optimizer.finite = torch.tensor(step != 3)
+            optimizer.step()
+            for d in range(N_DAYS):
+                if d not in days or step == 3:
+                    assert torch.equal(model.day_weights[d], before[d]), (kernels, step, d)
+        runs[kernels] = (model, optimizer)
+    (model, foreach), (twin, fused) = runs["foreach"], runs["fused"]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(foreach.state[a]["step"], fused.state[b]["step"])
+        assert torch.equal(foreach.state[a]["exp_avg"], fused.state[b]["exp_avg"])
+        torch.testing.assert_close(foreach.state[a]["exp_avg_sq"], fused.state[b]["exp_avg_sq"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+    # Which path a step takes: fused on the CPU and CUDA unless told otherwise; foreach elsewhere (XLA)
+    # and where the kernel cannot walk a tensor in order; fused=True says why it cannot.
+    model = _day_model()
+    params = list(model.parameters())
+    auto, forced = _optimizer(model), _optimizer(model, "fused")
+    for optimizer in (auto, forced, foreach):
+        optimizer._init_state(optimizer.param_groups[0], params[:2])
+        optimizer._init_state(optimizer.param_groups[1], params[2:])
+    assert auto._kernels(torch.device("cpu"), params) == "fused"
+    assert foreach._kernels(torch.device("cpu"), list(foreach.state)) == "foreach"
+    assert auto._kernels(torch.device("xla"), params) == "foreach"
+    with pytest.raises(ValueError, match="no fused AdamW kernel on xla"):
+        forced._kernels(torch.device("xla"), params)
+    transposed = torch.nn.Parameter(torch.randn(4, 3).t())
+    strided = DayAdamW([transposed])
+    strided._init_state(strided.param_groups[0], [transposed])
+    assert strided._kernels(torch.device("cpu"), [transposed]) == "foreach"
+
+
+@pytest.mark.parametrize("option", ["maximize=True", "amsgrad=True", "differentiable=True",
+                                    "decoupled_weight_decay=False", "foreach=False", "fused=True", "capturable=True"])
+def test_torch_adamw_options_per_group_are_refused_given_or_loaded(option: str):
+    # Before, DayAdamW ignored them: maximize=True in a group still descended.
+    key, value = option.split("=")
+    value = {"True": True, "False": False}[value]
+    model = _day_model()
+    groups = [{"params": [model.day_weights, model.day_biases], "per_day": True},
+              {"params": [model.shared], key: value}]
+    with pytest.raises(ValueError, match=f"^DayAdamW: parameter group 1 sets {option}; "):
+        DayAdamW(groups, lr=0.01)
+    with pytest.raises(ValueError, match=f"parameter group 2 sets {option}"):
+        _optimizer(model).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], key: value})
+    # A loaded state: a behaviour other than AdamW's is refused; kernel choices record how its
+    # writer ran, and they and torch's defaults are dropped.
+    optimizer = _optimizer(model)
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][1][key] = value
+    if key in ("foreach", "fused", "capturable"):
+        optimizer.load_state_dict(saved)
+        assert key not in optimizer.param_groups[1]
+    else:
+        loaded = f"^DayAdamW: parameter group 1 of the loaded optimizer state sets {option}; "
+        with pytest.raises(ValueError, match=loaded):
+            optimizer.load_state_dict(saved)
+    # torch's defaults, as torch.optim.AdamW writes them, pass given or loaded.
+    defaults = dict(amsgrad=False, maximize=False, differentiable=False, decoupled_weight_decay=True)
+    DayAdamW([{"params": [model.shared], **defaults}])
+    saved["param_groups"][1].update(defaults, foreach=None, fused=None, capturable=False)
+    optimizer.load_state_dict(saved)
+    assert set(optimizer.param_groups[1]) == {"params", "lr", "betas", "eps", "weight_decay", "per_day"}
 
 
 def _per_day_model_and_optimizer(*, with_day_indices: bool):
