@@ -166,8 +166,11 @@ def test_rerunning_the_demo_after_an_interruption_continues_the_run(
     monkeypatch.undo()
     AcceleratorState._reset_state(reset_partial_state=True)
 
+    train_steps = lambda: [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                           if "train/loss" in line]  # noqa: E731
     train_model.main(args)  # bash run_demo.sh, again
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == [1, 2, 3, 4]
+    assert train_steps() == [1, 2, 3, 4]
     assert f"resumed {run_dir} at step 2" in (run_dir / "train.log").read_text()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_model.main(args)  # and once more after it finished: nothing is trained again
+    assert train_steps() == [1, 2, 3, 4]
