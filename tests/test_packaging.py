@@ -53,7 +53,7 @@ def test_the_test_command_runs_the_suite_on_both_stacks():
     """run_tests.sh (the README's test command, what CI runs): the XLA stack in .venv, then the
     newest torch without torch_xla in .venv-torch-latest, each through setup_env.sh."""
     lines = [line for line in (ROOT / "run_tests.sh").read_text().splitlines() if not line.lstrip().startswith("#")]
-    setups = [line.split() for line in lines if line.startswith("bash setup_env.sh")]
+    setups = [line.split()[:5] for line in lines if line.startswith("bash setup_env.sh")]
     assert setups == [["bash", "setup_env.sh", '"xla,plots,tensorboard,test"'],
                       ["bash", "setup_env.sh", '"plots,tensorboard,test"', ".venv-torch-latest", '"$TORCH_LATEST"']]
     assert [line.split()[0] for line in lines if " -m pytest tests " in line] == [
@@ -66,3 +66,38 @@ def test_build_outputs_and_the_second_environment_are_ignored_by_git():
     paths = ["build/lib/rnn_model.py", ".venv-torch-latest/bin/python", "brain_to_text_triple_gru.egg-info/PKG-INFO"]
     ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert ignored == paths
+
+
+def _run_tests_with_stubs(tmp_path: Path, *, xla_suite: int, latest_setup: int, latest_suite: int):
+    """run_tests.sh in a copy of the checkout whose setup_env.sh and virtualenvs are stand-ins that
+    log their calls and exit with the given statuses; its exit status and the calls in order."""
+    import shutil
+
+    shutil.copy(ROOT / "run_tests.sh", tmp_path / "run_tests.sh")
+    (tmp_path / "setup_env.sh").write_text(
+        'echo "setup ${2:-.venv}" >> calls\n'
+        f'if [ "${{2:-.venv}}" = .venv-torch-latest ]; then sleep 1; echo "no wheel for torch"; exit {latest_setup}; fi\n')
+    for venv, status in ((".venv", xla_suite), (".venv-torch-latest", latest_suite)):
+        python = tmp_path / venv / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(f'#!/usr/bin/env bash\necho "pytest {venv} $*" >> calls\nexit {status}\n')
+        python.chmod(0o755)
+    proc = subprocess.run(["bash", "run_tests.sh", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return proc.returncode, (tmp_path / "calls").read_text().splitlines(), proc.stderr
+
+
+def test_run_tests_runs_both_suites_and_fails_when_either_does(tmp_path: Path):
+    cases = {(0, 0, 0): 0, (1, 0, 0): 1, (0, 0, 1): 1, (5, 0, 0): 5}  # 5: pytest collected nothing
+    for (xla_suite, latest_setup, latest_suite), expected in cases.items():
+        case = tmp_path / f"{xla_suite}{latest_setup}{latest_suite}"
+        case.mkdir()
+        status, calls, _ = _run_tests_with_stubs(case, xla_suite=xla_suite, latest_setup=latest_setup,
+                                                 latest_suite=latest_suite)
+        assert status == expected, (xla_suite, latest_suite)
+        assert calls[0] == "setup .venv" and calls[-1] == "pytest .venv-torch-latest -m pytest tests -q"
+        assert sorted(calls[1:3]) == ["pytest .venv -m pytest tests -q", "setup .venv-torch-latest"]
+    case = tmp_path / "setup_fails"
+    case.mkdir()
+    status, calls, stderr = _run_tests_with_stubs(case, xla_suite=0, latest_setup=1, latest_suite=0)
+    assert status == 1 and not any(call.startswith("pytest .venv-torch-latest") for call in calls)
+    assert "no wheel for torch" in stderr and "setting up .venv-torch-latest (torch==2.14.1) failed" in stderr
