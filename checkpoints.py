@@ -252,7 +252,8 @@ def claim_run_dir(
 
     `newest` is the checkpoint the run continues from (newest_checkpoint), None for a fresh start.
     A continued run must be the checkpoint's run (same model shape and seed); it keeps the run's
-    id and periodic checkpoints. A fresh run needs a directory that holds no run: the files of
+    id and periodic checkpoints (a checkpoint written before runs named theirs: every periodic
+    checkpoint in the directory). A fresh run needs a directory that holds no run: the files of
     another run are never overwritten, appended to or pruned. With `restart` (`--resume auto` that
     found no checkpoint) a run the directory holds may start over if its config.yaml is this run's.
     Raises RunDirectoryError with one line naming the directory and the ways on.
@@ -260,12 +261,21 @@ def claim_run_dir(
     if newest is not None:
         path, checkpoint = newest
         _check_same_run(cfg, checkpoint.get("config") or {}, source=path, run_dir=run_dir)
-        return RunOwnership(run_id=checkpoint.get("run_id") or RunOwnership().run_id,
-                            periodic=list(checkpoint.get("periodic_checkpoints", [])))
+        periodic = checkpoint.get("periodic_checkpoints")
+        if periodic is None:
+            periodic = [storage.name(p) for p in periodic_checkpoints(storage.join(run_dir, CHECKPOINT_DIR))]
+        return RunOwnership(run_id=checkpoint.get("run_id") or RunOwnership().run_id, periodic=list(periodic))
     held = run_files(run_dir)
     config_path = storage.join(run_dir, "config.yaml")
     if held and restart and storage.isfile(config_path):
-        _check_same_run(cfg, yaml.safe_load(storage.read_text(config_path)) or {}, source=config_path, run_dir=run_dir)
+        try:
+            saved = yaml.safe_load(storage.read_text(config_path))
+        except yaml.YAMLError:
+            saved = None
+        if not isinstance(saved, Mapping):
+            raise RunDirectoryError(f"{config_path}: not a run's config: give this run a new output_dir "
+                                    "(--set output_dir=NEW_DIR)")
+        _check_same_run(cfg, saved, source=config_path, run_dir=run_dir)
     elif held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise RunDirectoryError(

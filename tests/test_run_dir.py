@@ -174,3 +174,40 @@ def test_rerunning_the_demo_after_an_interruption_continues_the_run(
     AcceleratorState._reset_state(reset_partial_state=True)
     train_model.main(args)  # and once more after it finished: nothing is trained again
     assert train_steps() == [1, 2, 3, 4]
+
+
+def test_resume_auto_without_a_checkpoint_starts_over_only_a_run_of_the_same_config(
+    data_dir: Path, tmp_path: Path, capsys
+):
+    """A run killed before its first checkpoint left config.yaml and train.log: rerunning its
+    command starts it over; another run's command is refused."""
+    from config import save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(make_config(data_dir, run_dir), run_dir / "config.yaml")
+    (run_dir / "train.log").write_text("device cpu\n")
+    config = _write_config(data_dir, run_dir, tmp_path / "a.yaml", num_training_batches=1)
+    line = _main_fails(["--config_path", str(config), "--resume", "auto", "--set", "seed=8"], capsys)
+    assert str(run_dir / "config.yaml") in line and "seed 7 there, 8 here" in line
+    assert (run_dir / "train.log").read_text() == "device cpu\n"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_model.main(["--config_path", str(config), "--resume", "auto"])
+    assert torch.load(run_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_a_run_resumed_from_a_checkpoint_that_names_no_periodic_ones_prunes_those_in_its_directory(
+    data_dir: Path, tmp_path: Path
+):
+    """Checkpoints written before runs named their periodic checkpoints: the run's directory holds
+    only its own, so they are adopted and pruned as before."""
+    rnn_trainer.train(make_config(data_dir, tmp_path, "num_training_batches=2", "checkpoint_every_steps=1",
+                                  "keep_checkpoints=5"))
+    last_path = tmp_path / "checkpoint" / "last_checkpoint.pt"
+    last = torch.load(last_path, weights_only=False)
+    del last["run_id"], last["periodic_checkpoints"]
+    torch.save(last, last_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    rnn_trainer.train(make_config(data_dir, tmp_path, "num_training_batches=4", "checkpoint_every_steps=1",
+                                  "keep_checkpoints=1"), resume_dir=str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step_*.pt")) == ["step_00000003.pt"]
