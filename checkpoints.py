@@ -2,8 +2,10 @@
 every replica's random states in it, and the choice of the checkpoint a run continues from.
 
 A run directory holds `checkpoint/best_checkpoint.pt` (weights only), `checkpoint/last_checkpoint.pt`
-and the periodic `checkpoint/step_XXXXXXXX.pt`. Used by rnn_trainer.py (saving, resuming),
-evaluate_model.py and calibrate_session.py (reading); nothing to run on its own.
+and the periodic `checkpoint/step_XXXXXXXX.pt`. Runs never mix in one directory (claim_run_dir): a
+fresh run refuses a directory that holds a run, a resumed one must be the same run (model shape
+and seed), and a run prunes only the periodic checkpoints it wrote itself. Used by rnn_trainer.py
+(saving, resuming), evaluate_model.py and calibrate_session.py (reading); nothing to run on its own.
 """
 
 from __future__ import annotations
@@ -11,23 +13,48 @@ from __future__ import annotations
 import pickle
 import random
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
 import rnn_model
 import storage
-from config import Config, config_to_dict
+from config import Config, ConfigError, config_to_dict
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_CHECKPOINT = "best_checkpoint.pt"
 LAST_CHECKPOINT = "last_checkpoint.pt"
 PERIODIC_CHECKPOINT = "step_{step:08d}.pt"  # every checkpoint_every_steps, the newest keep_checkpoints kept
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl")  # besides checkpoint/*.pt
+# What makes a checkpoint another run's rather than this one's earlier state: the weights' shapes
+# (every model key but these three) and the seed. num_training_batches, schedules, logging and
+# the like may change when a run is continued.
+_NOT_RUN_IDENTITY = ("model.rnn_dropout", "model.input_dropout", "model.gru_save_dtype")
+
+
+class RunDirectoryError(ConfigError):
+    """An output_dir that holds another run: a fresh run would mix its files with that run's."""
+
+
+@dataclass
+class RunOwnership:
+    """The files of a run directory that belong to the run in progress: its id (in every checkpoint
+    it writes) and the names of the periodic checkpoints it wrote, oldest first, which travel in
+    its checkpoints so that a resumed run still knows them. Only these are ever pruned."""
+
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    periodic: list[str] = field(default_factory=list)
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "periodic_checkpoints": list(self.periodic)}
 
 
 def to_cpu(obj: Any) -> Any:
@@ -128,13 +155,15 @@ def save_checkpoint(
     n_bad_vals: int = 0,
     with_optimizer: bool = True,
     rng_states: Sequence[Mapping[str, Any]] | None = None,
+    ownership: RunOwnership | None = None,
 ) -> None:
     """Write one self-describing checkpoint dict atomically; `model` must be the unwrapped model.
 
     Without `with_optimizer` (the best checkpoint) the AdamW moments are left out: evaluation and
     init_from_checkpoint read only the weights, and the moments are twice their size.
     The checkpoint's `rng_states` is a list: every replica's random states by rank (`rng_states`,
-    gathered by the caller), or this process's alone.
+    gathered by the caller), or this process's alone. `ownership` adds the run's id and its periodic
+    checkpoints (see RunOwnership).
     """
     checkpoint = {
         "model_state_dict": to_cpu(model.state_dict()),
@@ -150,6 +179,7 @@ def save_checkpoint(
         "sessions": list(sessions),
         "n_skipped_steps": n_skipped_steps,
         "n_bad_vals": n_bad_vals,
+        **(ownership.checkpoint_fields() if ownership is not None else {}),
     }
     storage.atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
@@ -165,6 +195,93 @@ def periodic_checkpoints(directory: str) -> list[str]:
     """The periodic checkpoints in a checkpoint directory, oldest first (the step is in the name)."""
     return [storage.join(directory, entry)
             for entry in storage.list_names(directory, PERIODIC_CHECKPOINT.replace("{step:08d}", "*"))]
+
+
+def periodic_checkpoint_path(run_dir: str, *, step: int, ownership: RunOwnership) -> str:
+    """Where the periodic checkpoint of `step` goes; recorded as the run's own before it is written."""
+    name = PERIODIC_CHECKPOINT.format(step=step)
+    if name not in ownership.periodic:
+        ownership.periodic.append(name)
+    return storage.join(run_dir, CHECKPOINT_DIR, name)
+
+
+def prune_periodic_checkpoints(run_dir: str, *, ownership: RunOwnership, keep: int) -> None:
+    """Remove the oldest periodic checkpoints of this run beyond the newest `keep`; any other file
+    (another run's, one copied in by hand) stays."""
+    directory = storage.join(run_dir, CHECKPOINT_DIR)
+    own = [path for path in periodic_checkpoints(directory) if storage.name(path) in ownership.periodic]
+    for path in own[: max(0, len(own) - keep)]:
+        storage.remove(path)
+        ownership.periodic.remove(storage.name(path))
+
+
+def run_files(run_dir: str) -> list[str]:
+    """The files of a run that `run_dir` holds: config.yaml, train.log, metrics.jsonl, checkpoint/*.pt."""
+    held = [name for name in RUN_FILES if storage.isfile(storage.join(run_dir, name))]
+    directory = storage.join(run_dir, CHECKPOINT_DIR)
+    return held + [f"{CHECKPOINT_DIR}/{name}" for name in storage.list_names(directory, "*.pt")]
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, prefix=f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_run(cfg: Config, saved: Mapping[str, Any], *, source: str, run_dir: str) -> None:
+    """RunDirectoryError naming the keys in which the saved config (a checkpoint's or config.yaml's)
+    makes another run than `cfg`; keys that only one of them knows are not compared."""
+    ours, theirs = _flat(config_to_dict(cfg)), _flat(saved)
+    keys = [key for key in ours if (key == "seed" or key.startswith("model.")) and key not in _NOT_RUN_IDENTITY]
+    differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in keys
+              if key in theirs and theirs[key] != ours[key]]
+    if differ:
+        raise RunDirectoryError(
+            f"{source}: holds another run ({'; '.join(differ)}): continue that run with its own config "
+            f"(--resume {run_dir} without --config_path), or give this one a new output_dir (--set output_dir=NEW_DIR)")
+
+
+def claim_run_dir(
+    cfg: Config, run_dir: str, *, newest: tuple[str, Mapping[str, Any]] | None, restart: bool = False
+) -> RunOwnership:
+    """Check that this run may write to `run_dir`, and return what it owns there.
+
+    `newest` is the checkpoint the run continues from (newest_checkpoint), None for a fresh start.
+    A continued run must be the checkpoint's run (same model shape and seed); it keeps the run's
+    id and periodic checkpoints (a checkpoint written before runs named theirs: every periodic
+    checkpoint in the directory). A fresh run needs a directory that holds no run: the files of
+    another run are never overwritten, appended to or pruned. With `restart` (`--resume auto` that
+    found no checkpoint) a run the directory holds may start over if its config.yaml is this run's.
+    Raises RunDirectoryError with one line naming the directory and the ways on.
+    """
+    if newest is not None:
+        path, checkpoint = newest
+        _check_same_run(cfg, checkpoint.get("config") or {}, source=path, run_dir=run_dir)
+        periodic = checkpoint.get("periodic_checkpoints")
+        if periodic is None:
+            periodic = [storage.name(p) for p in periodic_checkpoints(storage.join(run_dir, CHECKPOINT_DIR))]
+        return RunOwnership(run_id=checkpoint.get("run_id") or RunOwnership().run_id, periodic=list(periodic))
+    held = run_files(run_dir)
+    config_path = storage.join(run_dir, "config.yaml")
+    if held and restart and storage.isfile(config_path):
+        try:
+            saved = yaml.safe_load(storage.read_text(config_path))
+        except yaml.YAMLError:
+            saved = None
+        if not isinstance(saved, Mapping):
+            raise RunDirectoryError(f"{config_path}: not a run's config: give this run a new output_dir "
+                                    "(--set output_dir=NEW_DIR)")
+        _check_same_run(cfg, saved, source=config_path, run_dir=run_dir)
+    elif held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise RunDirectoryError(
+            f"{run_dir} already holds a run ({shown}): continue it with --resume {run_dir} (or rerun "
+            "its command with --resume auto), or give this run a new output_dir (--set output_dir=NEW_DIR)")
+    return RunOwnership()
 
 
 def newest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:

@@ -619,6 +619,7 @@ class _Run:
     last_val: tuple[float, float] = (math.nan, math.nan)  # PER and loss of the latest validation
     n_skipped: Tensor | None = None  # device scalar
     step_counter: Tensor | None = None  # device scalar
+    ownership: checkpoints.RunOwnership | None = None  # the run's id and periodic checkpoints
 
     @property
     def is_xla(self) -> bool:
@@ -635,6 +636,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         if not fresh_without_checkpoint:
             raise rnn_model.CheckpointError(f"{storage.join(resume_dir, checkpoints.CHECKPOINT_DIR)}: no checkpoint to resume from")
         resume_dir = None
+    ownership = checkpoints.claim_run_dir(cfg, resume_dir or cfg.output_dir, newest=newest, restart=fresh_without_checkpoint)
     # mixed_precision="no": the bf16 autocast is ours (rnn_model.decoder_outputs); Accelerate's bf16
     # on TPU would set XLA_USE_BF16 and turn the master weights bf16 too.
     # cpu=True without CUDA: Accelerate only sets up gloo data parallelism (torchrun) in CPU mode.
@@ -662,6 +664,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     )
     run_dir = cfg.output_dir
     # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
+    _barrier(accelerator)  # every replica has looked at the run directory (claim_run_dir) before it is written
     if accelerator.is_main_process:
         storage.makedirs(storage.join(run_dir, checkpoints.CHECKPOINT_DIR))
         save_config(cfg, storage.join(run_dir, "config.yaml"))
@@ -679,7 +682,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
         train_steps=iter(_on_device(train_loader, device)), val_batches=_on_device(val_loader, device),
         log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
-        start_step=start_step,
+        start_step=start_step, ownership=ownership,
     )
     n_skipped = 0
     if resumed is not None:
@@ -734,7 +737,7 @@ def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True)
             best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=run.last_val[0],
             val_loss=run.last_val[1], sessions=run.sessions, generator=run.generator,
             n_skipped_steps=int(run.n_skipped.cpu()), n_bad_vals=run.n_bad_vals, with_optimizer=with_optimizer,
-            rng_states=rng_states,
+            rng_states=rng_states, ownership=run.ownership,
         )
     _barrier(run.accelerator)
     if run.is_xla:
@@ -747,12 +750,10 @@ def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True)
 
 def _save_periodic(run: _Run, *, step: int) -> None:
     """A checkpoint every checkpoint_every_steps, whatever the validation cadence; the oldest
-    periodic ones beyond keep_checkpoints are removed once the new one is complete."""
-    directory = storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR)
-    _save_state(run, storage.join(directory, checkpoints.PERIODIC_CHECKPOINT.format(step=step)), step=step)
+    periodic ones of this run beyond keep_checkpoints are removed once the new one is complete."""
+    _save_state(run, checkpoints.periodic_checkpoint_path(run.run_dir, step=step, ownership=run.ownership), step=step)
     if run.accelerator.is_main_process:
-        for old in checkpoints.periodic_checkpoints(directory)[: -run.cfg.keep_checkpoints]:
-            storage.remove(old)
+        checkpoints.prune_periodic_checkpoints(run.run_dir, ownership=run.ownership, keep=run.cfg.keep_checkpoints)
 
 
 class TrainingInterrupted(Exception):

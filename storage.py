@@ -106,7 +106,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(file)` on a temporary file next to `path`, then replace `path` with it.
 
     A crash or a signal at any point leaves either the old file or the new one, never a torn one,
-    and no temporary file once the exception has passed through here.
+    and no temporary file once the exception has passed through here. The file gets the mode the
+    process's umask gives a new file (0644 under umask 022), as open() would; mkstemp's is 0600.
     """
     if is_url(path):
         _atomic_write_url(str(path), write)
@@ -115,6 +116,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -129,6 +131,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process's umask; reading it means setting it, so it is set straight back."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write_url(url: str, write: Callable[[IO[bytes]], None]) -> None:

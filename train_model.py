@@ -7,10 +7,11 @@
 --config_path it reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a
 finished run). `--resume auto` (or `resume: auto` in the config) continues the config's
 output_dir when it holds a checkpoint and starts fresh otherwise: rerun the same command after a
-preemption. output_dir may be a bucket or any fsspec URL (gs://bucket/run with `pip install -e
-".[gcs]"`). SIGTERM / SIGINT save checkpoint/last_checkpoint.pt after the step in flight and exit
-with status 143 / 130. A bad config, data directory or checkpoint ends the run with one line on
-stderr and exit status 2.
+preemption. A fresh run refuses an output_dir that already holds a run, and a resumed one must be
+the same run (model shape, seed). output_dir may be a bucket or any fsspec URL (gs://bucket/run
+with `pip install -e ".[gcs]"`). SIGTERM / SIGINT save checkpoint/last_checkpoint.pt after the step
+in flight, say on stderr how to continue, and exit with status 143 / 130. A bad config, data
+directory, checkpoint or run directory ends the run with one line on stderr and exit status 2.
 """
 
 import argparse
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ConfigError, CheckpointError, storage.StorageError, FileNotFoundError) as error:
         _fail(error)
     except rnn_trainer.TrainingInterrupted as stop:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            run_dir = args.resume if args.resume not in (None, "auto") else cfg.output_dir
+            print(f"train_model.py: {stop}, saved in {run_dir}: continue with --resume {run_dir}, "
+                  "or rerun the same command with --resume auto", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None  # 143 for SIGTERM, 130 for SIGINT, as schedulers expect
 
 

@@ -33,7 +33,7 @@ def _shell_lines(text: str) -> list[str]:
 
 def _simple_commands(line: str) -> list[list[str]]:
     """Tokens of each command in a shell line: comments and redirections dropped, split at && ; | &."""
-    line = re.sub(r"\s\d?>>?&?\s*[^\s&;|]+", " ", line)  # > file, 2> file, 2>&1
+    line = re.sub(r"\s\d?>>?&?\s*[^\s&;|\"']+", " ", line)  # > file, 2> file, 2>&1 (also inside quotes)
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     commands: list[list[str]] = [[]]
@@ -177,3 +177,84 @@ def test_links_between_the_documents_reach_a_file_and_heading():
         prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a '# comment' in a code block is no heading
         anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
         assert not anchor or anchor in anchors, f"{doc}: {target}"
+
+
+def _guide_section(number: int) -> str:
+    text = (REPO_ROOT / "TPU_SETUP_GUIDE.md").read_text()
+    return re.search(rf"^## {number}\. .*?(?=^## )", text, flags=re.S | re.M).group(0)
+
+
+def _spot_loop() -> str:
+    """The restart loop of the guide's section 8, as the shell function it defines."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", _guide_section(8), flags=re.S | re.M)
+    loops = [block for block in blocks if "train_on_spot()" in block]
+    assert len(loops) == 1, "section 8 defines train_on_spot() in one bash block"
+    return loops[0]
+
+
+# A stand-in for gcloud: `ssh ... bash train.sh` exits with the next status of `statuses`, `describe`
+# prints the next state of `states` (GONE: fails as for a deleted VM), `tail` prints the log's last line.
+_FAKE_GCLOUD = r"""
+gcloud() {
+    echo "gcloud $*" >> calls
+    case "$*" in
+        *"bash train.sh"*) local status; status=$(head -n 1 statuses); sed -i 1d statuses; return "$status" ;;
+        *" describe "*) local state; state=$(head -n 1 states); sed -i 1d states
+                        if [ "$state" = GONE ]; then echo "NOT_FOUND" >&2; return 1; fi; echo "$state" ;;
+        *"tail -n 1"*) echo "train_model.py: data/hdf5_data_final: no session folders" ;;
+    esac
+}
+"""
+
+
+def _run_spot_loop(tmp_path: Path, statuses: list[int], states: list[str]) -> tuple[int, list[str], str]:
+    """The guide's loop against the fake gcloud: its return status, the gcloud calls, its stderr."""
+    import subprocess
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "statuses").write_text("".join(f"{s}\n" for s in statuses))
+    (tmp_path / "states").write_text("".join(f"{s}\n" for s in states))
+    (tmp_path / "install.sh").write_text("echo install\n")
+    script = f"{_FAKE_GCLOUD}\n{_spot_loop()}\ntrain_on_spot\n"
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert (tmp_path / "statuses").read_text() == "", "the loop stopped before the scripted runs were used"
+    return proc.returncode, calls, proc.stderr
+
+
+def _kinds(calls: list[str]) -> list[str]:
+    kinds = {"bash train.sh": "train", " describe ": "describe", " delete ": "delete", " create ": "create",
+             "bash -s": "install", "tail -n 1": "tail"}
+    return [next(kind for key, kind in kinds.items() if key in call) for call in calls]
+
+
+def test_the_spot_loop_retries_only_a_preempted_run(tmp_path: Path):
+    # SIGTERM saved the step (143) on a VM still there: run train.sh again, no new VM.
+    status, calls, _ = _run_spot_loop(tmp_path / "a", [143, 0], ["READY"])
+    assert status == 0 and _kinds(calls) == ["train", "describe", "train"]
+    # Preempted: the ssh session is cut (255) and the VM is PREEMPTED, or it is gone: a new VM.
+    for state in ("PREEMPTED", "GONE"):
+        status, calls, _ = _run_spot_loop(tmp_path / state, [255, 0], [state])
+        assert status == 0 and _kinds(calls) == ["train", "describe", "delete", "create", "install", "train"]
+
+
+@pytest.mark.parametrize("exit_status", [1, 2, 130])
+def test_the_spot_loop_stops_on_any_other_status_with_the_logs_last_line(tmp_path: Path, exit_status: int):
+    status, calls, stderr = _run_spot_loop(tmp_path, [exit_status], ["READY"])
+    assert status == exit_status and _kinds(calls) == ["train", "describe", "tail"]
+    assert stderr.splitlines() == [f"train.sh exited with status {exit_status}:",
+                                   "train_model.py: data/hdf5_data_final: no session folders"]
+
+
+# Devices per one-host TPU VM (section 1's table); --num_cores must match the type the loop creates.
+TPU_DEVICES = {"v4-8": 4, "v5p-8": 4, "v5litepod-8": 8, "v6e-8": 8}
+
+
+def test_the_spot_example_pairs_the_tpu_type_with_its_number_of_devices():
+    section = _guide_section(8)
+    types = set(re.findall(r"--accelerator-type=(\S+)", _spot_loop()))
+    cores = {int(n) for n in re.findall(r"launch_tpu_training\.py .*--num_cores (\d+)", section)}
+    assert len(types) == 1 and len(cores) == 1, (types, cores)
+    assert TPU_DEVICES[types.pop()] == cores.pop()
+    table = dict(re.findall(r"^\| `([\w-]+)`(?: \(v5e\))? \| (\d+) \|", _guide_section(1), flags=re.M))
+    assert {name: int(n) for name, n in table.items()} == TPU_DEVICES

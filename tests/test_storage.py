@@ -1,10 +1,12 @@
 """storage.py: atomic replacement that survives an interrupted write, locally and at fsspec URLs;
-listing, appended logs and clear errors for locations that cannot be used.
+listing, appended logs, the umask's file modes and clear errors for locations that cannot be used.
 
     pytest tests/test_storage.py
 """
 
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -71,6 +73,28 @@ def test_listing_reading_and_appending(root: str):
     second.flush()
     second.close()
     assert storage.read_text(log_path) == "a\nb\n"
+
+
+@pytest.mark.parametrize("scheme", ["local", "file"])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path: Path, scheme: str):
+    """Under umask 022 a run's files are readable by others (evaluation under another user, a
+    shared filesystem): checkpoints and config as well as the appended logs."""
+    base = str(tmp_path) if scheme == "local" else f"file://{tmp_path}"
+    previous = os.umask(0o022)
+    try:
+        storage.write_text(storage.join(base, "config.yaml"), "seed: 7\n")
+        storage.atomic_write(storage.join(base, "checkpoint", "last_checkpoint.pt"), lambda f: torch.save({"step": 1}, f))
+        log = storage.AppendFile(storage.join(base, "train.log"))
+        log.write("step 1\n")
+        log.flush()
+        log.close()
+        os.umask(0o027)
+        storage.write_text(storage.join(base, "private.yaml"), "seed: 8\n")
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in tmp_path.rglob("*") if path.is_file()}
+    assert modes == {"config.yaml": "0o644", "last_checkpoint.pt": "0o644", "train.log": "0o644",
+                     "private.yaml": "0o640"}
 
 
 def test_join_keeps_a_urls_scheme():
