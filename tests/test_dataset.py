@@ -38,7 +38,8 @@ def _config(data_dir: str, **overrides) -> types.SimpleNamespace:
     dataset = dict(
         dataset_dir=data_dir, sessions=[], batch_size=8, days_per_batch=2, must_include_days=[],
         num_dataloader_workers=0, loader_seed=1, val_batch_size=4, feature_subset=None, bad_trials={},
-        on_bad_trial="error", max_seq_elements=500, static_shapes=False, time_buckets=[],
+        on_bad_trial="error", max_seq_elements=500, static_shapes=False, time_buckets=[], trial_cache=True,
+        trial_cache_dtype="float32", trial_cache_dir=None,
     )
     dataset.update(overrides)
     model = types.SimpleNamespace(patch_size=14, patch_stride=4)
