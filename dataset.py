@@ -518,10 +518,13 @@ def _write_cache(folder: str, dataset_dir: str, split: str, dtype: str) -> None:
                 key = f"trial_{rows[i]['trial_key']:04d}"
                 n, start = int(n_rows[i]), int(offsets[i])
                 try:
-                    f[key]["input_features"].read_direct(buffer, dest_sel=np.s_[:n])
                     if labelled:
                         text = f[key]["transcription"][:TRANSCRIPTION_LENGTH]
                         columns["transcriptions"][i, : len(text)] = text
+                    stored = f[key]["input_features"]
+                    if stored.id.get_storage_size() == 0 and not np.any(stored.fillvalue):
+                        continue  # never written: reads as zeros, as the new file's unwritten rows do
+                    stored.read_direct(buffer, dest_sel=np.s_[:n])
                 except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
                     raise DataError(f"{path} {key}: cannot read trial (truncated or corrupt file?): {err}") from None
                 columns["finite"][i] = np.isfinite(buffer[:n]).all(axis=0)
@@ -607,6 +610,16 @@ class _CachedSplit:
             tensor = torch.from_numpy(array)
             self._features = tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
         return self._features
+
+
+def _batch_buffer(shape: tuple[int, ...], *, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised float32 batch, allocated where it will travel: in shared memory in a
+    DataLoader worker (sending it to the main process then copies nothing), pinned in the main
+    process for a CUDA device (the copy to the device then needs no staging copy)."""
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    return torch.empty(shape, dtype=torch.float32, pin_memory=pin_memory)
 
 
 class BrainToTextDataset(Dataset):
@@ -792,17 +805,28 @@ class BrainToTextDataset(Dataset):
         Keys: input_features (B, T, D), n_time_steps, day_indices, block_nums, trial_nums, row_mask
         (B,); labelled splits add seq_class_ids (B, S), phone_seq_lens (B,), transcriptions (B, 500).
         """
+        return self._batch(idx, self._n_time(idx))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Batches `indices` (one optimizer step's micro-batches, from a batch_sampler). Under
+        static shapes they share the largest of their time buckets: a step traces its micro-batches
+        into one graph, so batches left in different buckets would compile a graph per combination
+        of buckets. Each is allocated at that length, not padded again afterwards."""
+        lengths = [self._n_time(idx) for idx in indices]
+        return [self._batch(idx, max(lengths) if self.static_shapes else n) for idx, n in zip(indices, lengths)]
+
+    def _n_time(self, idx: int) -> int:
+        """Padded time length of batch idx: its longest trial, or the bucket holding it."""
+        longest = max(self.trial_indices[d]["meta"][t]["n_time_steps"] for d, t in self.batch_trials(idx))
+        return next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
+
+    def _batch(self, idx: int, n_time: int) -> dict[str, torch.Tensor]:
         plan = self.batch_trials(idx)
         metas = [self.trial_indices[d]["meta"][t] for d, t in plan]
         n_rows = self.batch_size if self.static_shapes else len(plan)
-        longest = max(m["n_time_steps"] for m in metas)
-        n_time = next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
-        # Allocated once and filled in place: pinned in the main process for a CUDA device, so the
-        # copy to the device needs no staging copy (workers' batches are pinned by the DataLoader).
-        pin = self.pin_memory and get_worker_info() is None
-        features = torch.empty((n_rows, n_time, n_features), dtype=torch.float32, pin_memory=pin)
+        features = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -866,21 +890,6 @@ def _index_kwargs(cfg: Any) -> dict[str, Any]:
         "patch_stride": getattr(model, "patch_stride", 4),
         "on_bad_trial": cfg.dataset.on_bad_trial,
     }
-
-
-def _pad_to_common_length(micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Pad one step's micro-batches to the longest time length among them.
-
-    A step traces all its micro-batches into one graph, so micro-batches left in different time
-    buckets would compile a graph per combination of buckets; padded alike, the step compiles once
-    per bucket. The added frames are zeros past every trial's n_time_steps, like bucket padding.
-    """
-    n_time = max(batch["input_features"].shape[1] for batch in micro_batches)
-    padded = []
-    for batch in micro_batches:
-        features = batch["input_features"]  # (B, T, D) -> (B, n_time, D)
-        padded.append({**batch, "input_features": torch.nn.functional.pad(features, (0, 0, 0, n_time - features.shape[1]))})
-    return padded
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -971,8 +980,7 @@ def build_dataloaders(
     indices = [(step * per_step + micro) * n_replicas + rank for step in range(start_step, n_steps) for micro in range(per_step)]
     if batches_per_step:
         steps = [indices[i : i + per_step] for i in range(0, len(indices), per_step)]
-        collate = _pad_to_common_length if d.static_shapes else list
-        grouping = {"batch_sampler": steps, "collate_fn": collate}
+        grouping = {"batch_sampler": steps, "collate_fn": list}  # __getitems__ pads a step's batches alike
     else:
         grouping = {"batch_size": None, "sampler": indices}
     loader_kwargs = {"n_workers": d.num_dataloader_workers, "seed": d.loader_seed, "pin_memory": pin_memory}
