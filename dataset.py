@@ -612,14 +612,20 @@ class _CachedSplit:
         return self._features
 
 
-def _batch_buffer(shape: tuple[int, ...], *, pin_memory: bool) -> torch.Tensor:
-    """An uninitialised float32 batch, allocated where it will travel: in shared memory in a
-    DataLoader worker (sending it to the main process then copies nothing), pinned in the main
-    process for a CUDA device (the copy to the device then needs no staging copy)."""
+def _batch_buffer(shape: tuple[int, ...], *, pin_memory: bool) -> tuple[torch.Tensor, bool]:
+    """(float32 batch, whether it holds zeros), allocated where it will travel: in shared memory in
+    a DataLoader worker (sending it to the main process then copies nothing), pinned in the main
+    process for a CUDA device (the copy to the device then needs no staging copy), else by calloc.
+
+    A new shared-memory file and a large calloc are zero pages the kernel fills on first touch, so
+    padding costs nothing there: only the trials' bytes are ever written.
+    """
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    return torch.empty(shape, dtype=torch.float32, pin_memory=pin_memory)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), True
+    if pin_memory:
+        return torch.empty(shape, dtype=torch.float32, pin_memory=True), False
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), True
 
 
 class BrainToTextDataset(Dataset):
@@ -826,7 +832,7 @@ class BrainToTextDataset(Dataset):
         n_rows = self.batch_size if self.static_shapes else len(plan)
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
-        features = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory)
+        features, zeroed = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -853,9 +859,10 @@ class BrainToTextDataset(Dataset):
                 transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
         for folder, members in by_cache.items():
             self._gather_cached(self._cache(folder), members, metas, features, labels, transcriptions, finite)
-        for i, n in enumerate(lengths[: len(plan)].tolist()):
-            features[i, n:] = 0.0  # pad each row in place, up to the bucket
-        features[len(plan) :] = 0.0
+        if not zeroed:
+            for i, n in enumerate(lengths[: len(plan)].tolist()):
+                features[i, n:] = 0.0  # pad each row in place, up to the bucket
+            features[len(plan) :] = 0.0
         for i in np.flatnonzero(~finite):
             day, trial = plan[i]
             problem = f"{self.trial_indices[day]['session_path']} trial_{trial:04d}: input_features contain NaN or inf"
