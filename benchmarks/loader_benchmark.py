@@ -109,7 +109,8 @@ def _time_batches(steps: Any, n_items: int) -> float:
 
 
 def _rss_mb() -> dict[str, float]:
-    """This process's resident memory now (anonymous and file-backed) and its workers' peak."""
+    """This process's resident memory now (anonymous and file-backed), its peak, and the largest peak
+    of its child processes (the workers among them)."""
     fields = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -119,7 +120,7 @@ def _rss_mb() -> dict[str, float]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"rss_mb": round(fields["VmRSS"]), "rss_anon_mb": round(fields["RssAnon"]),
             "rss_file_mb": round(fields["RssFile"]), "peak_rss_mb": round(fields["VmHWM"]),
-            "workers_peak_rss_mb": round(children)}
+            "children_peak_rss_mb": round(children)}
 
 
 def main() -> None:
