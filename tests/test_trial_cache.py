@@ -254,3 +254,13 @@ def test_a_process_exits_while_its_loader_workers_ignore_sigterm(data_dir: str):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
+
+
+def test_a_float16_cache_refuses_values_beyond_its_range(data_dir: str):
+    path = os.path.join(data_dir, SESSIONS[2], "data_val.hdf5")
+    with h5py.File(path, "r+") as f:
+        f["trial_0001"]["input_features"][3, 4] = 1e5
+    with pytest.raises(D.DataError, match=f"{path} trial_0001: input_features exceed float16's range"):
+        D.build_trial_cache(data_dir, "val", "float16")
+    assert D.find_trial_cache(data_dir, "val", "float16") is None
+    assert D.build_trial_cache(data_dir, "val", "bfloat16").endswith("val.bfloat16")
