@@ -84,6 +84,9 @@ class DatasetConfig:
     max_seq_elements: int | None = None  # None: longest train/val label, rounded up to 16
     static_shapes: bool = False
     time_buckets: list[int] = field(default_factory=list)
+    trial_cache: bool = True  # read features from a memory-mapped cache of the HDF5 files (built on first use)
+    trial_cache_dtype: str = "float32"  # 'float32', 'bfloat16' or 'float16': precision of the cached features
+    trial_cache_dir: str | None = None  # None: <dataset_dir>/.trial_cache, or the user cache dir when read-only
     data_transforms: TransformsConfig = field(default_factory=TransformsConfig)
 
 
@@ -135,6 +138,7 @@ class Config:
 _CHOICES = {
     "model.type": ("baseline", "triple"),
     "dataset.on_bad_trial": ("error", "skip"),
+    "dataset.trial_cache_dtype": ("float32", "bfloat16", "float16"),
     "optimizer.lr_scheduler_type": ("cosine", "linear"),
     # Accelerate's trackers (accelerate.utils.LoggerType), by name; not imported here because
     # importing accelerate picks the XLA backend before train_model.py can choose.

@@ -37,6 +37,18 @@ without the option:
 
     python make_synthetic_data.py --out data/synthetic_holdout --holdout_sessions 2
 
+A set of the real data's size, for timing what scales with it (index and cache builds, time to
+the first step): --full_size writes 45 sessions holding the real split sizes (8,072 train, 1,426
+val and 1,450 test trials, spread evenly over the sessions that have each split) with phonemes
+held ~41 bins, so that trials are as long as the real ones on average (~875 bins; the longest
+reach ~2,400). That is ~20 GB; --unwritten_features declares every input_features dataset at its
+shape without writing it (HDF5 reads such a dataset as zeros), giving the same metadata and
+trial layout in a few hundred MB, for timing index builds (not feature reads):
+
+    python make_synthetic_data.py --out data/synthetic_full --full_size [--unwritten_features]
+
+--mean_phoneme_bins sets the phoneme hold alone (default 10: ~250-bin trials, quick to train on).
+
 Library use: `from make_synthetic_data import generate_dataset, generate_sentences`.
 """
 
@@ -46,6 +58,7 @@ import dataclasses
 import datetime
 import os
 import time
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -53,11 +66,16 @@ from scipy.linalg import expm
 from scipy.ndimage import gaussian_filter1d
 
 from ctc_loss import ctc_frames_needed
-from dataset import N_FEATURES, PHONEMES, SIL_ID, TRANSCRIPTION_LENGTH, load_cmudict
+from dataset import N_FEATURES, PHONEMES, SIL_ID, SPLITS, TRANSCRIPTION_LENGTH, load_cmudict
 from rnn_model import n_patches
 
 # Every trial must be alignable by the shipped models' patching (14 bins, stride 4).
 PATCH_SIZE, PATCH_STRIDE = 14, 4
+# Real split sizes (shared/REFERENCE.md) and the phoneme hold that makes the mean trial as long
+# as the real ~875 bins: sentences here average 19.4 phoneme-lengths (a word gap counts 0.35)
+# at a mean speaking rate of 1.025, plus ~55 bins of rest around them.
+REAL_SPLIT_SIZES = {"train": 8072, "val": 1426, "test": 1450}
+REAL_LENGTH_PHONEME_BINS = 41.0
 
 # Session names and train-only sessions of the real release (day index = position).
 REAL_SESSIONS = [
@@ -225,17 +243,22 @@ def _phoneme_latents(seed: int) -> np.ndarray:
     return latents
 
 
-def _synthesize_trial(
-    class_ids: list[int], model: _SessionModel, latents: np.ndarray, snr: float, mean_bins: float, rng: np.random.Generator
-) -> np.ndarray:
-    """(T, 512) raw (not yet z-scored) features for one sentence."""
+def _trial_states(class_ids: list[int], mean_bins: float, rng: np.random.Generator) -> np.ndarray:
+    """(T,) the class held in each bin: rest, the sentence's phonemes at a per-trial rate, rest."""
     rate = rng.uniform(0.8, 1.25)  # per-trial speaking rate
     durations = []
     for c in class_ids:
         mean = (0.35 if c == SIL_ID else 1.0) * mean_bins * rate
         durations.append(max(2 if c == SIL_ID else 5, int(round(rng.gamma(8.0, mean / 8.0)))))
     lead, trail = rng.integers(15, 40), rng.integers(15, 40)
-    states = np.concatenate([[0] * lead, np.repeat(class_ids, durations), [0] * trail])
+    return np.concatenate([[0] * lead, np.repeat(class_ids, durations), [0] * trail]).astype(np.int64)
+
+
+def _synthesize_trial(
+    class_ids: list[int], model: _SessionModel, latents: np.ndarray, snr: float, mean_bins: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(T, 512) raw (not yet z-scored) features for one sentence."""
+    states = _trial_states(class_ids, mean_bins, rng)
     # Temporally smoothed latent noise looks like slow, shared neural variability.
     noise = rng.standard_normal((len(states), N_LATENT))
     noise = gaussian_filter1d(noise, 3.0, axis=0) * 2.0
@@ -321,22 +344,32 @@ def _write_split(
 ) -> list[tuple[int, int]]:
     """Z-score each block and write one HDF5 file; returns (block_num, trial_num) per trial.
 
-    With an `rng`, `artifacts` drawn from it are added to each trial after z-scoring."""
+    With an `rng`, `artifacts` drawn from it are added to each trial after z-scoring. A trial
+    whose "features" is an int (its length) gets an input_features dataset declared, not written.
+    """
     numbers = []
     with h5py.File(path, "w") as f:
         for start in range(0, len(trials), trials_per_block):
             block = trials[start : start + trials_per_block]
             block_num = first_block + start // trials_per_block
-            stacked = np.concatenate([t["features"] for t in block], axis=0)
-            mean, std = stacked.mean(axis=0), stacked.std(axis=0) + 1e-6
+            written = [t["features"] for t in block if not isinstance(t["features"], int)]
+            if written:
+                stacked = np.concatenate(written, axis=0)
+                mean, std = stacked.mean(axis=0), stacked.std(axis=0) + 1e-6
             for k, trial in enumerate(block):
                 index = start + k
                 g = f.create_group(f"trial_{index:04d}")
-                features = ((trial["features"] - mean) / std).astype(np.float32)
-                if rng is not None:
-                    features = add_artifacts(features, artifacts, rng)
-                g.create_dataset("input_features", data=features)
-                g.attrs["n_time_steps"] = np.int64(trial["features"].shape[0])
+                if isinstance(trial["features"], int):  # chunked and never written: no storage, reads as zeros
+                    n_time = trial["features"]
+                    g.create_dataset("input_features", shape=(n_time, N_FEATURES), dtype=np.float32,
+                                     chunks=(min(n_time, 256), N_FEATURES))
+                else:
+                    n_time = trial["features"].shape[0]
+                    features = ((trial["features"] - mean) / std).astype(np.float32)
+                    if rng is not None:
+                        features = add_artifacts(features, artifacts, rng)
+                    g.create_dataset("input_features", data=features)
+                g.attrs["n_time_steps"] = np.int64(n_time)
                 g.attrs["session"] = session
                 g.attrs["block_num"] = np.int64(block_num)
                 g.attrs["trial_num"] = np.int64(k)
@@ -357,30 +390,38 @@ def _write_split(
 def generate_dataset(
     out_dir: str,
     n_sessions: int = 8,
-    n_train_trials: int = 80,
-    n_val_trials: int = 16,
-    n_test_trials: int = 16,
+    n_train_trials: int | Sequence[int] = 80,
+    n_val_trials: int | Sequence[int] = 16,
+    n_test_trials: int | Sequence[int] = 16,
     seed: int = 0,
     snr: float = 0.3,
     mean_phoneme_bins: float = 10.0,
     trials_per_block: int = 20,
     artifacts: Artifacts | None = None,
     n_holdout_sessions: int = 0,
+    write_features: bool = True,
 ) -> list[str]:
     """Write a synthetic dataset under `out_dir`; returns the session names (day order), the
     `n_holdout_sessions` held-out ones last (also listed in <out_dir>/holdout_sessions.txt).
 
     Deterministic in `seed`; a session's data depends only on (seed, its position), so adding
     sessions does not change the earlier ones. `artifacts` draw from a random stream of their own,
-    so the same seed gives the same signal and labels with and without them.
+    so the same seed gives the same signal and labels with and without them. A trial count may be
+    one per session (real_split_sizes gives the real release's); write_features False declares
+    each input_features dataset without writing it (metadata-only sets for timing index builds).
     """
     if not 1 <= n_sessions <= len(REAL_SESSIONS):
         raise ValueError(f"n_sessions must be in 1..{len(REAL_SESSIONS)}, got {n_sessions}")
     if not 0 <= n_holdout_sessions <= len(REAL_SESSIONS) - n_sessions:
         raise ValueError(f"n_sessions + holdout_sessions must be at most {len(REAL_SESSIONS)} (the real session dates), "
                          f"got {n_sessions} + {n_holdout_sessions}")
-    if n_train_trials < 1:
-        raise ValueError(f"n_train_trials must be >= 1, got {n_train_trials}")
+    counts = {}
+    for split, n in (("train", n_train_trials), ("val", n_val_trials), ("test", n_test_trials)):
+        counts[split] = [n] * (n_sessions + n_holdout_sessions) if isinstance(n, int) else list(n)
+        if len(counts[split]) != n_sessions + n_holdout_sessions:
+            raise ValueError(f"{len(counts[split])} {split} trial counts for {n_sessions + n_holdout_sessions} sessions")
+    if min(counts["train"]) < 1:
+        raise ValueError(f"n_train_trials must be >= 1, got {min(counts['train'])}")
     # Held-out sessions take the next dates: one drifting sequence, so their drift continues.
     sessions = REAL_SESSIONS[: n_sessions + n_holdout_sessions]
     holdout = set(sessions[n_sessions:])
@@ -391,9 +432,9 @@ def generate_dataset(
     for day, (session, model) in enumerate(zip(sessions, models)):
         folder = os.path.join(out_dir, session)
         os.makedirs(folder, exist_ok=True)
-        splits = [("train", n_train_trials, True)]
+        splits = [("train", counts["train"][day], True)]
         if session not in TRAIN_ONLY_SESSIONS or session in holdout:  # calibration is scored on val
-            splits += [("val", n_val_trials, True), ("test", n_test_trials, False)]
+            splits += [("val", counts["val"][day], True), ("test", counts["test"][day], False)]
         block = 1
         for split_code, (split, n_trials, labelled) in enumerate(splits):
             path = os.path.join(folder, f"data_{split}.hdf5")
@@ -404,8 +445,12 @@ def generate_dataset(
             for sentence in generate_sentences(n_trials, rng):
                 class_ids = phonemize(sentence.split())
                 while True:  # redraw durations in the rare case CTC could not align the labels
-                    features = _synthesize_trial(class_ids, model, latents, snr, mean_phoneme_bins, rng)
-                    if n_patches(len(features), PATCH_SIZE, PATCH_STRIDE) >= ctc_frames_needed(class_ids):
+                    if write_features:
+                        features = _synthesize_trial(class_ids, model, latents, snr, mean_phoneme_bins, rng)
+                    else:
+                        features = len(_trial_states(class_ids, mean_phoneme_bins, rng))
+                    n_time = features if isinstance(features, int) else len(features)
+                    if n_patches(n_time, PATCH_SIZE, PATCH_STRIDE) >= ctc_frames_needed(class_ids):
                         break
                 trials.append({"features": features, "class_ids": class_ids, "label": _sentence_label(sentence)})
             artifact_rng = np.random.default_rng([seed, 4, day, split_code]) if split in artifact_splits else None
@@ -424,6 +469,18 @@ def generate_dataset(
     return sessions
 
 
+def real_split_sizes(sessions: Sequence[str] = REAL_SESSIONS) -> dict[str, list[int]]:
+    """Trials per session of each split, the real totals spread as evenly as they go over the
+    sessions that have the split (train-only sessions get no val or test trials)."""
+    sizes = {}
+    for split, total in REAL_SPLIT_SIZES.items():
+        holders = [s for s in sessions if split == "train" or s not in TRAIN_ONLY_SESSIONS]
+        base, extra = divmod(total, len(holders))
+        share = {s: base + (i < extra) for i, s in enumerate(holders)}
+        sizes[split] = [share.get(s, 0) for s in sessions]
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/synthetic", help="output dataset directory")
@@ -433,6 +490,12 @@ def main() -> None:
     parser.add_argument("--n_test_trials", type=int, default=16, help="test trials per session that has test data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snr", type=float, default=0.3, help="scale of the speech signal on the channels")
+    parser.add_argument("--mean_phoneme_bins", type=float, default=None,
+                        help=f"mean bins a phoneme is held (default 10; {REAL_LENGTH_PHONEME_BINS:g} with --full_size)")
+    parser.add_argument("--full_size", action="store_true",
+                        help="45 sessions with the real split sizes and trial lengths (overrides the counts above)")
+    parser.add_argument("--unwritten_features", action="store_true",
+                        help="declare input_features without writing them (metadata-only set, for timing index builds)")
     parser.add_argument("--holdout_sessions", type=int, default=0,
                         help="extra sessions after the training ones, for calibration (listed in holdout_sessions.txt)")
     artifacts = parser.add_argument_group("artifacts, all off by default (amplitudes in block stds, 20 ms bins)")
@@ -445,16 +508,34 @@ def main() -> None:
     args = parser.parse_args()
     if args.holdout_sessions < 0 or args.n_sessions + args.holdout_sessions > len(REAL_SESSIONS):
         parser.error(f"--n_sessions + --holdout_sessions must be in 1..{len(REAL_SESSIONS)} (the real session dates)")
+    counts: tuple = (args.n_train_trials, args.n_val_trials, args.n_test_trials)
+    mean_phoneme_bins = args.mean_phoneme_bins or 10.0
+    if args.full_size:
+        if args.holdout_sessions:
+            parser.error("--full_size uses all 45 real session dates: no room for --holdout_sessions")
+        args.n_sessions = len(REAL_SESSIONS)
+        sizes = real_split_sizes()
+        counts = (sizes["train"], sizes["val"], sizes["test"])
+        mean_phoneme_bins = args.mean_phoneme_bins or REAL_LENGTH_PHONEME_BINS
     start = time.time()
     sessions = generate_dataset(
-        args.out, args.n_sessions, args.n_train_trials, args.n_val_trials, args.n_test_trials, args.seed, args.snr,
+        args.out, args.n_sessions, *counts, args.seed, args.snr, mean_phoneme_bins=mean_phoneme_bins,
         artifacts=Artifacts(
             **{f.name: getattr(args, f.name) for f in artifact_fields}, splits=tuple(args.artifact_splits)
         ),
-        n_holdout_sessions=args.holdout_sessions,
+        n_holdout_sessions=args.holdout_sessions, write_features=not args.unwritten_features,
     )
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, names in os.walk(args.out) for n in names)
     print(f"wrote {len(sessions)} sessions to {args.out} ({size / 1e6:.0f} MB) in {time.time() - start:.1f} s")
+    lengths = []
+    for session in sessions:
+        for split in SPLITS:
+            path = os.path.join(args.out, session, f"data_{split}.hdf5")
+            if os.path.exists(path):
+                with h5py.File(path, "r") as f:
+                    lengths += [int(f[key].attrs["n_time_steps"]) for key in f]
+    print(f"{len(lengths)} trials; length in bins: mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "
+          f"max {max(lengths)}")
     if args.holdout_sessions:
         training = sessions[: args.n_sessions]
         print(f"held out {', '.join(sessions[args.n_sessions:])}; train on the others with "

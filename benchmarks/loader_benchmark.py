@@ -1,63 +1,226 @@
-"""Training-loader throughput on the synthetic set: batches per second, printed as one JSON line.
+"""Training-loader throughput: trials per second of the trainer's loader, side by side with upstream's.
 
-Reads the dataset section of a config (default rnn_args_demo.yaml) at batch 64, builds the
-training loader with dataset.build_dataloaders exactly as the trainer does (one item per optimizer
-step) and times its items after the first (which opens the files). Generate the data first with `python make_synthetic_data.py --out data/synthetic`.
+    python benchmarks/loader_benchmark.py --dataset_dir data/synthetic45 [--upstream ../nejm-brain-to-text]
+        [--config_path rnn_args.yaml --n_batches 20 --rounds 3 --num_workers 0 --cache_dtype float32]
 
-Run: `.venv/bin/python benchmarks/loader_benchmark.py [--n_batches 40 --num_workers 0 --static_shapes]`
+Builds the trial cache of the train and val splits into a temporary folder (its seconds are
+`cache_build_s`; the folder is removed at the end), then builds the training loader with
+dataset.build_dataloaders at batch 64 exactly as the trainer does (one item per optimizer step,
+the config's static shapes and buckets) and times, in `rounds` alternating rounds, n_batches of it
+and, with --upstream, n_batches of upstream's BrainToTextDataset (its model_training/dataset.py,
+imported from UPSTREAM_DIR, which is never copied here) in a DataLoader as upstream's trainer
+makes it, over the same files and with the same workers. `first_batch_s` is the wait for the
+first item of a fresh iterator (workers starting included), `index_s` the loader build with a
+fresh cache and `hdf5_index_s` the same without the cache (indices read from the HDF5 files, as
+before the cache): with the cache build, the time to the first training step. --index_only
+stops there, for sets made with make_synthetic_data.py --full_size --unwritten_features (real
+trial counts and lengths, features never written: reading them would time nothing). RSS is this process's (and its workers' at their peak), split into anonymous memory
+and mapped files: the cache's pages are file pages that every process of a host shares.
+
+Also prints, per shipped model and TPU slice, the trials per second a host must deliver to keep
+the chips busy at the compute-bound step time: the FLOPs per step that benchmarks/tpu_cost.py
+measures (TPU_MODEL_SUMMARY.md) over the slice's peak bf16 rate (tpu_cost.TPU_SPECS).
+Generate data in the real trial lengths first, e.g.
+`python make_synthetic_data.py --out data/synthetic45 --n_sessions 45 --n_train_trials 16
+--n_val_trials 4 --n_test_trials 1 --mean_phoneme_bins 41`. One JSON line.
 """
 
 import argparse
+import importlib.util
 import json
+import os
+import resource
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from config import load_config  # noqa: E402
-from dataset import build_dataloaders  # noqa: E402
+from dataset import build_dataloaders, build_trial_cache, discover_sessions, session_files  # noqa: E402
+
+# FLOPs of one training step of 512 trials at the bucket of the mean real trial (1024 bins), as
+# benchmarks/tpu_cost.py measures them (TPU_MODEL_SUMMARY.md, "What a run costs").
+FLOPS_PER_STEP = {"triple": 517.6e12, "triple_noise768": 59.2e12, "baseline": 25.9e12}
+TRIALS_PER_STEP = 512
+TPUS = ("v4-8", "v5e-8", "v6e-8")
+
+
+def _tpu_specs() -> dict[str, dict[str, float]]:
+    """tpu_cost.TPU_SPECS, imported without the XLA environment that tpu_cost sets for itself."""
+    saved = dict(os.environ)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tpu_cost
+
+    os.environ.clear()
+    os.environ.update(saved)
+    return tpu_cost.TPU_SPECS
+
+
+def needed_trials_per_s() -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and slice: compute-bound step time and the trials/s a host must feed it."""
+    specs = _tpu_specs()
+    table = {}
+    for model, flops in FLOPS_PER_STEP.items():
+        table[model] = {}
+        for tpu in TPUS:
+            step_s = flops / (specs[tpu]["chips"] * specs[tpu]["peak_bf16"])
+            table[model][tpu] = {"step_s": round(step_s, 5), "trials_per_s": round(TRIALS_PER_STEP / step_s)}
+    return table
+
+
+def _upstream_loader(upstream_dir: str, paths: list[str], *, n_batches: int, batch_size: int, days_per_batch: int,
+                     seed: int, n_workers: int) -> DataLoader:
+    """Upstream's training loader over the same files, as its rnn_trainer.py builds it."""
+    source = Path(upstream_dir) / "model_training" / "dataset.py"
+    if not source.is_file():
+        raise SystemExit(f"loader_benchmark.py: {source}: not found (--upstream takes a checkout of upstream's repository)")
+    spec = importlib.util.spec_from_file_location("upstream_dataset", source)
+    upstream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upstream)
+    train_trials, _ = upstream.train_test_split_indicies(file_paths=paths, test_percentage=0, seed=seed, bad_trials_dict=None)
+    dataset = upstream.BrainToTextDataset(trial_indicies=train_trials, split="train", days_per_batch=days_per_batch,
+                                          n_batches=n_batches, batch_size=batch_size, must_include_days=None,
+                                          random_seed=seed, feature_subset=None)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=n_workers, pin_memory=False)
+
+
+def _trials(item: Any) -> int:
+    """Trials in a loader item: ours (a step's micro-batches, row_mask) or upstream's (a batch)."""
+    if isinstance(item, list):
+        return sum(int(batch["row_mask"].sum()) for batch in item)
+    return len(item["n_time_steps"])
+
+
+def _time_batches(steps: Any, n_items: int) -> float:
+    """Trials per second over the next n_items items of an iterator."""
+    start, n_trials = time.perf_counter(), 0
+    for _ in range(n_items):
+        n_trials += _trials(next(steps))
+    return n_trials / (time.perf_counter() - start)
+
+
+def _rss_mb() -> dict[str, float]:
+    """This process's resident memory now (anonymous and file-backed), its peak, and the largest peak
+    of its child processes (the workers among them)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"rss_mb": round(fields["VmRSS"]), "rss_anon_mb": round(fields["RssAnon"]),
+            "rss_file_mb": round(fields["RssFile"]), "peak_rss_mb": round(fields["VmHWM"]),
+            "children_peak_rss_mb": round(children)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config_path", default="rnn_args_demo.yaml")
-    parser.add_argument("--dataset_dir", default="data/synthetic")
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--config_path", default="rnn_args.yaml", help="the trainer's config (its dataset section)")
+    parser.add_argument("--upstream", default=None, metavar="UPSTREAM_DIR", help="checkout of upstream's repository")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--n_batches", type=int, default=40, help="timed batches (after one warm-up batch)")
+    parser.add_argument("--n_batches", type=int, default=20, help="timed batches per round and loader")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, then upstream's)")
     parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--static_shapes", action="store_true", help="pad to the config's time buckets")
+    parser.add_argument("--cache_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--index_only", action="store_true", help="time the cache and index builds only")
     args = parser.parse_args()
-    overrides = [
-        f"dataset.dataset_dir={args.dataset_dir}",
-        f"dataset.batch_size={args.batch_size}",
-        f"dataset.num_dataloader_workers={args.num_workers}",
-        f"dataset.static_shapes={str(args.static_shapes).lower()}",
-    ]
-    cfg = load_config(args.config_path, overrides)
-    start = time.perf_counter()
-    # The loader training iterates: one item per optimizer step, the step's micro-batches.
-    accum = cfg.gradient_accumulation_steps
-    n_steps = -(-(args.n_batches + 1) // accum)
-    train_loader, _, sessions = build_dataloaders(cfg, n_steps=n_steps, batches_per_step=accum)
-    index_seconds = time.perf_counter() - start
-    steps = iter(train_loader)
-    next(steps)  # warm-up: opens the files (and starts the workers)
-    start = time.perf_counter()
-    n_batches, n_trials = 0, 0
-    for micro_batches in steps:
-        n_batches += len(micro_batches)
-        n_trials += sum(int(batch["row_mask"].sum()) for batch in micro_batches)
-    seconds = time.perf_counter() - start
-    print(json.dumps({
-        "batches_per_s": round(n_batches / seconds, 2),
-        "trials_per_s": round(n_trials / seconds, 1),
+    torch.set_num_threads(1)
+    sessions = discover_sessions(args.dataset_dir)
+    cache_root = tempfile.mkdtemp(prefix="loader_benchmark_cache_")
+    try:
+        start = time.perf_counter()
+        for split in ("train", "val"):
+            build_trial_cache(args.dataset_dir, split, args.cache_dtype, cache_root)
+        cache_build_s = time.perf_counter() - start
+        overrides = [
+            f"dataset.dataset_dir={args.dataset_dir}", f"dataset.sessions=[{','.join(sessions)}]",
+            f"dataset.batch_size={args.batch_size}", f"dataset.num_dataloader_workers={args.num_workers}",
+            f"dataset.trial_cache_dtype={args.cache_dtype}", f"dataset.trial_cache_dir={cache_root}",
+        ]
+        cfg = load_config(REPO / args.config_path, overrides)
+        accum = cfg.gradient_accumulation_steps
+        n_items = -(-args.n_batches // accum)
+        start = time.perf_counter()
+        # The loader training iterates: one item per optimizer step, the step's micro-batches.
+        train_loader, val_loader, _ = build_dataloaders(cfg, n_steps=(args.rounds + 1) * n_items, batches_per_step=accum)
+        index_s = time.perf_counter() - start
+        start = time.perf_counter()
+        build_dataloaders(load_config(REPO / args.config_path, overrides + ["dataset.trial_cache=false"]),
+                          n_steps=(args.rounds + 1) * n_items, batches_per_step=accum)
+        hdf5_index_s = time.perf_counter() - start
+        if args.index_only:
+            print(json.dumps({"cache_build_s": round(cache_build_s, 2), "index_s": round(index_s, 3),
+                              "hdf5_index_s": round(hdf5_index_s, 3), "n_sessions": len(sessions),
+                              "n_train_trials": sum(len(e["trials"]) for e in train_loader.dataset.trial_indices.values()),
+                              "n_val_trials": sum(len(e["trials"]) for e in val_loader.dataset.trial_indices.values()),
+                              **_rss_mb()}))
+            return
+        start = time.perf_counter()
+        ours = iter(train_loader)
+        _trials(next(ours))
+        first_batch_s = time.perf_counter() - start
+        theirs, upstream_first_s = None, None
+        if args.upstream:
+            paths = session_files(args.dataset_dir, sessions, "train")
+            loader = _upstream_loader(args.upstream, paths, n_batches=(args.rounds + 1) * args.n_batches,
+                                      batch_size=args.batch_size, days_per_batch=cfg.dataset.days_per_batch,
+                                      seed=cfg.dataset.loader_seed, n_workers=args.num_workers)
+            start = time.perf_counter()
+            theirs = iter(loader)
+            _trials(next(theirs))
+            upstream_first_s = time.perf_counter() - start
+        rates: dict[str, list[float]] = {"ours": [], "upstream": []}
+        for _ in range(args.rounds):
+            rates["ours"].append(_time_batches(ours, n_items))
+            if theirs is not None:
+                rates["upstream"].append(_time_batches(theirs, args.n_batches))
+        memory = _rss_mb()
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+    median = statistics.median(rates["ours"])
+    report = {
+        "trials_per_s": round(median),
+        "trials_per_s_rounds": [round(r) for r in rates["ours"]],
+        "cache_build_s": round(cache_build_s, 2),
+        "index_s": round(index_s, 3),
+        "hdf5_index_s": round(hdf5_index_s, 3),
+        "first_batch_s": round(first_batch_s, 3),
+        **memory,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "static_shapes": args.static_shapes,
+        "cache_dtype": args.cache_dtype,
+        "static_shapes": cfg.dataset.static_shapes,
         "n_sessions": len(sessions),
-        "index_s": round(index_seconds, 2),
-    }))
+        "n_train_trials": sum(len(e["trials"]) for e in train_loader.dataset.trial_indices.values()),
+        "cpu_count": os.cpu_count(),
+    }
+    if theirs is not None:
+        upstream = statistics.median(rates["upstream"])
+        report.update({
+            "upstream_trials_per_s": round(upstream),
+            "upstream_trials_per_s_rounds": [round(r) for r in rates["upstream"]],
+            "upstream_first_batch_s": round(upstream_first_s, 3),
+            "ratio_to_upstream": round(median / upstream, 1),  # of the medians
+            "ratio_to_upstream_rounds": [round(a / b, 1) for a, b in zip(rates["ours"], rates["upstream"])],
+            "median_round_ratio": round(statistics.median(a / b for a, b in zip(rates["ours"], rates["upstream"])), 1),
+        })
+    needed = needed_trials_per_s()
+    report["needed_trials_per_s_per_host"] = needed
+    report["input_bound_at_this_rate"] = sorted(
+        f"{model} on {tpu}" for model, row in needed.items() for tpu, v in row.items() if v["trials_per_s"] > median
+    )
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def _config(data_dir: str, **overrides) -> types.SimpleNamespace:
     dataset = dict(
         dataset_dir=data_dir, sessions=[], batch_size=8, days_per_batch=2, must_include_days=[],
         num_dataloader_workers=0, loader_seed=1, val_batch_size=4, feature_subset=None, bad_trials={},
-        on_bad_trial="error", max_seq_elements=500, static_shapes=False, time_buckets=[],
+        on_bad_trial="error", max_seq_elements=500, static_shapes=False, time_buckets=[], trial_cache=True,
+        trial_cache_dtype="float32", trial_cache_dir=None,
     )
     dataset.update(overrides)
     model = types.SimpleNamespace(patch_size=14, patch_stride=4)
@@ -315,3 +316,21 @@ def test_static_label_width_is_the_same_for_train_and_val(data_dir):
     # An int still fixes the width, as upstream's 500.
     train_loader, val_loader, _ = D.build_dataloaders(_config(data_dir, max_seq_elements=200, static_shapes=True), n_steps=1)
     assert train_loader.dataset[0]["seq_class_ids"].shape[1] == val_loader.dataset[0]["seq_class_ids"].shape[1] == 200
+
+
+def test_a_steps_micro_batches_share_their_largest_bucket(data_dir):
+    """Under static shapes a step's micro-batches are built at the largest of their buckets (one
+    graph per bucket, not per combination): each equals its own batch zero-padded to that length."""
+    cfg = _config(data_dir, static_shapes=True, time_buckets=[200, 260, 320, 512])
+    singles = list(D.build_dataloaders(cfg, n_steps=8)[0])
+    n_mixed = 0
+    for step, micro_batches in enumerate(D.build_dataloaders(cfg, n_steps=4, batches_per_step=2)[0]):
+        own = [singles[2 * step + k] for k in range(2)]
+        lengths = [batch["input_features"].shape[1] for batch in own]
+        n_mixed += lengths[0] != lengths[1]
+        for batch, single in zip(micro_batches, own):
+            padded = torch.nn.functional.pad(single["input_features"], (0, 0, 0, max(lengths) - single["input_features"].shape[1]))
+            assert torch.equal(batch["input_features"], padded)
+            for key in ("seq_class_ids", "n_time_steps", "phone_seq_lens", "day_indices", "row_mask"):
+                assert torch.equal(batch[key], single[key]), key
+    assert n_mixed > 0  # some step did mix buckets

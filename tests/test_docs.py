@@ -111,6 +111,7 @@ def _check_script(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch)
         "evaluate_model.py": evaluate_model.build_parser().parse_args,
         "calibrate_session.py": calibrate_session.build_parser().parse_args,
         "make_synthetic_data.py": lambda a: _parse_in_main("make_synthetic_data", a, monkeypatch),
+        "dataset.py": lambda a: _parse_in_main("dataset", a, monkeypatch),
         "ablation.py": lambda a: _parse_in_main("ablation", a, monkeypatch),
     }
     assert script in parsers, f"no argument check for {script}"
