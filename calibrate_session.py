@@ -29,7 +29,8 @@ init_from_checkpoint read like any other; the checkpoint keeps the source run's 
 optimizer moments. An upstream model directory (--upstream) works as the starting point too.
 It also holds calibration.json and calibration.png: PER on the session's val trials with an
 identity day layer, with the initial layer and after calibration, for K = --n_sentences and each K
-of --sweep (each calibrated from the same starting model).
+of --sweep (each calibrated from the same starting model); --compare RUN_DIR ... adds earlier
+runs' curves to the PNG.
 
 Without labels (--unsupervised): the first N (--n_sentences) trials of the session's --split file
 are read as the test split is, features and trial attributes only, so a file without labels works
