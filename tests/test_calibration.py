@@ -3,14 +3,17 @@
     python -m pytest tests/test_calibration.py -q
 
 A tiny baseline decoder is trained once (seeded) on two synthetic sessions; a third, held out by
-make_synthetic_data's --holdout_sessions, is the new day.
+make_synthetic_data's --holdout_sessions, is the new day. Its test file holds no labels (the
+release's test layout); calibration without labels reads its train or test file as unlabelled.
 """
 
 import re
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 
 import calibrate_session as C
@@ -37,7 +40,7 @@ def fresh_accelerator_state():
 @pytest.fixture(scope="module")
 def holdout_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("holdout")
-    generate_dataset(str(out), n_sessions=2, n_train_trials=40, n_val_trials=12, n_test_trials=1, seed=0, snr=2.0,
+    generate_dataset(str(out), n_sessions=2, n_train_trials=40, n_val_trials=12, n_test_trials=10, seed=0, snr=2.0,
                      mean_phoneme_bins=6.0, n_holdout_sessions=1)
     return out
 
@@ -198,17 +201,178 @@ def test_calibrated_run_directory_evaluates_and_resumes(holdout_dir: Path, base_
     ("train", ["--n_sentences", "5", "--train", "head"], "--train 'head': expected one of day, day\\+head, all"),
     ("init", ["--n_sentences", "5", "--init", "random"], "--init 'random': expected one of"),
     ("no checkpoint", ["--n_sentences", "5", "--model_path", "EMPTY"], "checkpoint not found"),
+    ("test split with labels", ["--n_sentences", "5", "--split", "test"], "--split test: the test split holds no labels"),
+    ("objective", ["--n_sentences", "5", "--unsupervised", "--objective", "entropy"], "--objective 'entropy': expected one of"),
+    ("too many unlabelled", ["--n_sentences", "11", "--unsupervised", "--split", "test"], "11 trials asked for, but the session has only 10 usable test"),
+    ("no LM text", ["--n_sentences", "5", "--unsupervised", "--data_dir", "ALONE"], "none of the model's other sessions has a data_train.hdf5"),
+    ("LM text missing", ["--n_sentences", "5", "--unsupervised", "--lm_text", "MISSING"], "LM text file not found"),
+    ("compare", ["--n_sentences", "5", "--compare", "EMPTY"], "--compare .*: cannot read its calibration.json"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(holdout_dir: Path, base_run: Path, tmp_path: Path, capsys,
                                                           case, extra, message):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     out = tmp_path / "out"
-    extra = [str(empty) if value == "EMPTY" else value for value in extra]
+    alone = tmp_path / "alone"  # the new session's folder without the model's sessions (no text for the LM)
+    alone.mkdir()
+    (alone / NEW_SESSION).symlink_to(holdout_dir / NEW_SESSION)
+    paths = {"EMPTY": str(empty), "ALONE": str(alone), "MISSING": str(tmp_path / "missing.txt")}
     argv = ["--model_path", str(base_run), "--data_dir", str(holdout_dir), "--session", NEW_SESSION, "--out", str(out)]
-    code = C.main(argv + extra)
+    code = C.main(argv + [paths.get(value, value) for value in extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("calibrate_session.py: "), err
     assert re.search(message, err[0]), err[0]
     assert not out.exists()
+
+
+# --- keeping what calibration starts from ----------------------------------------------------------
+
+
+def test_calibration_that_would_make_the_day_worse_keeps_its_start(holdout_dir: Path, base_run: Path, tmp_path: Path):
+    # A learning rate far too high: trained on all K, the day ends worse than its starting layer.
+    extra = ["--n_sentences", "10", "--init", "last", "--lr", "3.0", "--steps", "20"]
+    unguarded = C.run(_args(base_run, holdout_dir, tmp_path / "all", *extra, "--holdout_fraction", "0"))["by_k"][0]
+    assert unguarded["per_after"] > unguarded["per_init"], unguarded
+    # With 2 of the 10 held out, no checked step beats the start on their CTC loss: the start stays.
+    out = tmp_path / "guarded"
+    row = C.run(_args(base_run, holdout_dir, out, *extra))["by_k"][0]
+    assert (row["n_train"], row["n_holdout"]) == (8, 2)
+    assert row["kept_step"] == 0 and row["holdout_loss_kept"] == row["holdout_loss_start"] < row["holdout_loss_last"]
+    assert row["per_after"] == row["per_init"] and row["per_last_step"] > row["per_init"], row
+    base = rnn_model.read_checkpoint(base_run)["model_state_dict"]
+    saved = rnn_model.read_checkpoint(out / "checkpoint" / "best_checkpoint.pt")["model_state_dict"]
+    assert torch.equal(saved["day_weights.2"], base["day_weights.1"])  # the last day's layer, as it started
+
+
+# --- calibration without labels ------------------------------------------------------------------
+
+
+def _unlabelled_args(base_run: Path, data_dir: Path, out: Path, *extra: str):
+    return _args(base_run, data_dir, out, "--unsupervised", "--lexicon_words", "train", "--init", "last", *extra)
+
+
+def _strip_labels(source: Path, target: Path) -> None:
+    """A copy of a session file with what the test layout holds: features and trial attributes only."""
+    with h5py.File(source, "r") as f, h5py.File(target, "w") as g:
+        for name, group in f.items():
+            copy = g.create_group(name)
+            copy.create_dataset("input_features", data=group["input_features"][()])
+            for key in ("n_time_steps", "session", "block_num", "trial_num"):
+                copy.attrs[key] = group.attrs[key]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return rnn_model.read_checkpoint(run_dir / "checkpoint" / "best_checkpoint.pt")["model_state_dict"]
+
+
+def test_unlabelled_calibration_on_a_test_layout_file_moves_only_the_new_day_layer(holdout_dir: Path, base_run: Path,
+                                                                                   tmp_path: Path):
+    with h5py.File(holdout_dir / NEW_SESSION / "data_test.hdf5", "r") as f:  # labels physically absent
+        assert len(f) == 10 and all(set(g) == {"input_features"} and "seq_len" not in g.attrs for g in f.values())
+    out = tmp_path / "unlabelled"
+    result = C.run(_unlabelled_args(base_run, holdout_dir, out, "--split", "test", "--n_sentences", "10", "--steps", "10",
+                                    "--holdout_fraction", "0"))
+    first_round = result["by_n"][0]["rounds"][0]
+    assert result["labels_available"] is False and first_round["pseudo_per"] is None
+    assert first_round["n_kept"] == 5 and first_round["n_steps"] == 10
+    assert (out / "calibration.json").is_file() and (out / "config.yaml").is_file()
+    base, calibrated = rnn_model.read_checkpoint(base_run)["model_state_dict"], _weights(out)
+    assert set(calibrated) == set(base) | {"day_weights.2", "day_biases.2"}
+    for key, value in base.items():
+        assert torch.equal(calibrated[key], value), key  # shared weights and the trained days: bit-for-bit
+    assert not torch.equal(calibrated["day_weights.2"], base["day_weights.1"])  # started as day 1's copy, then trained
+
+
+def test_pseudo_labels_never_read_a_label(holdout_dir: Path, base_run: Path, tmp_path: Path):
+    # The same session file with and without its labels gives the same weights.
+    blind = tmp_path / "blind"
+    for session in TRAIN_SESSIONS:  # the LM's text: the model's training sessions
+        (blind / session).parent.mkdir(exist_ok=True)
+        (blind / session).symlink_to(holdout_dir / session)
+    (blind / NEW_SESSION).mkdir()
+    _strip_labels(holdout_dir / NEW_SESSION / "data_train.hdf5", blind / NEW_SESSION / "data_train.hdf5")
+    extra = ["--n_sentences", "12", "--steps", "10", "--rounds", "2"]
+    labelled = C.run(_unlabelled_args(base_run, holdout_dir, tmp_path / "labelled", *extra))
+    unlabelled = C.run(_unlabelled_args(base_run, blind, tmp_path / "unlabelled", *extra))
+    a, b = _weights(tmp_path / "labelled"), _weights(tmp_path / "unlabelled")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["day_weights.2"], rnn_model.read_checkpoint(base_run)["model_state_dict"]["day_weights.1"])
+    # Labels that happen to exist score the pseudo-labels afterwards; without them nothing is scored.
+    rounds = labelled["by_n"][0]["rounds"]
+    assert labelled["labels_available"] and all(0 <= r["pseudo_per"] <= 1 for r in rounds)
+    assert not unlabelled["labels_available"] and unlabelled["by_n"][0]["rounds"][1]["pseudo_per"] is None
+    assert [t["text"] for r in rounds for t in r["trials"]] == \
+        [t["text"] for r in unlabelled["by_n"][0]["rounds"] for t in r["trials"]]
+
+
+@pytest.mark.xfail(strict=True, reason="not yet true: pseudo-labels decoded at ~60% PER (the uncalibrated day) repeat "
+                   "the decoder's own errors and training on them raises the day's PER (README, Calibrating a new day)")
+def test_unlabelled_calibration_lowers_the_new_sessions_per(holdout_dir: Path, base_run: Path, tmp_path: Path):
+    out = tmp_path / "unlabelled"
+    result = C.run(_unlabelled_args(base_run, holdout_dir, out, "--n_sentences", "30", "--steps", "30", "--rounds", "2",
+                                    "--sweep", "0"))
+    before, row = result["by_n"]
+    assert before["n"] == 0 and before["per_after"] == before["per_init"]  # N = 0: the uncalibrated day
+    assert row["per_after"] < row["per_init"] and row["per_after"] < row["per_identity"], row
+    assert [r["round"] for r in row["rounds"]] == [1, 2] and all(r["pseudo_per"] is not None for r in row["rounds"])
+    assert (out / "calibration.png").is_file()
+
+
+def test_nearest_day_without_labels_is_the_lowest_loss_against_its_own_pseudo_labels(holdout_dir: Path, base_run: Path,
+                                                                                     tmp_path: Path):
+    result = C.run(_args(base_run, holdout_dir, tmp_path / "nearest", "--unsupervised", "--lexicon_words", "train",
+                         "--init", "nearest", "--split", "test", "--n_sentences", "8", "--steps", "2"))
+    row = result["by_n"][0]
+    losses = row["init_day_losses"]
+    assert len(losses) == len(TRAIN_SESSIONS) and all(0 < loss < float("inf") for loss in losses)
+    assert row["init_used"] == "nearest" and row["init_day"] == TRAIN_SESSIONS[losses.index(min(losses))]
+    # The choice repeats the decoding under each trained day (6 of the 8 trials: 2 are held out).
+    start = C.load_start(str(base_run), upstream=False)
+    index = C.unlabelled_trial_index(str(holdout_dir), NEW_SESSION, "test", day=2, n_trials=6, cfg=start.cfg)
+    trials = C.load_trials(index, start.cfg, torch.device("cpu"))
+    decoder_args = _args(base_run, holdout_dir, tmp_path / "x", "--unsupervised", "--lexicon_words", "train", "--n_sentences", "8")
+    decoder, lexicon, _ = C.build_pseudo_label_decoder(decoder_args, start, tmp_path)
+    assert C.nearest_day_unlabelled(start, NEW_SESSION, trials, decoder, lexicon, torch.device("cpu")) == \
+        (TRAIN_SESSIONS.index(row["init_day"]), losses)
+
+
+def test_consistency_objective_trains_both_day_layers_of_the_triple_and_nothing_else(holdout_dir: Path, tmp_path: Path):
+    # A triple decoder (untrained) of the two training sessions, as a run directory.
+    cfg = make_config(holdout_dir, tmp_path / "triple", f"dataset.sessions=[{','.join(TRAIN_SESSIONS)}]")
+    torch.manual_seed(0)
+    model = rnn_model.build_model(cfg.model, n_days=2)
+    C.save_run(tmp_path / "triple", model=model, cfg=cfg, sessions=TRAIN_SESSIONS, data_dir=str(holdout_dir), step=0,
+               val_per=1.0, val_loss=1.0)
+    out = tmp_path / "calibrated"
+    result = C.run(_unlabelled_args(tmp_path / "triple", holdout_dir, out, "--objective", "consistency", "--split", "test",
+                                    "--n_sentences", "6", "--steps", "3", "--holdout_fraction", "0"))
+    assert result["by_n"][0]["rounds"][0]["n_kept"] == 6  # every trial trains: no selection without decoding
+    base, calibrated = model.state_dict(), _weights(out)
+    moved = {k for k in calibrated if k not in base or not torch.equal(calibrated[k], base[k])}
+    day_layers = {k.rpartition(".")[0] for k in base if "day_weights" in k}
+    assert len(day_layers) == 2  # the noise model's and the clean model's day layers
+    assert moved == {f"{layer}.{name}.2" for layer in [n.rpartition(".")[0] for n in day_layers] for name in ("day_weights", "day_biases")}
+
+
+def test_unlabelled_calibration_of_an_upstream_model_directory(holdout_dir: Path, base_run: Path, tmp_path: Path):
+    cfg = load_config(base_run / "config.yaml")
+    upstream = tmp_path / "upstream"
+    (upstream / "checkpoint").mkdir(parents=True)
+    args = {
+        "model": {"n_input_features": cfg.model.n_input_features, "n_units": cfg.model.n_units, "rnn_dropout": 0.0,
+                  "n_layers": cfg.model.n_layers, "patch_size": cfg.model.patch_size, "patch_stride": cfg.model.patch_stride,
+                  "input_network": {"input_layer_dropout": 0.0}},
+        "dataset": {"sessions": TRAIN_SESSIONS, "dataset_dir": str(holdout_dir), "n_classes": 41,
+                    "feature_subset": list(cfg.dataset.feature_subset),
+                    "data_transforms": {"white_noise_std": 0.5, "constant_offset_std": 0.0, "random_cut": 0, "smooth_data": False}},
+    }
+    (upstream / "checkpoint" / "args.yaml").write_text(yaml.safe_dump(args))
+    base = rnn_model.read_checkpoint(base_run)["model_state_dict"]
+    torch.save({"model_state_dict": {f"_orig_mod.{k}": v for k, v in base.items()}}, upstream / "checkpoint" / "best_checkpoint")
+    out = tmp_path / "calibrated"
+    C.run(_unlabelled_args(upstream, holdout_dir, out, "--upstream", "--split", "test", "--n_sentences", "8", "--steps", "5",
+                           "--holdout_fraction", "0"))
+    calibrated = _weights(out)
+    assert all(torch.equal(calibrated[k], v) for k, v in base.items())
+    assert not torch.equal(calibrated["day_weights.2"], base["day_weights.1"])
