@@ -12,9 +12,9 @@ flashlight-text's LexiconDecoder with its bundled KenLM. No Redis, no Kaldi, no 
         --data_dir data/hdf5_data_final --split val --description_csv \
         data/t15_copyTaskData_description.csv --out runs/eval_upstream_val
 
-Robustness: --perturb white_noise|channel_dropout|bursts also scores the val trials with their
-features corrupted at each of --levels (seeded per trial), writes robustness.json and a PNG of PER
-against level, with earlier runs' curves added by --compare (e.g. a baseline next to a triple):
+Robustness: --perturb white_noise|channel_dropout|bursts also scores the val trials corrupted at
+each of --levels (seeded per trial) into robustness.json and a PNG of PER against level, with
+earlier runs' curves added by --compare (e.g. a baseline next to a triple):
     python evaluate_model.py --model_path trained_models/demo --data_dir data/synthetic \
         --split val --perturb white_noise --levels 0,0.5,1,2 --compare runs/eval_baseline \
         --out runs/eval_demo_noise
@@ -84,22 +84,21 @@ def greedy_phonemes(records: Sequence[TrialRecord], blank_penalty: float = 0.0) 
         r.fields["phonemes_decoded"] = greedy_ctc_decode(log_probs[None], torch.tensor([len(r.logits)]))[0]
 
 
-def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None) -> dict:
+def score_phonemes(records: Sequence[TrialRecord], corpus_of: dict | None, source: str = "greedy") -> dict:
     labelled = [r for r in records if r.true_phonemes is not None]
     if not labelled:
         return {}
-    refs = [r.true_phonemes for r in labelled]
     hyps = [r.fields["phonemes_decoded"] for r in labelled]
-    return _error_rates(labelled, refs, hyps, corpus_of, name="per")
+    return {**_error_rates(labelled, [r.true_phonemes for r in labelled], hyps, corpus_of, name="per"), "source": source}
 
 
-def score_words(records: Sequence[TrialRecord], corpus_of: dict | None, field: str = "text_decoded") -> dict:
+def score_words(records: Sequence[TrialRecord], corpus_of: dict | None, field: str = "text_decoded", source: str = "beam + LM") -> dict:
     labelled = [r for r in records if r.sentence_label is not None]
     if not labelled:
         return {}
     refs = [normalize_text(r.sentence_label).split() for r in labelled]
     hyps = [normalize_text(r.fields[field]).split() for r in labelled]
-    return _error_rates(labelled, refs, hyps, corpus_of, name="wer")
+    return {**_error_rates(labelled, refs, hyps, corpus_of, name="wer"), "source": source}
 
 
 def _error_rates(
@@ -219,8 +218,7 @@ def format_summary(metrics: dict) -> str:
         groups = sorted(set(per.get(key, {})) | set(words.get(key, {})))
         if not groups:
             continue
-        lines.append("")
-        lines.append(f"{key[3:]:<16} {'trials':>6} {'PER':>7} {'WER':>7}")
+        lines += ["", f"{key[3:]:<16} {'trials':>6} {'PER':>7} {'WER':>7}"]
         for g in groups:
             n_trials = metrics["trials_by_" + key[3:]].get(g, 0)
             p = per.get(key, {}).get(g, {}).get("rate")
@@ -228,16 +226,11 @@ def format_summary(metrics: dict) -> str:
             lines.append(f"{g:<16} {n_trials:>6} {p if p is not None else float('nan'):>7.4f} {w if w is not None else float('nan'):>7.4f}")
     info = metrics.get("decoder")
     if info:
-        lines.append("")
-        lines.append(
-            f"lexicon {info['lexicon_words']} words ({info['oov_skipped']} training words skipped without a "
-            f"pronunciation, {info['label_words']} from phoneme labels); LM {info['lm']}"
-        )
-        lines.append(f"reference words not in the lexicon: {info['reference_words_not_in_lexicon']}")
-        lines.append(
-            f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
-            f"sil_score {info['sil_score']:g} | blank_penalty {info['blank_penalty']:g}"
-        )
+        lines += ["", f"lexicon {info['lexicon_words']} words ({info['oov_skipped']} training words skipped without a "
+                      f"pronunciation, {info['label_words']} from phoneme labels); LM {info['lm']}",
+                  f"reference words not in the lexicon: {info['reference_words_not_in_lexicon']}",
+                  f"beam {info['beam_size']} | lm_weight {info['lm_weight']:g} | word_score {info['word_score']:g} | "
+                  f"sil_score {info['sil_score']:g} | blank_penalty {info['blank_penalty']:g}"]
     if metrics.get("grid_search"):
         lines.append("grid search WER: " + ", ".join(
             f"({g['lm_weight']:g}, {g['word_score']:g}, {g['blank_penalty']:g}) {g['wer']:.3f}" for g in metrics["grid_search"]
@@ -265,7 +258,8 @@ def plot_per_session(metrics: dict, path: Path) -> None:
     x = np.arange(len(sessions))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(sessions) + 2), 4))
     width = 0.4 if wer else 0.8
-    ax.bar(x - (width / 2 if wer else 0), [per.get(s, {}).get("rate", np.nan) for s in sessions], width, label="PER (greedy)")
+    ax.bar(x - (width / 2 if wer else 0), [per.get(s, {}).get("rate", np.nan) for s in sessions], width,
+           label=f"PER ({metrics['phonemes']['source']})")
     if wer:
         ax.bar(x + width / 2, [wer.get(s, {}).get("rate", np.nan) for s in sessions], width, label="WER (beam + LM)")
     ax.set_xticks(x, [s.removeprefix("t15.") for s in sessions], rotation=90, fontsize=7)
@@ -424,17 +418,11 @@ def build_word_decoder(args: argparse.Namespace, sessions: Sequence[str], out: P
             lm_sentences, lm_source = train_sentences, "training sentences"
         arpa_path = out / "lm.arpa"
         stats = write_arpa(lm_sentences, arpa_path, order=args.lm_order, vocabulary=lexicon.pronunciations)
-        lm_name = (
-            f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, "
-            f"{stats['n_text_words']} distinct words; vocabulary {stats['vocab_size']} with the lexicon)"
-        )
-    options = BeamSearchOptions(
-        beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
-        word_score=args.word_score, sil_score=args.sil_score, blank_penalty=args.blank_penalty,
-    )
-    decoder = WordBeamDecoder(lexicon, arpa_path, options)
-    info = {"lexicon": lexicon, "lm_name": lm_name}
-    return decoder, train_sentences, info
+        lm_name = (f"{args.lm_order}-gram KN of {lm_source} ({stats['n_sentences']} sentences, "
+                   f"{stats['n_text_words']} distinct words; vocabulary {stats['vocab_size']} with the lexicon)")
+    options = BeamSearchOptions(beam_size=args.beam_size, beam_threshold=args.beam_threshold, lm_weight=args.lm_weight,
+                                word_score=args.word_score, sil_score=args.sil_score, blank_penalty=args.blank_penalty)
+    return WordBeamDecoder(lexicon, arpa_path, options), train_sentences, {"lexicon": lexicon, "lm_name": lm_name}
 
 
 def _rate(n_trials: int, start: float) -> float:
@@ -484,23 +472,18 @@ def run(args: argparse.Namespace) -> dict:
     records, ensemble_info = combine_members(args, members, names, decoder, out, speed)
     rule, weights = ensemble_info["rule"], ensemble_info["weights"]
     grid = decode(args, records, rule, weights, decoder, speed)
-    rescoring = {}
+    start, rescoring = time.perf_counter(), {}
     if scorer is not None:
-        start = time.perf_counter()
         rescoring = rescore_with_llm(records, scorer, decoder, rule=rule, weights=weights, n_best=args.nbest, llm_weight=args.llm_weight,
                                      grid_llm_weights=args.grid_llm_weights if args.grid_search else None, grid_trials=args.grid_trials)
-        speed["nbest_llm"] = _rate(len(records), start)
-        rescoring["llm"] = args.llm
+        speed["nbest_llm"], rescoring["llm"] = _rate(len(records), start), args.llm
 
     corpus_of = read_corpus_map(args.description_csv) if args.description_csv else None
-    phoneme_metrics = score_phonemes(records, corpus_of)
-    if phoneme_metrics:
-        phoneme_metrics["source"] = "greedy" if rule in FRAME_RULES else "phonemes of the chosen sentences"
+    phoneme_metrics = score_phonemes(records, corpus_of, "greedy" if rule in FRAME_RULES else "phonemes of the chosen sentences")
     word_metrics, decoder_info = {}, {}
     if decoder is not None:
-        word_metrics = score_words(records, corpus_of)
-        if word_metrics:
-            word_metrics["source"] = "beam + LM" if rule in FRAME_RULES else f"sentences of {len(members)} members, CTC-scored by all, + LM"
+        word_metrics = score_words(records, corpus_of, source="beam + LM" if rule in FRAME_RULES else
+                                   f"sentences of {len(members)} member(s), CTC-scored by all, + LM")
         if train_sentences and word_metrics and rule in FRAME_RULES:
             word_metrics["wer_greedy_lookup"] = greedy_lookup_wer(records, built["lexicon"], train_sentences)
         rescored = score_words(records, corpus_of, field="text_rescored") if scorer else {}
@@ -517,25 +500,16 @@ def run(args: argparse.Namespace) -> dict:
         robustness = robustness_sweep(handles["loaded"], handles["loader"], handles["device"], records, decoder, kind=args.perturb,
                                       levels=levels, seed=args.perturb_seed, use_bf16=args.bf16, name=args.model_path[0])
         (out / "robustness.json").write_text(json.dumps(robustness, indent=2))
-        curves = [robustness, *compared]
-        plot_per_by_level({c["model"]: {e["level"]: e["per"] for e in c["levels"]} for c in curves},
+        plot_per_by_level({c["model"]: {e["level"]: e["per"] for e in c["levels"]} for c in [robustness, *compared]},
                           kind=args.perturb, path=out / f"per_{args.perturb}.png")
 
     metrics = {
-        "split": args.split,
-        "model": names[0] if len(names) == 1 else f"ensemble ({rule}) of " + ", ".join(names),
-        "n_trials": len(records),
-        "trials_by_session": dict(Counter(r.session for r in records)),
+        "split": args.split, "model": names[0] if len(names) == 1 else f"ensemble ({rule}) of " + ", ".join(names),
+        "n_trials": len(records), "trials_by_session": dict(Counter(r.session for r in records)),
         "trials_by_corpus": dict(Counter(corpus_of.get((r.session, r.block_num), "unknown") for r in records)) if corpus_of else {},
-        "phonemes": phoneme_metrics,
-        "words": word_metrics,
-        "decoder": decoder_info,
-        "ensemble": ensemble_info if len(members) > 1 or rule == "sequence" else {},
-        "grid_search": grid,
-        "rescoring": rescoring,
-        "tta": {"n_copies": args.tta, "seed": args.tta_seed} if args.tta else {},
-        "speed_trials_per_s": speed,
-        "robustness": robustness,
+        "phonemes": phoneme_metrics, "words": word_metrics, "decoder": decoder_info,
+        "ensemble": ensemble_info if len(members) > 1 or rule == "sequence" else {}, "grid_search": grid, "rescoring": rescoring,
+        "tta": {"n_copies": args.tta, "seed": args.tta_seed} if args.tta else {}, "speed_trials_per_s": speed, "robustness": robustness,
     }
     write_reports(metrics, records, out)
     return metrics
