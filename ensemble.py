@@ -404,12 +404,13 @@ def pick_weights(members: Sequence[Sequence[TrialRecord]], decoder: WordBeamDeco
         wer, per = error_rates(refs, [t for t, _ in picks], [p for _, p in picks])
         tries.append({"rule": "sequence", "weights": w.tolist(), "wer": wer, "per": per})
     for rule in [r for r in FRAME_RULES if r in rules]:
-        per_of = []
-        for w in weight_grid(len(members)):
-            combined = combine_records([[m[i] for i in labelled] for m in members], rule, w)
-            greedy = [greedy_ctc_decode(torch.from_numpy(r.logits)[None], torch.tensor([len(r.logits)]))[0] for r in combined]
-            per_of.append((float(np.divide(*count_edits([r.true_phonemes for r in refs], greedy))), w, combined))
-        per, w, combined = min(per_of, key=lambda e: e[0])
+        per, w, combined = np.inf, None, None
+        for weights in weight_grid(len(members)):
+            records = combine_records([[m[i] for i in labelled] for m in members], rule, weights)
+            greedy = [greedy_ctc_decode(blank_penalised_log_probs(r.logits, o.blank_penalty)[None], torch.tensor([len(r.logits)]))[0]
+                      for r in records]
+            if (rate := float(np.divide(*count_edits([r.true_phonemes for r in refs], greedy)))) < per:
+                per, w, combined = rate, weights, records
         wer, _ = error_rates(refs, [decoder.decode(r.logits) for r in combined], [r.true_phonemes for r in refs])
         tries.append({"rule": rule, "weights": w.tolist(), "wer": wer, "per": per})
     best = min(tries, key=lambda t: t["wer"])  # the first of equals: per sentence, equal weights
