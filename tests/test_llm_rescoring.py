@@ -102,6 +102,24 @@ def test_llm_rescoring_through_the_command_line(data_dir: Path, tiny_llm: Path, 
     assert "WER (beam + LM)" in summary and "rescored by the LLM" in summary
 
 
+def test_llm_rescoring_of_a_sequence_ensemble(data_dir: Path, tiny_llm: Path, tmp_path: Path):
+    """Per sentence the LLM scores each trial's pooled sentences once; llm_weight 0 keeps the choice."""
+    _clean_logits_file(data_dir, tmp_path / "logits.npz")
+    metrics = evaluate_model.run(evaluate_model.build_parser().parse_args([
+        "--logits_in", str(tmp_path / "logits.npz"), str(tmp_path / "logits.npz"), "--combine", "sequence", "--propose_frame_ensemble",
+        "--data_dir", str(data_dir), "--lexicon_words", "train", "--beam_size", "20", "--nbest", "4", "--llm", str(tiny_llm),
+        "--grid_search", "--grid_lm_weights", "0.5,1", "--grid_word_scores", "0", "--grid_llm_weights", "0,1", "--out", str(tmp_path / "out"),
+    ]))
+    assert len(metrics["grid_search"]) == 2 and metrics["words"]["wer"] == min(g["wer"] for g in metrics["grid_search"])
+    grid = {g["llm_weight"]: g["wer"] for g in metrics["rescoring"]["grid"]}
+    assert metrics["words"]["wer_rescored"] == min(grid.values()) and grid[0.0] == metrics["words"]["wer"]
+    with (tmp_path / "out" / "per_trial.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["text_decoded"] and r["phonemes_decoded"] for r in rows)
+    if metrics["rescoring"]["llm_weight"] == 0.0:
+        assert all(r["text_rescored"] == r["text_decoded"] for r in rows)
+
+
 def test_bad_llm_directory_exits_2_with_nothing_written(tmp_path: Path, tiny_llm: Path, capsys: pytest.CaptureFixture):
     from transformers import AutoTokenizer, ViTConfig
 
