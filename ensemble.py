@@ -338,9 +338,13 @@ def propose_sentences(members: Sequence[Sequence[TrialRecord]], decoder: WordBea
 
 
 def weight_grid(n_members: int) -> list[np.ndarray]:
-    """Equal weights first, then every vector of 0, 1, 2 (not all 0), normalised, without repeats."""
+    """Equal weights first, then every vector of 0, 1, 2 (0, 1 from 4 members on; one member alone
+    or left out from 7 on), not all 0, normalised, without repeats."""
     grid = [np.full(n_members, 1.0 / n_members)]
-    for v in itertools.product((0, 1, 2), repeat=n_members):
+    levels = (0, 1, 2) if n_members <= 3 else (0, 1)
+    vectors = itertools.product(levels, repeat=n_members) if n_members <= 6 else [
+        tuple(int(i == k) ^ flip for i in range(n_members)) for flip in (0, 1) for k in range(n_members)]
+    for v in vectors:
         w = np.array(v, dtype=np.float64) / max(sum(v), 1)
         if sum(v) and not any(np.allclose(w, g) for g in grid):
             grid.append(w)

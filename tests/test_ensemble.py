@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import evaluate_model
 from dataset import PHONEMES, SIL_ID, read_labels
 from ensemble import (chosen, combine_records, ctc_log_likelihoods, error_rates, pick_weights, pool_hypotheses,
-                      propose_sentences, score_pool, select)
+                      propose_sentences, score_pool, select, weight_grid)
 from evaluate_model_helpers import (BeamSearchOptions, Hypothesis, TrialRecord, WordBeamDecoder, build_lexicon, load_logits,
                                     save_logits, write_arpa)
 from make_synthetic_data import generate_sentences, phonemize
@@ -98,6 +98,14 @@ def test_pooling_keeps_distinct_sentences_in_order_of_first_proposal():
     # Member 2 left out (weight 0): its proposals are out too, so "cat" cannot win on member 1's score.
     assert chosen(pool, select(pool, np.array([1.0, 0.0]), lm_weight=0.0, word_score=0.0))[0] == "the cat"
     assert chosen(pool, select(pool, np.array([1.0, 1.0]), lm_weight=0.0, word_score=0.0)) == ("cat", [3, 4, 40])
+
+
+def test_weight_grid_starts_equal_and_holds_each_member_alone():
+    grid = [w.tolist() for w in weight_grid(2)]
+    assert grid[0] == [0.5, 0.5] and sorted(map(tuple, grid[1:])) == [(0.0, 1.0), (1 / 3, 2 / 3), (2 / 3, 1 / 3), (1.0, 0.0)]
+    assert len(weight_grid(3)) == 19 and len(weight_grid(4)) == 15 and len(weight_grid(8)) == 17  # 3^3 - 1 less scaled repeats, 2^4 - 1, 1 + 8 + 8
+    for n in (3, 5, 8):
+        assert all(abs(w.sum() - 1) < 1e-12 for w in weight_grid(n)) and any(w.max() == 1.0 for w in weight_grid(n))
 
 
 def test_one_member_alone_reproduces_its_own_beam_search(grammar):
