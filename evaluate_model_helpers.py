@@ -455,14 +455,19 @@ class WordBeamDecoder:
         """The `n_best` best distinct word sequences of one trial, best first, with their scores.
 
         flashlight's final beam holds one entry per path, so a sentence reached along several
-        paths (other silence or blank placements) appears more than once: its best entry stands.
+        paths (other silence or blank placements) appears more than once: its best entry stands,
+        with the phonemes of its path (the pronunciation it took) in the labels' form.
         """
         hypotheses: dict[str, Hypothesis] = {}
+        n_frames = len(logits)
         for result in self._search(logits):
             words = [self.word_dict.get_entry(i) for i in result.words if i >= 0]
             text = " ".join(words)
             if text not in hypotheses:
-                hypotheses[text] = Hypothesis(text, float(result.emittingModelScore), float(result.lmScore), len(words))
+                # tokens: (T + 2,) one per frame between a start and an end entry
+                path = [int(p) for p in torch.unique_consecutive(torch.tensor(list(result.tokens)[1 : n_frames + 1]))]
+                phonemes = tuple(p for word in split_words(path) for p in (*word, SIL_ID))
+                hypotheses[text] = Hypothesis(text, float(result.emittingModelScore), float(result.lmScore), len(words), phonemes)
                 if len(hypotheses) == n_best:
                     break
         return list(hypotheses.values())
@@ -476,6 +481,7 @@ class Hypothesis:
     acoustic: float  # summed log-probabilities of the path's frames (blank penalty included)
     ngram: float  # the n-gram LM's log10 probability of the words, unweighted
     n_words: int
+    phonemes: tuple[int, ...] = ()  # the path's phoneme classes, each word followed by one silence
 
 
 def blank_penalised_log_probs(logits: np.ndarray | torch.Tensor, blank_penalty: float = 0.0) -> torch.Tensor:
@@ -630,57 +636,6 @@ def compute_logits(
         progress.update(int(batch["row_mask"].sum()))
     progress.close()
     return records
-
-
-# ----------------------------------------------------------------------------------------------
-# Ensembles: several models' posteriors on one frame grid
-
-COMBINE_RULES = ("prob", "logprob")
-
-
-def combine_posteriors(members: Sequence[np.ndarray], rule: str = "prob", weights: Sequence[float] | None = None) -> np.ndarray:
-    """One trial's (T, C) logits from each model -> the ensemble's (T, C) log-probabilities.
-
-    'prob': log sum_m w_m softmax(x_m), the arithmetic mean of the posteriors (what cut PER most
-    on the 2023 data); 'logprob': sum_m w_m log_softmax(x_m), the geometric mean (unnormalised;
-    decoding renormalises per frame). Weights default to equal and are normalised to sum 1.
-    """
-    if rule not in COMBINE_RULES:
-        raise ValueError(f"combine rule must be one of {COMBINE_RULES}, got {rule!r}")
-    w = torch.tensor(list(weights) if weights is not None else [1.0] * len(members), dtype=torch.float64)
-    if len(w) != len(members):
-        raise ValueError(f"{len(members)} models but {len(w)} weights")
-    w = w / w.sum()
-    log_probs = torch.stack([torch.as_tensor(m, dtype=torch.float64).log_softmax(dim=-1) for m in members])  # (M, T, C)
-    if rule == "prob":
-        combined = torch.logsumexp(log_probs + w.log()[:, None, None], dim=0)  # (M, T, C) -> (T, C)
-    else:
-        combined = (log_probs * w[:, None, None]).sum(dim=0)  # (M, T, C) -> (T, C)
-    return combined.float().numpy()
-
-
-def combine_records(
-    members: Sequence[Sequence[TrialRecord]], names: Sequence[str], rule: str = "prob", weights: Sequence[float] | None = None
-) -> list[TrialRecord]:
-    """The ensemble's records: the members must hold the same trials in the same order, each on
-    the same frame grid; the first member's labels and metadata are kept."""
-    first = members[0]
-    for records, name in zip(members[1:], names[1:]):
-        if len(records) != len(first):
-            raise DataError(f"{name} has {len(records)} trials, {names[0]} has {len(first)}: not the same split and data")
-        for a, b in zip(first, records):
-            if (a.session, a.block_num, a.trial_num) != (b.session, b.block_num, b.trial_num):
-                raise DataError(f"{name}: trial {b.session} block {b.block_num} trial {b.trial_num} where {names[0]} "
-                                f"has {a.session} block {a.block_num} trial {a.trial_num}: not the same trials")
-            if len(a.logits) != len(b.logits):
-                raise DataError(f"{name} and {names[0]} give {a.session} block {a.block_num} trial {a.trial_num} "
-                                f"{len(b.logits)} and {len(a.logits)} frames: their frame grids differ")
-    combined = []
-    for i, record in enumerate(first):
-        logits = combine_posteriors([records[i].logits for records in members], rule, weights)
-        combined.append(TrialRecord(record.session, record.day_index, record.block_num, record.trial_num, logits,
-                                    record.true_phonemes, record.sentence_label))
-    return combined
 
 
 def save_logits(path: Path, records: Sequence[TrialRecord], sessions: Sequence[str], split: str) -> None:

@@ -16,13 +16,18 @@ is read with local_files_only. Needs the optional extra: `pip install '.[llm]'` 
 Used as a library: `CausalLMScorer(path).score(["the cat sat", "cat the sat"])`.
 """
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
+import ensemble
 from dataset import DataError
-from evaluate_model_helpers import Hypothesis
+from ensemble import beam_pool, sentence_choices
+from evaluate_model_helpers import TrialRecord, WordBeamDecoder
 
 
 class CausalLMScorer:
@@ -76,16 +81,28 @@ class CausalLMScorer:
         return scores
 
 
-def rescored(hypothesis: Hypothesis, llm_score: float, *, lm_weight: float, llm_weight: float, word_score: float) -> float:
-    """The rescoring rule: acoustic + lm_weight * ngram + llm_weight * llm + word_score * n_words."""
-    return hypothesis.acoustic + lm_weight * hypothesis.ngram + llm_weight * llm_score + word_score * hypothesis.n_words
-
-
-def best_hypothesis(
-    hypotheses: Sequence[Hypothesis], llm_scores: Sequence[float], *, lm_weight: float, llm_weight: float, word_score: float
-) -> str:
-    """The text of the hypothesis the rescoring rule ranks first ('' for an empty list)."""
-    if not hypotheses:
-        return ""
-    totals = [rescored(h, s, lm_weight=lm_weight, llm_weight=llm_weight, word_score=word_score) for h, s in zip(hypotheses, llm_scores)]
-    return hypotheses[max(range(len(totals)), key=totals.__getitem__)].text
+def rescore_with_llm(
+    records: Sequence[TrialRecord], scorer: CausalLMScorer, decoder: WordBeamDecoder, *, rule: str, weights: Sequence[float],
+    n_best: int, llm_weight: float, grid_llm_weights: Sequence[float] | None = None, grid_trials: int = 200,
+) -> dict:
+    """Every record's sentences scored by the causal LM and fields['text_rescored'] chosen by the
+    rule above (ensemble.select; with several members their weighted CTC scores are the acoustic
+    term). Per frame the sentences are the beam search's n_best, per sentence the records' pools.
+    With grid_llm_weights, llm_weight is the one of lowest WER on up to grid_trials labelled trials."""
+    for r in tqdm(records, unit="trial", desc="n-best + LLM", file=sys.stderr):
+        if rule != "sequence":
+            r.fields["pool"] = beam_pool(decoder, r.logits, n_best)
+        r.fields["pool"].llm = np.array(scorer.score(r.fields["pool"].texts))
+    weights = weights if rule == "sequence" else [1.0]  # per frame the one acoustic score is the beam path's
+    rescoring = {"nbest": n_best}
+    if grid_llm_weights:
+        tried = ensemble.grid_trials(records, grid_trials)
+        rescoring["grid"] = []
+        for w in grid_llm_weights:
+            picks = sentence_choices(tried, weights, decoder.options, w)
+            rescoring["grid"].append({"llm_weight": w, "wer": ensemble.error_rates(tried, [t for t, _ in picks], [p for _, p in picks])[0]})
+        llm_weight = min(rescoring["grid"], key=lambda g: g["wer"])["llm_weight"]
+        rescoring["grid"] = [{**g, "chosen": g["llm_weight"] == llm_weight} for g in rescoring["grid"]]
+    for r, (text, _) in zip(records, sentence_choices(records, weights, decoder.options, llm_weight)):
+        r.fields["text_rescored"] = text
+    return {**rescoring, "llm_weight": llm_weight}

@@ -1,13 +1,17 @@
-"""Decoding stages side by side on one dataset: each single model, their ensemble (mean of
-probabilities and of log-probabilities), the ensemble with test-time augmentation, and the
-ensemble's n-best rescored by a tiny causal LM; PER, WER and trials per second of each stage.
+"""Decoding stages side by side on one dataset: each single model (beam search, and its own n-best
+rescored by its CTC likelihood), their ensemble per frame (mean of probabilities and of
+log-probabilities) and per sentence (every member's n-best pooled and scored by every member),
+weights picked by --weights auto, the ensemble with test-time augmentation, and n-best lists
+rescored by a tiny causal LM; PER, WER and trials per second of each stage.
 
     .venv/bin/python benchmarks/decoding.py --data_dir data/synthetic \
         --models trained_models/demo_seed1 trained_models/demo_seed2 trained_models/demo_seed3 \
         --out runs/decoding_bench [--tta 4 --nbest 10 --lexicon_words train]
 
 Every stage is a call of evaluate_model.run with fixed decoding weights (no grid search, so no
-weight is tuned on the trials it is scored on). The single models' logits files are reused by
+weight is tuned on the trials it is scored on), except the --weights auto row, whose member
+weights and rule are picked on the very trials it scores (an optimistic figure, marked so). PER is
+greedy for per-frame stages and that of the chosen sentences' phonemes for per-sentence ones. The single models' logits files are reused by
 the ensembles, as a researcher adding models would. The tiny LM is a 2-layer GPT-2 trained here
 for --llm_steps steps on the dataset's training sentences (`train_tiny_llm`, also the tests'
 fixture); a real run points --llm at OPT-6.7B or a 7B model instead.
@@ -66,10 +70,13 @@ def stage(name: str, argv: list[str]) -> dict:
     metrics = evaluate_model.run(evaluate_model.build_parser().parse_args(argv))
     words = metrics["words"]
     row = {
-        "stage": name, "per": metrics["phonemes"]["per"], "wer": words.get("wer"), "wer_rescored": words.get("wer_rescored"),
+        "stage": name, "per": metrics["phonemes"]["per"], "per_of": metrics["phonemes"]["source"],
+        "wer": words.get("wer"), "wer_rescored": words.get("wer_rescored"),
         "n_trials": metrics["n_trials"], "speed_trials_per_s": metrics["speed_trials_per_s"],
         "wall_s": time.perf_counter() - start,
     }
+    if metrics.get("ensemble"):
+        row["combined"] = {k: metrics["ensemble"][k] for k in ("rule", "weights")}
     print(f"[{name}] PER {row['per']:.4f} WER {row['wer']:.4f}" + (f" rescored {row['wer_rescored']:.4f}" if row["wer_rescored"] is not None else ""),
           file=sys.stderr)
     return row
@@ -94,9 +101,18 @@ def main() -> None:
     for k, model in enumerate(args.models):
         rows.append(stage(f"single {Path(model).name}", ["--model_path", model, *common, "--out", str(out / f"single_{k}")]))
     cached = [str(out / f"single_{k}" / "logits.npz") for k in range(len(args.models))]
-    for rule in ("prob", "logprob"):
-        rows.append(stage(f"ensemble of {len(cached)} ({rule})", ["--logits_in", *cached, "--combine", rule, *common,
+    nbest = ["--nbest", str(args.nbest)]
+    for k, path in enumerate(cached):
+        rows.append(stage(f"single {Path(args.models[k]).name}, own n-best CTC-scored", ["--logits_in", path, "--combine", "sequence",
+                                                                                        *nbest, *common, "--out", str(out / f"single_seq_{k}")]))
+    for rule in ("prob", "logprob", "sequence"):
+        rows.append(stage(f"ensemble of {len(cached)} ({rule})", ["--logits_in", *cached, "--combine", rule, *nbest, *common,
                                                                   "--out", str(out / f"ensemble_{rule}")]))
+    rows.append(stage(f"ensemble of {len(cached)} (sequence, + frame average's n-best)",
+                      ["--logits_in", *cached, "--combine", "sequence", "--propose_frame_ensemble", *nbest, *common,
+                       "--out", str(out / "ensemble_sequence_frame")]))
+    rows.append(stage(f"ensemble of {len(cached)} (--weights auto, picked on these trials)",
+                      ["--logits_in", *cached, "--weights", "auto", *nbest, *common, "--out", str(out / "ensemble_auto")]))
     rows.append(stage(f"ensemble (prob) + TTA x{args.tta}", ["--model_path", *args.models, "--tta", str(args.tta), *common,
                                                             "--out", str(out / "ensemble_tta")]))
     llm = args.llm
@@ -110,12 +126,15 @@ def main() -> None:
     rows.append(stage(f"ensemble (prob) + TTA x{args.tta} + {args.nbest}-best LM rescoring",
                       ["--logits_in", *tta_logits, *common, "--nbest", str(args.nbest), "--llm", str(llm),
                        "--llm_weight", str(args.llm_weight), "--out", str(out / "ensemble_tta_llm")]))
+    rows.append(stage(f"ensemble of {len(cached)} (sequence) + tiny-LM rescoring",
+                      ["--logits_in", *cached, "--combine", "sequence", *nbest, *common, "--llm", str(llm),
+                       "--llm_weight", str(args.llm_weight), "--out", str(out / "ensemble_sequence_llm")]))
     (out / "decoding_bench.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'stage':<52} {'PER':>7} {'WER':>7} {'rescored':>8}  trials/s")
+    print(f"\n{'stage':<64} {'PER':>7} {'WER':>7} {'rescored':>8}  trials/s")
     for r in rows:
         speed = ", ".join(f"{k} {v:.1f}" for k, v in r["speed_trials_per_s"].items())
         rescored = f"{r['wer_rescored']:.4f}" if r["wer_rescored"] is not None else "-"
-        print(f"{r['stage']:<52} {r['per']:>7.4f} {r['wer']:>7.4f} {rescored:>8}  {speed}")
+        print(f"{r['stage']:<64} {r['per']:>7.4f} {r['wer']:>7.4f} {rescored:>8}  {speed}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 import evaluate_model
 import rnn_model
 from config import config_from_dict, save_config
-from evaluate_model_helpers import count_edits, error_rates_by, greedy_ctc_decode, read_corpus_map, write_submission
+from evaluate_model_helpers import count_edits, error_rates_by, greedy_ctc_decode, load_logits, read_corpus_map, write_submission
 
 SESSIONS = ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]  # the first one is train-only
 
@@ -188,7 +188,8 @@ def test_upstream_checkpoint_gives_the_same_logits(data_dir: Path, tmp_path: Pat
 
 def test_bad_input_gets_one_clear_error(data_dir: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     assert evaluate_model.main(["--model_path", str(tmp_path), "--data_dir", str(data_dir), "--out", str(tmp_path / "o")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate_model.py: ") and "checkpoint not found" in err[0], err  # as every entry point
 
     # A model trained on two sessions cannot decode a third session's data (no day layer for it).
     short = tmp_path / "short_run"
@@ -207,6 +208,45 @@ def test_bad_input_gets_one_clear_error(data_dir: Path, run_dir: Path, tmp_path:
     assert evaluate_model.main(["--model_path", str(run_dir), "--data_dir", str(data_dir), "--split", "test",
                                 "--grid_search", "--out", str(tmp_path / "o")]) == 2
     assert "--grid_search needs labelled trials" in capsys.readouterr().err
+
+
+def test_a_directory_with_some_of_the_models_sessions_scores_those(data_dir: Path, tmp_path: Path):
+    """Sessions are matched by name: a folder holding only the model's third session is scored with
+    that session's day layer (the day layers differ here, so a wrong one changes the logits)."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    cfg = tiny_config(data_dir, run, model_type="baseline")
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = rnn_model.build_model(cfg.model, n_days=len(SESSIONS))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "day_biases" in name:
+                parameter.normal_()
+    torch.save({"model_state_dict": model.state_dict(), "sessions": SESSIONS}, run / "checkpoint" / "best_checkpoint.pt")
+    subset = tmp_path / "one_session"
+    subset.mkdir()
+    (subset / SESSIONS[2]).symlink_to(data_dir / SESSIONS[2])
+    full = evaluate(["--model_path", str(run), "--data_dir", str(data_dir), "--no_words", "--out", str(tmp_path / "full")])
+    part = evaluate(["--model_path", str(run), "--data_dir", str(subset), "--no_words", "--out", str(tmp_path / "part")])
+    assert part["trials_by_session"] == {SESSIONS[2]: 4} and part["phonemes"]["by_session"] == {SESSIONS[2]: full["phonemes"]["by_session"][SESSIONS[2]]}
+    whole = {(r.session, r.trial_num): r.logits for r in load_logits(tmp_path / "full" / "logits.npz")[0]}
+    records, sessions, _ = load_logits(tmp_path / "part" / "logits.npz")
+    assert sessions == SESSIONS and [r.day_index for r in records] == [2] * 4
+    for r in records:
+        np.testing.assert_array_equal(r.logits, whole[(r.session, r.trial_num)])
+
+
+def test_help_describes_every_option_and_no_empty_default(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit):
+        evaluate_model.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in evaluate_model.build_parser()._actions:
+        assert action.help, action.option_strings  # every option says what it does
+    assert "default: None" not in text and "default: []" not in text
+    lm_text = text[text.index("--lm_text LM_TEXT text file"): text.index("--lm_arpa LM_ARPA ready")]
+    assert lm_text.count("default") == 1, lm_text
+    assert "--out OUT output directory" in text
 
 
 def test_metrics_json_is_plain_json(run_dir: Path, data_dir: Path, tmp_path: Path):
@@ -263,7 +303,7 @@ def test_robustness_sweep_writes_per_by_level_and_compares_runs(data_dir: Path, 
 
 
 def test_combination_rules_follow_their_formulas():
-    from evaluate_model_helpers import combine_posteriors
+    from ensemble import combine_posteriors
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(6, 41)), rng.normal(size=(6, 41))
@@ -303,7 +343,9 @@ def test_ensemble_bad_input_exits_2_before_any_model_runs(
     def must_not_run(*args, **kwargs):
         raise AssertionError("a model ran before the ensemble was checked")
 
-    monkeypatch.setattr(evaluate_model, "compute_logits", must_not_run)
+    import ensemble
+
+    monkeypatch.setattr(ensemble, "compute_logits", must_not_run)
     other_grid = tmp_path / "stride2"
     (other_grid / "checkpoint").mkdir(parents=True)
     cfg = tiny_config(data_dir, other_grid)
@@ -364,7 +406,7 @@ def test_every_evaluator_function_is_at_most_100_lines():
     import ast
 
     root = Path(__file__).resolve().parent.parent
-    for name in ("evaluate_model.py", "evaluate_model_helpers.py", "llm_rescoring.py"):
+    for name in ("evaluate_model.py", "evaluate_model_helpers.py", "llm_rescoring.py", "ensemble.py"):
         tree = ast.parse((root / name).read_text())
         long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
                 if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and f.end_lineno - f.lineno + 1 > 100]

@@ -16,7 +16,8 @@ import torch
 import evaluate_model
 from dataset import SIL_ID, read_labels
 from evaluate_model_helpers import Hypothesis, TrialRecord, save_logits
-from llm_rescoring import CausalLMScorer, best_hypothesis, rescored
+from ensemble import chosen, pool_hypotheses, select
+from llm_rescoring import CausalLMScorer
 from make_synthetic_data import generate_sentences
 
 transformers = pytest.importorskip("transformers")
@@ -52,13 +53,18 @@ def test_rescoring_formula_and_llm_reranks_an_ungrammatical_ngram_best(tiny_llm:
     bad = " ".join(reversed(good.split()))  # the same words, no grammar
     n = len(good.split())
     # The n-gram LM (made up here) prefers the ungrammatical order by 1 (log10 units, weight 1).
-    hypotheses = [Hypothesis(bad, acoustic=-10.0, ngram=-5.0, n_words=n), Hypothesis(good, acoustic=-10.0, ngram=-6.0, n_words=n)]
-    assert rescored(hypotheses[0], -7.0, lm_weight=2.0, llm_weight=0.5, word_score=-1.0) == -10.0 - 10.0 - 3.5 - n
-    scores = CausalLMScorer(tiny_llm).score([bad, good])
-    assert scores[1] > scores[0] + 2.0, scores  # the LM learnt the grammar
+    pool = pool_hypotheses([[Hypothesis(bad, acoustic=-10.0, ngram=-5.0, n_words=n, phonemes=(1,)),
+                             Hypothesis(good, acoustic=-10.0, ngram=-6.0, n_words=n, phonemes=(2,))]])
+    pool.acoustic = np.array([[-10.0], [-10.0]])
+    pool.llm = np.array(CausalLMScorer(tiny_llm).score([bad, good]))
+    assert pool.llm[1] > pool.llm[0] + 2.0, pool.llm  # the LM learnt the grammar
+    # acoustic + lm_weight * ngram + llm_weight * llm + word_score * n_words: the good sentence wins
+    # exactly when 2 * (-6) + 0.5 * llm_good - n > 2 * (-5) + 0.5 * llm_bad - n.
+    expected = good if 0.5 * (pool.llm[1] - pool.llm[0]) > 2.0 else bad
+    assert chosen(pool, select(pool, np.array([1.0]), lm_weight=2.0, llm_weight=0.5, word_score=-1.0))[0] == expected
     weights = dict(lm_weight=1.0, word_score=0.0)
-    assert best_hypothesis(hypotheses, scores, llm_weight=0.0, **weights) == bad  # the n-gram's choice
-    assert best_hypothesis(hypotheses, scores, llm_weight=1.0, **weights) == good  # re-ranked by the LLM
+    assert chosen(pool, select(pool, np.array([1.0]), llm_weight=0.0, **weights))[0] == bad  # the n-gram's choice
+    assert chosen(pool, select(pool, np.array([1.0]), llm_weight=1.0, **weights))[0] == good  # re-ranked by the LLM
 
 
 def _clean_logits_file(data_dir: Path, path: Path) -> None:
@@ -94,6 +100,24 @@ def test_llm_rescoring_through_the_command_line(data_dir: Path, tiny_llm: Path, 
         assert all(r["text_rescored"] == r["text_decoded"] for r in rows)
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "WER (beam + LM)" in summary and "rescored by the LLM" in summary
+
+
+def test_llm_rescoring_of_a_sequence_ensemble(data_dir: Path, tiny_llm: Path, tmp_path: Path):
+    """Per sentence the LLM scores each trial's pooled sentences once; llm_weight 0 keeps the choice."""
+    _clean_logits_file(data_dir, tmp_path / "logits.npz")
+    metrics = evaluate_model.run(evaluate_model.build_parser().parse_args([
+        "--logits_in", str(tmp_path / "logits.npz"), str(tmp_path / "logits.npz"), "--combine", "sequence", "--propose_frame_ensemble",
+        "--data_dir", str(data_dir), "--lexicon_words", "train", "--beam_size", "20", "--nbest", "4", "--llm", str(tiny_llm),
+        "--grid_search", "--grid_lm_weights", "0.5,1", "--grid_word_scores", "0", "--grid_llm_weights", "0,1", "--out", str(tmp_path / "out"),
+    ]))
+    assert len(metrics["grid_search"]) == 2 and metrics["words"]["wer"] == min(g["wer"] for g in metrics["grid_search"])
+    grid = {g["llm_weight"]: g["wer"] for g in metrics["rescoring"]["grid"]}
+    assert metrics["words"]["wer_rescored"] == min(grid.values()) and grid[0.0] == metrics["words"]["wer"]
+    with (tmp_path / "out" / "per_trial.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["text_decoded"] and r["phonemes_decoded"] for r in rows)
+    if metrics["rescoring"]["llm_weight"] == 0.0:
+        assert all(r["text_rescored"] == r["text_decoded"] for r in rows)
 
 
 def test_bad_llm_directory_exits_2_with_nothing_written(tmp_path: Path, tiny_llm: Path, capsys: pytest.CaptureFixture):
