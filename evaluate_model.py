@@ -392,14 +392,13 @@ def check_args(args: argparse.Namespace) -> None:
 def build_word_decoder(args: argparse.Namespace, sessions: Sequence[str], out: Path) -> tuple[WordBeamDecoder, list[str], dict]:
     """Lexicon, n-gram LM (built from text into out/lm.arpa, or read) and the beam search;
     returns the decoder, the training sentences and what the summary says about them."""
+    if not (args.data_dir or args.lm_text or args.lm_arpa):
+        raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
+    if args.lm_text and not args.lm_arpa and not Path(args.lm_text).is_file():
+        raise DataError(f"LM text file not found: {args.lm_text}")
     print(f"word decoding: building the lexicon ({'all of CMUdict' if args.lexicon_words == 'all' else 'CMUdict entries of the training words'}"
           " plus the training words), the n-gram LM and the beam search's lexicon tree (about 20 s with all of CMUdict)", file=sys.stderr)
-    if args.data_dir:
-        train_sentences, train_labels = read_labels(args.data_dir, sessions, "train")
-    elif args.lm_text or args.lm_arpa:
-        train_sentences, train_labels = [], []
-    else:
-        raise DataError("word decoding needs --data_dir (training sentences) or --lm_text/--lm_arpa; or pass --no_words")
+    train_sentences, train_labels = read_labels(args.data_dir, sessions, "train") if args.data_dir else ([], [])
     lexicon: Lexicon = build_lexicon(train_sentences, train_labels, cmudict_words=args.lexicon_words)
     if args.lm_arpa:
         arpa_path, lm_name = Path(args.lm_arpa), f"ARPA {args.lm_arpa}"
@@ -411,8 +410,6 @@ def build_word_decoder(args: argparse.Namespace, sessions: Sequence[str], out: P
         lm_name += f" ({n_dropped} lexicon words not in its vocabulary left out)"
     else:
         if args.lm_text:
-            if not Path(args.lm_text).is_file():
-                raise DataError(f"LM text file not found: {args.lm_text}")
             lm_sentences, lm_source = Path(args.lm_text).read_text().splitlines(), args.lm_text
         else:
             lm_sentences, lm_source = train_sentences, "training sentences"
