@@ -1,0 +1,103 @@
+"""The host's XLA devices as one SPMD program: a device mesh, and the batch split along it.
+
+torch_xla's SPMD mode (GSPMD) runs one process per host. The trainer traces its step once, for
+the whole host; each micro-batch holds one replica's batch per device, stacked along rows, and is
+split along its rows over a one-axis mesh of the devices, so device r computes on replica r's
+batch. The weights and the optimizer state are replicated; the partitioner sums the gradients
+over devices inside the step's graph, so nothing in Python all-reduces them (Accelerate sees one
+process and its XLA all-reduces are no-ops, xm.all_reduce with world_size 1).
+
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --num_cores 2 ...  # the same program on 2 CPU devices
+
+Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the mesh and the
+input sharding); torch_xla is imported only inside the functions, so CPU runs never load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+DATA_AXIS = "data"  # the mesh's one axis: devices along which the batch's rows are split
+
+
+def host_device_count() -> int:
+    """The XLA devices of this host, counted without starting the runtime: CPU_NUM_DEVICES on
+    PJRT_DEVICE=CPU, otherwise the TPU devices (two per chip on v2 and v3, one on later chips)."""
+    if os.environ.get("PJRT_DEVICE", "TPU") == "CPU":
+        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    from torch_xla._internal import tpu
+
+    return tpu.num_available_devices()
+
+
+def enable() -> None:
+    """Switch torch_xla to SPMD mode; before the first XLA tensor exists (before the Accelerator)."""
+    import torch_xla.runtime as xr
+
+    xr.use_spmd()
+
+
+def is_enabled() -> bool:
+    """True when this process runs torch_xla in SPMD mode (enable() was called)."""
+    import sys
+
+    if "torch_xla" not in sys.modules:
+        return False
+    import torch_xla.runtime as xr
+
+    return xr.is_spmd()
+
+
+def n_devices() -> int:
+    """Devices the program spans: every device of every host (the mesh's size)."""
+    import torch_xla.runtime as xr
+
+    return xr.global_runtime_device_count()
+
+
+@functools.cache
+def mesh() -> Any:
+    """The one-axis mesh over all devices, in device-id order."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    n = n_devices()
+    return xs.Mesh(np.arange(n), (n,), (DATA_AXIS,))
+
+
+def host_count() -> int:
+    """Hosts (processes) the program spans; this module's set-up covers one."""
+    import torch_xla.runtime as xr
+
+    return xr.process_count()
+
+
+class BatchSharding:
+    """input_sharding for torch_xla's MpDeviceLoader: every tensor of a batch split along dim 0 over
+    the mesh, whatever its rank (xs.ShardingSpec applies to one rank only; the loader calls
+    xla_spec(t) per tensor and reads minibatch, torch_xla.core.xla_model.send_cpu_data_to_device)."""
+
+    minibatch = False  # the loader holds every device's rows (one host)
+
+    def __init__(self) -> None:
+        self._specs: dict[int, Any] = {}
+
+    def xla_spec(self, tensor: torch.Tensor) -> Any:
+        import torch_xla.distributed.spmd as xs
+
+        rank = tensor.dim()
+        if rank not in self._specs:
+            self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
+        return self._specs[rank].xla_spec(tensor)
+
+
+def shard_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark an XLA tensor as split along dim 0 over the mesh (in place; returns it)."""
+    import torch_xla.distributed.spmd as xs
+
+    xs.mark_sharding(tensor, mesh(), (DATA_AXIS,) + (None,) * (tensor.dim() - 1))
+    return tensor
