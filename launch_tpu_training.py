@@ -102,14 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     num_cores = cfg.num_tpu_cores if args.num_cores is None else args.num_cores
     import spmd
 
-    if num_cores != 1:
-        n_devices = spmd.host_device_count()
-        if num_cores != n_devices:
-            possible = ", ".join(str(n) for n in sorted({1, n_devices}))
-            print(f"launch_tpu_training.py: --num_cores {num_cores}: found {n_devices} "
-                  f"{os.environ.get('PJRT_DEVICE', 'TPU')} device(s) on this host; possible values: {possible}",
-                  file=sys.stderr)
-            return 2
+    error = spmd.device_count_error(num_cores)
+    if error:
+        print(f"launch_tpu_training.py: --num_cores {error}", file=sys.stderr)
+        return 2
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     os.environ["USE_TORCH_XLA"] = "1"
     import rnn_trainer

@@ -881,7 +881,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     run = _set_up(cfg, cfg.output_dir if auto else resume_dir, fresh_without_checkpoint=auto)
     accelerator, n_steps = run.accelerator, cfg.num_training_batches
     run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
-                 f"process(es)), {len(run.sessions)} sessions")
+                 f"process(es) x {run.n_shards} device(s)), {len(run.sessions)} sessions")
     run.log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(run.unwrapped)))
     progress = tqdm(total=n_steps, initial=run.start_step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")

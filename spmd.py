@@ -26,19 +26,37 @@ DATA_AXIS = "data"  # the mesh's one axis: devices along which the batch's rows 
 
 def host_device_count() -> int:
     """The XLA devices of this host, counted without starting the runtime: CPU_NUM_DEVICES on
-    PJRT_DEVICE=CPU, otherwise the TPU devices (two per chip on v2 and v3, one on later chips)."""
-    if os.environ.get("PJRT_DEVICE", "TPU") == "CPU":
+    PJRT_DEVICE=CPU, the TPU devices (two per chip on v2 and v3, one on later chips) on TPU or when
+    PJRT_DEVICE is unset, one otherwise."""
+    pjrt_device = os.environ.get("PJRT_DEVICE", "TPU")
+    if pjrt_device == "CPU":
         return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    if pjrt_device != "TPU":
+        return 1
     from torch_xla._internal import tpu
 
-    return tpu.num_available_devices()
+    return tpu.num_available_devices() if tpu.num_available_chips() else 0
+
+
+def device_count_error(num_cores: int) -> str | None:
+    """None when a run may span `num_cores` devices of this host (1, or all of them), else a line
+    naming the devices found and the possible values."""
+    if num_cores == 1:
+        return None
+    n_devices = host_device_count()
+    if num_cores == n_devices:
+        return None
+    possible = ", ".join(str(n) for n in sorted({1, n_devices}))
+    return (f"{num_cores} devices: found {n_devices} {os.environ.get('PJRT_DEVICE', 'TPU')} device(s) on this host; "
+            f"possible values: {possible}")
 
 
 def enable() -> None:
     """Switch torch_xla to SPMD mode; before the first XLA tensor exists (before the Accelerator)."""
     import torch_xla.runtime as xr
 
-    xr.use_spmd()
+    if not xr.is_spmd():  # a second use_spmd would replicate the tensors already placed
+        xr.use_spmd()
 
 
 def is_enabled() -> bool:
