@@ -32,7 +32,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
@@ -148,9 +147,8 @@ def _per_sample_ctc(
 
 
 def _masked_mean(values: Tensor, mask: Tensor, *, n_shards: int = 1) -> Tensor:
-    """Mean of values[mask] without indexing by a data-dependent mask (static shapes). With
-    n_shards, the mean over the batch's n_shards equal row blocks (one replica's batch each, spmd.py)
-    of each block's own masked mean: the mean of the replicas' losses, as data parallelism takes."""
+    """Mean of values[mask] without indexing by a data-dependent mask (static shapes); with n_shards,
+    the mean of the masked means of the batch's n_shards row blocks (replicas' batches, spmd.py)."""
     kept = torch.where(mask, values, torch.zeros_like(values)).reshape(n_shards, -1)  # (B, ...) -> (n, B/n * ...)
     return (kept.sum(dim=1) / mask.reshape(n_shards, -1).sum(dim=1).clamp(min=1)).mean()
 
@@ -164,8 +162,7 @@ def compute_loss(
     total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2)
     Each CTC term is the mean over real trials (row_mask) of per-trial sums, as upstream; trials
     whose (augmented) input is too short for their labels are left out and counted in the
-    `ctc_infeasible` term, a device tensor like the others. A batch of n_shards replicas' batches
-    (one per device under SPMD) gets the mean of their losses (_masked_mean).
+    `ctc_infeasible` term, a device tensor like the others. n_shards: see train_step.
     `adversarial_gate` is a 0/1 device tensor, so switching the adversarial terms on after the
     warm-up changes values, not the traced graph.
     """
@@ -276,8 +273,8 @@ def train_step(
     tensors; nothing here reads a value back to the host. `step_counter` and `n_skipped` are
     device scalars updated in place. bf16 autocast needs no grad scaler: bf16 has float32's
     exponent range, so gradients do not underflow the way float16 ones do.
-    Under SPMD each micro-batch holds n_shards replicas' batches, one per device (spmd.py): the loss
-    is the mean of theirs, and the partitioner sums the gradients over devices within the graph.
+    Under SPMD a micro-batch holds n_shards replicas' batches, one per device (spmd.py): its loss is
+    the mean of theirs, as data parallelism's; the partitioner sums gradients over the devices.
     """
     model.train()
     adv_on = float(cfg.adversarial.enabled and cfg.model.type == "triple")
@@ -413,25 +410,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- data plumbing
-
-
-# MpDeviceLoader's queues, in loader items (a step's micro-batches for training): the host queue
-# holds items read ahead, the device queue items already sent (torch_xla's defaults, 16 and 8,
-# would hold 24 steps of input; TPU_MODEL_SUMMARY.md counts their bytes).
-LOADER_PREFETCH_ITEMS = 4
-DEVICE_PREFETCH_ITEMS = 2
-
-
-def _on_device(loader: DataLoader, device: torch.device, *, shard_rows: bool = False) -> Any:
-    """On XLA, a loader that moves batches to the device in a background thread (prefetching);
-    with `shard_rows` (SPMD) each tensor goes out split along its rows over the host's devices."""
-    if device.type == "xla":
-        import torch_xla.distributed.parallel_loader as pl
-
-        return pl.MpDeviceLoader(loader, device, loader_prefetch_size=LOADER_PREFETCH_ITEMS,
-                                 device_prefetch_size=DEVICE_PREFETCH_ITEMS,
-                                 input_sharding=spmd.BatchSharding() if shard_rows else None)
-    return loader
 
 
 def _barrier(accelerator: Accelerator) -> None:
@@ -668,10 +646,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA
-    # Under SPMD this one process is the host's n_shards replicas, one per device (spmd.py).
-    n_shards = spmd.n_devices() if is_xla and spmd.is_enabled() else 1
-    if n_shards > 1 and spmd.host_count() > 1:
-        raise ConfigError(f"{spmd.host_count()} hosts: one SPMD program across hosts is not supported yet")
+    n_shards = spmd.replicas_of_this_process()  # the host's devices under SPMD, else 1
 
     resumed = None
     if newest is not None:
@@ -701,8 +676,8 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
         # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
         generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
-        train_steps=iter(_on_device(train_loader, device, shard_rows=n_shards > 1)),
-        val_batches=_on_device(val_loader, device), n_shards=n_shards,
+        train_steps=iter(spmd.device_loader(train_loader, device, shard_rows=n_shards > 1)),
+        val_batches=spmd.device_loader(val_loader, device), n_shards=n_shards,
         log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
         start_step=start_step,
     )

@@ -9,8 +9,9 @@ process and its XLA all-reduces are no-ops, xm.all_reduce with world_size 1).
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --num_cores 2 ...  # the same program on 2 CPU devices
 
-Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the mesh and the
-input sharding); torch_xla is imported only inside the functions, so CPU runs never load it.
+Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the replica count,
+the loader that feeds the devices); torch_xla is imported only inside the functions, so CPU runs
+never load it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 from typing import Any
 
 import torch
+
+from config import ConfigError
 
 DATA_AXIS = "data"  # the mesh's one axis: devices along which the batch's rows are split
 
@@ -87,11 +90,38 @@ def mesh() -> Any:
     return xs.Mesh(np.arange(n), (n,), (DATA_AXIS,))
 
 
-def host_count() -> int:
-    """Hosts (processes) the program spans; this module's set-up covers one."""
+def replicas_of_this_process() -> int:
+    """The replicas this process runs: under SPMD one per device of the program, else 1.
+    ConfigError for a program across hosts, which needs a main host writing the run and a stop
+    agreed across hosts that this trainer does not have yet."""
+    if not is_enabled():
+        return 1
     import torch_xla.runtime as xr
 
-    return xr.process_count()
+    if xr.process_count() > 1:
+        raise ConfigError(f"{xr.process_count()} hosts: one SPMD program across hosts is not supported yet")
+    return n_devices()
+
+
+# MpDeviceLoader's queues, in loader items (a training item is one step's micro-batches): the host
+# queue holds items read ahead, the device queue items already sent; one more item is in transfer
+# and one in use. torch_xla's defaults (16 and 8) would keep up to 17 steps of input in each
+# chip's memory; TPU_MODEL_SUMMARY.md counts these bytes.
+LOADER_PREFETCH_ITEMS = 4
+DEVICE_PREFETCH_ITEMS = 1
+
+
+def device_loader(loader: Any, device: torch.device, *, shard_rows: bool = False) -> Any:
+    """On XLA, `loader` behind a background thread that moves its batches to the device ahead of
+    use (MpDeviceLoader); with `shard_rows` each tensor goes out split along its rows over the
+    mesh, each device receiving its own rows only. Elsewhere the loader itself."""
+    if device.type != "xla":
+        return loader
+    import torch_xla.distributed.parallel_loader as pl
+
+    return pl.MpDeviceLoader(loader, device, loader_prefetch_size=LOADER_PREFETCH_ITEMS,
+                             device_prefetch_size=DEVICE_PREFETCH_ITEMS,
+                             input_sharding=BatchSharding() if shard_rows else None)
 
 
 class BatchSharding:
@@ -111,11 +141,3 @@ class BatchSharding:
         if rank not in self._specs:
             self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
         return self._specs[rank].xla_spec(tensor)
-
-
-def shard_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Mark an XLA tensor as split along dim 0 over the mesh (in place; returns it)."""
-    import torch_xla.distributed.spmd as xs
-
-    xs.mark_sharding(tensor, mesh(), (DATA_AXIS,) + (None,) * (tensor.dim() - 1))
-    return tensor
