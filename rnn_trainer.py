@@ -646,7 +646,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA
-    n_shards = spmd.replicas_of_this_process()  # the host's devices under SPMD, else 1
+    n_shards = spmd.replicas_of_this_process() if is_xla else 1  # the host's devices under SPMD
 
     resumed = None
     if newest is not None:

@@ -47,6 +47,18 @@ def test_a_host_loader_needs_static_shapes(data_dir, tmp_path):
         build_dataloaders(cfg, n_steps=2, batches_per_step=1, n_replicas=2, n_shards=2)
 
 
+def test_a_stacked_batch_loss_is_the_mean_of_the_replicas_losses():
+    """What data parallelism averages: each replica's masked mean, not one mean over all rows."""
+    import rnn_trainer
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [10.0, 11.0, 12.0]])  # (B=4, T=3)
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [False, False, False]])
+    replica_means = [rnn_trainer._masked_mean(values[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    stacked = rnn_trainer._masked_mean(values, mask, n_shards=2)
+    torch.testing.assert_close(stacked, torch.stack(replica_means).mean())
+    assert not torch.isclose(stacked, rnn_trainer._masked_mean(values, mask))  # unequal counts: not the same
+
+
 # ----------------------------------------------------------------------------- on XLA's CPU backend
 
 RUNS_CODE = """
@@ -186,10 +198,10 @@ def test_sigterm_to_the_launcher_saves_the_step_and_auto_resume_ends_equal(tmp_p
 
 
 ACCELERATE_CODE = """
-import subprocess, sys, yaml
+import os, subprocess, sys, yaml
 from pathlib import Path
 sys.path.insert(0, "tests")
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict  # sets USE_TORCH_XLA=0 for CPU tests: not for the launched process
 from make_synthetic_data import generate_dataset
 
 root = Path({root!r})
@@ -200,7 +212,8 @@ values["dataset"].update(static_shapes=True, time_buckets=[256, 512])
 (root / "run.yaml").write_text(yaml.safe_dump(values))
 command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config_tpu.yaml",
            "train_model.py", "--config_path", str(root / "run.yaml")]
-proc = subprocess.run(command, capture_output=True, text=True)
+proc = subprocess.run(command, capture_output=True, text=True,
+                      env={{k: v for k, v in os.environ.items() if k != "USE_TORCH_XLA"}})
 print(proc.stderr[-3000:])
 print("STATUS", proc.returncode)
 """
