@@ -8,6 +8,7 @@ CPU_NUM_DEVICES=2 (run_xla_script): the program a TPU host runs, on two CPU devi
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -115,7 +116,8 @@ def test_two_devices_step_as_one_device_accumulating_their_batches(equal_runs, m
 
 
 REPORT_CODE = """
-import sys
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_dump_to={dump} --xla_dump_hlo_as_text"
 sys.path.insert(0, "benchmarks")
 import xla_report
 xla_report.main({argv!r})
@@ -123,13 +125,13 @@ xla_report.main({argv!r})
 
 
 @requires_xla
-def test_a_two_device_run_is_one_graph_per_step_without_host_reads():
+def test_a_two_device_run_is_one_graph_per_step_without_host_reads(tmp_path):
     argv = ["--devices", "2", "--steps", "6", "--log_every", "2", "--set", "model.n_units=16",
             "--set", "model.noise_hidden_size=16", "--set", "model.n_noise_layers=1", "--set", "model.n_clean_layers=1",
             "--set", "model.n_noisy_layers=1", "--set", "dataset.batch_size=2", "--set", "dataset.val_batch_size=4",
             "--set", "adversarial.warmup_steps=2", "--set", "gradient_accumulation_steps=2",
             "--set", "dataset.time_buckets=[256,384,512,768]"]
-    out = run_xla_script(REPORT_CODE.format(argv=argv), n_devices=2)
+    out = run_xla_script(REPORT_CODE.format(dump=str(tmp_path), argv=argv), n_devices=2)
     report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert report["devices"] == 2 and report["gradient_accumulation_steps"] == 2, report
     assert report["aten_fallbacks"] == {} and report["local_scalar_dense"] == 0, report
@@ -141,6 +143,13 @@ def test_a_two_device_run_is_one_graph_per_step_without_host_reads():
     reads = report["host_reads"]
     assert reads["train_steps"] == 0 and reads["between_steps"] == 0, reads  # nothing waits on a step
     assert reads["logs"] > 0 and reads["validation"] > 0, reads  # counted where they happen
+    # Each device runs the loops over time (GRU states, CTC alpha) on its own 2 rows of the 4: a
+    # loop carrying the whole batch would repeat the recurrences on every device.
+    step_graphs = [p.read_text() for p in tmp_path.glob("*SyncTensorsGraph*after_optimizations.txt")
+                   if " all-reduce(" in p.read_text()]  # the training steps (gradients summed over devices)
+    carried_rows = {int(rows) for text in step_graphs  # a while's tuple: (counter, first carry, ...)
+                    for rows in re.findall(r"= \(s64\[\], f32\[(\d+),[^\n]*\) while\(", text)}
+    assert step_graphs and carried_rows == {2}, carried_rows
 
 
 SIGTERM_CODE = """
