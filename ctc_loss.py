@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import spmd
-
 # Stands in for log(0). Finite so that logsumexp and its backward never see inf - inf (NaN);
 # adding a few hundred log-probabilities to it does not move it in float32, so it never
 # reaches -inf either.
@@ -169,11 +167,8 @@ def ctc_loss_dense(
         xs = (emit.transpose(0, 1).contiguous(), valid.t().unsqueeze(2).contiguous())
         # is_fn_pure reuses the traced step graphs across calls (~0.25 s of Python tracing per
         # training step otherwise); _alpha_step depends on its arguments only.
-        init = (alpha0, skip_bias)
-        if log_probs.requires_grad:  # a training batch: under SPMD each device runs the loop on its rows
-            init = (spmd.split_rows(alpha0), spmd.split_rows(skip_bias))
-        graphs = value_and_grad_partitioned(_alpha_step, init, xs, is_fn_pure=True)
-        alpha, _ = _AlphaScan.apply(*graphs, *init, *xs)
+        graphs = value_and_grad_partitioned(_alpha_step, (alpha0, skip_bias), xs, is_fn_pure=True)
+        alpha, _ = _AlphaScan.apply(*graphs, alpha0, skip_bias, *xs)
     else:
         # Eager autograd through a Python loop costs nothing to compile off XLA.
         carry = (alpha0, skip_bias)

@@ -141,18 +141,3 @@ class BatchSharding:
         if rank not in self._specs:
             self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
         return self._specs[rank].xla_spec(tensor)
-
-
-def split_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Under SPMD, `tensor` (batch first) marked as split along its rows over the mesh, else itself.
-    For the carry of a loop over time (the GRU state, the CTC's alpha): a carry built from
-    replicated weights or constants is replicated, and the partitioner would then run the loop on
-    every device's copy of the whole batch, gathering the batch-split inputs into it. Training
-    only: validation batches come replicated, and reading a split result back to the host compiles
-    a gathering program at every read."""
-    if not is_enabled():
-        return tensor
-    import torch_xla.distributed.spmd as xs
-
-    xs.mark_sharding(tensor, mesh(), (DATA_AXIS,) + (None,) * (tensor.dim() - 1))
-    return tensor

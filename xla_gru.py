@@ -34,8 +34,6 @@ from torch import Tensor
 from torch.nn.modules.rnn import GRU as _TorchGRU  # the class itself, never torch_xla's replacement
 from torch.utils._pytree import tree_map
 
-import spmd
-
 
 def _loop(step: Any, carry: Any, xs: Any, *, reverse: bool = False) -> tuple[Any, Any]:
     """carry, ys = step(carry, xs[t]) for every t (last to first when reverse); ys stacked on dim 0.
@@ -114,7 +112,7 @@ class _GRURecurrence(torch.autograd.Function):
     ) -> Tensor:
         """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
         step = functools.partial(_forward_step, save_dtype=save_dtype)
-        _, (hs, gates) = _loop(step, (spmd.split_rows(h0), w_hh, b_hh), gi, reverse=reverse)
+        _, (hs, gates) = _loop(step, (h0, w_hh, b_hh), gi, reverse=reverse)
         ctx.save_for_backward(h0, w_hh, hs, gates)
         ctx.reverse = reverse
         return hs
@@ -125,7 +123,7 @@ class _GRURecurrence(torch.autograd.Function):
         # The state each step read: h_{t-1} forward, h_{t+1} in reverse. (T, B, H)
         h_prev = torch.cat([hs[1:], h0[None]]) if ctx.reverse else torch.cat([h0[None], hs[:-1]])
         (dh0, _), dgi = _loop(
-            _backward_step, (spmd.split_rows(torch.zeros_like(h0)), w_hh), (d_hs, gates, h_prev), reverse=not ctx.reverse
+            _backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=not ctx.reverse
         )
         # dgh differs from dgi only in its n block (times r): rebuilt here rather than stacked by
         # the loop as a second (T, B, 3H) output.

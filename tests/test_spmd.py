@@ -143,8 +143,8 @@ def test_a_two_device_run_is_one_graph_per_step_without_host_reads(tmp_path):
     reads = report["host_reads"]
     assert reads["train_steps"] == 0 and reads["between_steps"] == 0, reads  # nothing waits on a step
     assert reads["logs"] > 0 and reads["validation"] > 0, reads  # counted where they happen
-    # Each device runs the loops over time (GRU states, CTC alpha) on its own 2 rows of the 4: a
-    # loop carrying the whole batch would repeat the recurrences on every device.
+    # The partitioner splits the loops over time (GRU states, CTC alpha) too: each device runs them
+    # on its own 2 rows of the 4, rather than repeating the recurrences on the whole batch.
     step_graphs = [p.read_text() for p in tmp_path.glob("*SyncTensorsGraph*after_optimizations.txt")
                    if " all-reduce(" in p.read_text()]  # the training steps (gradients summed over devices)
     carried_rows = {int(rows) for text in step_graphs  # a while's tuple: (counter, first carry, ...)
