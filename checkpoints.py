@@ -10,10 +10,13 @@ and seed), and a run prunes only the periodic checkpoints it wrote itself. Used 
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
+import shutil
 import sys
 import uuid
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,21 +287,37 @@ def claim_run_dir(
     return RunOwnership()
 
 
+def _read_to_resume(path: str) -> dict[str, Any]:
+    """A checkpoint to resume from, memory-mapped. One at a URL is first downloaded to a local
+    temporary file (torch.load of a stream would hold the whole file, 8.25 GB for the shipped
+    triple, in host memory), mapped from there and the file unlinked: its pages stay mapped."""
+    if not storage.is_url(path):
+        return rnn_model.read_checkpoint(path)
+    with tempfile.TemporaryDirectory() as directory:
+        local = os.path.join(directory, storage.name(path))
+        try:
+            with storage.open_read(path) as source, open(local, "wb") as target:
+                shutil.copyfileobj(source, target, 16 << 20)
+            return rnn_model.read_checkpoint(local)
+        except rnn_model.CheckpointError as error:
+            raise rnn_model.CheckpointError(str(error).replace(local, path)) from None
+
+
 def newest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint a run continues from, and its contents: the highest step among
     last_checkpoint.pt and the periodic ones (last_checkpoint.pt on a tie), or None when the run
     has none. A periodic checkpoint's step is in its name, so at most two files are read (at a URL
-    each read is a download). An unreadable candidate (say, truncated by a full disk) stops with a
+    each read is one download to local disk, _read_to_resume); one process per host reads it. An unreadable candidate (say, truncated by a full disk) stops with a
     CheckpointError naming it rather than falling back silently to an older one or to a fresh start."""
     directory = storage.join(run_dir, CHECKPOINT_DIR)
     newest: tuple[int, str, dict[str, Any]] | None = None
     last_path = storage.join(directory, LAST_CHECKPOINT)
     if storage.isfile(last_path):
-        last = rnn_model.read_checkpoint(last_path)
+        last = _read_to_resume(last_path)
         newest = (_checkpoint_step(last, last_path), last_path, last)
     periodic = periodic_checkpoints(directory)
     if periodic and (newest is None or int(storage.name(periodic[-1]).removeprefix("step_").removesuffix(".pt")) > newest[0]):
-        checkpoint = rnn_model.read_checkpoint(periodic[-1])
+        checkpoint = _read_to_resume(periodic[-1])
         newest = (_checkpoint_step(checkpoint, periodic[-1]), periodic[-1], checkpoint)
     return None if newest is None else newest[1:]
 

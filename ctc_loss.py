@@ -14,6 +14,7 @@ Tested by: .venv/bin/python -m pytest tests/test_ctc.py -q
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,32 @@ def _alpha_step(carry: tuple[Tensor, Tensor], x: tuple[Tensor, Tensor]) -> tuple
     new_alpha = torch.where(valid, new_alpha, alpha)
     # No per-frame output: scan's backward mishandles a y whose gradient is unused.
     return (new_alpha, skip_bias), None
+
+
+class _AlphaScan(torch.autograd.Function):
+    """The alpha recursion as one compiled loop on XLA with its traced backward: what
+    torch_xla.experimental.scan.scan does, less the sharding hint its backward adds under SPMD
+    (shard_as, which runs through JAX and torchax, neither installed with torch_xla[tpu]). The
+    partitioner's own propagation keeps the batch-split gradients split."""
+
+    @staticmethod
+    def forward(ctx: Any, forward: Any, alias_input: Any, backward: Any, alpha0: Tensor, skip_bias: Tensor,
+                emit: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        from torch_xla.experimental.scan import _scan_impl_pytree
+
+        (alpha, skip_bias), (_, partial_activations) = _scan_impl_pytree(forward, (alpha0, skip_bias), (emit, valid))
+        ctx.backward = backward
+        ctx.save_for_backward(*alias_input(partial_activations, (emit, valid)))
+        return alpha, skip_bias
+
+    @staticmethod
+    def backward(ctx: Any, d_alpha: Tensor, d_skip_bias: Tensor) -> tuple[Tensor | None, ...]:
+        from torch_xla.experimental.scan import _scan_impl_pytree
+
+        (d_alpha0, d_skip), (d_emit, _) = _scan_impl_pytree(
+            ctx.backward, (d_alpha, d_skip_bias), (None, tuple(ctx.saved_tensors)), reverse=True
+        )
+        return None, None, None, d_alpha0, d_skip, d_emit, None
 
 
 def ctc_frames_needed(labels: Sequence[int]) -> int:
@@ -134,13 +161,14 @@ def ctc_loss_dense(
     alpha0 = torch.full((n_batch, n_states), _LOG_ZERO, dtype=work_dtype, device=device)
     alpha0[:, 0] = 0.0
     if device.type == "xla":
-        from torch_xla.experimental.scan import scan
+        from torch_xla.experimental.scan import value_and_grad_partitioned
 
-        # (B, T, L) -> (T, B, L) so scan walks the leading (time) dimension.
+        # (B, T, L) -> (T, B, L) so the loop walks the leading (time) dimension.
         xs = (emit.transpose(0, 1).contiguous(), valid.t().unsqueeze(2).contiguous())
-        # is_fn_pure lets scan reuse its traced step graphs across calls (~0.25 s of Python
-        # tracing per training step otherwise); _alpha_step depends on its arguments only.
-        (alpha, _), _ = scan(_alpha_step, (alpha0, skip_bias), xs, is_fn_pure=True)
+        # is_fn_pure reuses the traced step graphs across calls (~0.25 s of Python tracing per
+        # training step otherwise); _alpha_step depends on its arguments only.
+        graphs = value_and_grad_partitioned(_alpha_step, (alpha0, skip_bias), xs, is_fn_pure=True)
+        alpha, _ = _AlphaScan.apply(*graphs, alpha0, skip_bias, *xs)
     else:
         # Eager autograd through a Python loop costs nothing to compile off XLA.
         carry = (alpha0, skip_bias)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from config import ConfigError
 from ctc_loss import ctc_frames_needed
 from rnn_model import n_patches
 
@@ -920,6 +921,14 @@ def _shut_down_workers() -> None:
             iterator._shutdown_workers()
 
 
+def _join_shards(items: list[dict[str, torch.Tensor]], *, n_shards: int) -> list[dict[str, torch.Tensor]]:
+    """One step's micro-batches for a loader feeding n_shards devices: items holds, micro-batch by
+    micro-batch, n_shards replicas' batches (static shapes, allocated at one length by __getitems__);
+    each group of n_shards is concatenated along rows, replica r's rows at [r * B, (r + 1) * B)."""
+    return [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
+            for i in range(0, len(items), n_shards)]
+
+
 def _loader(dataset: BrainToTextDataset, *, n_workers: int, seed: int, pin_memory: bool, **grouping: Any) -> DataLoader:
     """A DataLoader with its own generator, so iterating it never touches the global RNG (that
     keeps resumed runs bit-exact); items are pure functions of their index, whatever the workers."""
@@ -941,6 +950,7 @@ def build_dataloaders(
     n_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
+    n_shards: int = 1,
 ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train_loader, val_loader, sessions) from cfg.dataset; day index = position in sessions.
 
@@ -952,8 +962,13 @@ def build_dataloaders(
     dataset.max_seq_elements None pads labels (static shapes) to derived_label_padding of both splits.
     dataset.trial_cache: features come from the train and val splits' caches, built here when
     missing or stale (every process of a run may call this: one builds, the others wait for it).
+    With n_shards > 1 (one loader per host feeding n_shards devices as one SPMD program, spmd.py),
+    replicas rank .. rank + n_shards - 1 are this loader's: each micro-batch holds their batches
+    stacked along rows, and the val loader yields the host's share (every batch on one host).
     """
     d = cfg.dataset
+    if n_shards > 1 and not (batches_per_step and d.static_shapes):
+        raise ConfigError("several devices per loader need dataset.static_shapes: true (one row count per batch)")
     sessions = list(d.sessions) if d.sessions else discover_sessions(d.dataset_dir)
     train_paths = session_files(d.dataset_dir, sessions, "train")
     for session, path in zip(sessions, train_paths):
@@ -984,15 +999,21 @@ def build_dataloaders(
         must_include_days=d.must_include_days, **common,
     )
     val_set = BrainToTextDataset(val_indices, 0, "val", d.val_batch_size, 1, **common)
-    indices = [(step * per_step + micro) * n_replicas + rank for step in range(start_step, n_steps) for micro in range(per_step)]
+    indices = [(step * per_step + micro) * n_replicas + rank + shard
+               for step in range(start_step, n_steps) for micro in range(per_step) for shard in range(n_shards)]
     if batches_per_step:
-        steps = [indices[i : i + per_step] for i in range(0, len(indices), per_step)]
-        grouping = {"batch_sampler": steps, "collate_fn": list}  # __getitems__ pads a step's batches alike
+        per_item = per_step * n_shards
+        steps = [indices[i : i + per_item] for i in range(0, len(indices), per_item)]
+        # __getitems__ allocates a step's batches at one time length; with several devices per
+        # loader, each micro-batch's replicas are then stacked along rows.
+        collate = functools.partial(_join_shards, n_shards=n_shards) if n_shards > 1 else list
+        grouping = {"batch_sampler": steps, "collate_fn": collate}
     else:
         grouping = {"batch_size": None, "sampler": indices}
     loader_kwargs = {"n_workers": d.num_dataloader_workers, "seed": d.loader_seed, "pin_memory": pin_memory}
     train_loader = _loader(train_set, **grouping, **loader_kwargs)
-    val_loader = _loader(val_set, batch_size=None, sampler=range(rank, len(val_set), n_replicas), **loader_kwargs)
+    val_loader = _loader(val_set, batch_size=None, sampler=range(rank // n_shards, len(val_set), n_replicas // n_shards),
+                         **loader_kwargs)
     return train_loader, val_loader, sessions
 
 

@@ -1,20 +1,23 @@
-"""Start one training replica per TPU device through torch_xla's launcher (torch_xla.launch).
+"""Train on a TPU host: one process, one SPMD program over the host's devices (spmd.py).
 
     python launch_tpu_training.py --config rnn_args.yaml --num_cores 8 [--set key=value ...] [--resume RUN_DIR]
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --config rnn_args.yaml --num_cores 2 ...
 
---num_cores (default: the config's num_tpu_cores) is how many replicas this host starts. torch_xla
-replicates over one device or over all of the host's TPU devices, so it is 1 or that number; any
-other value stops the launch with one line naming the devices found and the possible values.
-Without a TPU runtime it prints one line naming what is missing and exits with status 1; a bad
-config, --num_cores, data directory or checkpoint (in any replica) ends the launch with one line
-and status 2.
+--num_cores (default: the config's num_tpu_cores) is how many devices the run spans: 1 (one
+device, no sharding) or all of the host's devices, whose global batch is dataset.batch_size per
+device, split along its rows over them; any other value stops the launch with one line naming the
+devices found and the possible values. A step on N devices equals a one-device step accumulating
+the same N replicas' batches. With PJRT_DEVICE=CPU the same program runs over CPU_NUM_DEVICES CPU
+devices. Without a TPU runtime (PJRT_DEVICE TPU or unset) it prints one line naming what is
+missing and exits with status 1; a bad config, --num_cores, data directory or checkpoint ends the
+launch with one line and status 2. The trainer runs in this process: SIGTERM / SIGINT to it save
+checkpoint/last_checkpoint.pt after the step in flight and exit 143 / 130.
 """
 
 import argparse
 import glob
 import importlib.util
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -34,10 +37,13 @@ def _n_tpu_chips() -> int:
 
 
 def missing_tpu_runtime() -> str | None:
-    """One line naming what this machine lacks to run on TPU, or None when it has it all."""
+    """One line naming what this machine lacks to run on TPU, or None when it has it all. With
+    PJRT_DEVICE=CPU only torch_xla is needed: the same program runs over CPU_NUM_DEVICES CPU devices."""
     missing = []
     if importlib.util.find_spec("torch_xla") is None:
         missing.append("torch_xla is not installed")
+    if os.environ.get("PJRT_DEVICE") == "CPU":
+        return "launch_tpu_training.py: " + missing[0] if missing else None
     if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
         missing.append("libtpu is not installed (pip install 'torch_xla[tpu]')")
     if _n_tpu_chips() == 0:
@@ -50,18 +56,14 @@ def missing_tpu_runtime() -> str | None:
     return "launch_tpu_training.py: no TPU runtime: " + "; ".join(missing)
 
 
-def local_tpu_devices() -> int:
-    """The TPU devices torch_xla.launch replicates over on this host (two per chip on v2 and v3,
-    one on later chips), counted without starting the XLA runtime: the replicas open it."""
-    from torch_xla._internal import tpu
-
-    return tpu.num_available_devices()
-
-
-def _replica(index: int, config_values: dict, resume_dir: str | None) -> None:
-    """Body of each replica: torch_xla.launch passes the replica index first. The config comes
-    resolved (overrides applied), so replicas do not read and check the file again."""
+def _train(config_values: dict, resume_dir: str | None, *, n_devices: int) -> None:
+    """The trainer in this process; over several devices as one SPMD program (spmd.py). The config
+    comes resolved (overrides applied)."""
+    import spmd
     from config import config_from_dict
+
+    if n_devices > 1:
+        spmd.enable()  # before the trainer creates its first XLA tensor
     import rnn_trainer
 
     cfg = config_from_dict(config_values)
@@ -69,27 +71,12 @@ def _replica(index: int, config_values: dict, resume_dir: str | None) -> None:
     rnn_trainer.train(cfg, resume_dir=resume_dir)
 
 
-def _forward_stop_signals() -> None:
-    """SIGTERM / SIGINT to the launcher go on to every replica process, which saves after its step
-    in flight and exits; the launcher then returns 143 / 130. Without this the launcher would die at
-    once and leave the replicas running as orphans. With one replica (debug_single_process) the
-    trainer runs in this process and sets its own handlers over these."""
-    import multiprocessing
-
-    def forward(signum: int, frame: object) -> None:
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="rnn_args.yaml", help="yaml config")
     parser.add_argument(
         "--num_cores", type=int, default=None,
-        help="replicas on this host: 1 or all of its TPU devices (default: the config's num_tpu_cores)",
+        help="devices of this host the run spans: 1 or all of them (default: the config's num_tpu_cores)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
@@ -113,30 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
     num_cores = cfg.num_tpu_cores if args.num_cores is None else args.num_cores
-    if num_cores != 1:
-        n_devices = local_tpu_devices()
-        if num_cores != n_devices:
-            possible = ", ".join(str(n) for n in sorted({1, n_devices}))
-            print(f"launch_tpu_training.py: --num_cores {num_cores}: found {n_devices} TPU device(s) on this host; "
-                  f"possible values: {possible}", file=sys.stderr)
-            return 2
-    os.environ["PJRT_DEVICE"] = "TPU"
-    import torch_xla
+    import spmd
 
+    error = spmd.device_count_error(num_cores)
+    if error:
+        print(f"launch_tpu_training.py: --num_cores {error}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PJRT_DEVICE", "TPU")
+    os.environ["USE_TORCH_XLA"] = "1"
     import rnn_trainer
     from dataset import DataError
     from rnn_model import CheckpointError
 
-    _forward_stop_signals()
     try:
-        # torch_xla.launch replicates over all local devices, or one in debug_single_process mode.
-        # It ignores what _replica returns, but re-raises here an exception raised in a replica.
-        torch_xla.launch(_replica, args=(config_to_dict(cfg), args.resume), debug_single_process=num_cores == 1)
+        _train(config_to_dict(cfg), args.resume, n_devices=num_cores)
     except (DataError, ConfigError, CheckpointError, StorageError, FileNotFoundError) as error:
         print(f"launch_tpu_training.py: {error}", file=sys.stderr)
         return 2
     except rnn_trainer.TrainingInterrupted as stop:
-        return 128 + stop.signum  # every replica saved and left after the same step
+        return 128 + stop.signum  # the state was saved after the step in flight
     return 0
 
 

@@ -32,11 +32,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
 import rnn_model
+import spmd
 import storage
 from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
 from ctc_loss import ctc_feasible, ctc_loss
@@ -146,20 +146,23 @@ def _per_sample_ctc(
     return torch.where(counted, per_sample, torch.zeros_like(per_sample))
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of values[mask] without indexing by a data-dependent mask (static shapes)."""
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
+def _masked_mean(values: Tensor, mask: Tensor, *, n_shards: int = 1) -> Tensor:
+    """Mean of values[mask] without indexing by a data-dependent mask (static shapes); with n_shards,
+    the mean of the masked means of the batch's n_shards row blocks (replicas' batches, spmd.py)."""
+    kept = torch.where(mask, values, torch.zeros_like(values)).reshape(n_shards, -1)  # (B, ...) -> (n, B/n * ...)
+    return (kept.sum(dim=1) / mask.reshape(n_shards, -1).sum(dim=1).clamp(min=1)).mean()
 
 
 def compute_loss(
-    *, model: nn.Module, batch: Mapping[str, Tensor], cfg: Config, adversarial_gate: Tensor, use_dense_ctc: bool
+    *, model: nn.Module, batch: Mapping[str, Tensor], cfg: Config, adversarial_gate: Tensor, use_dense_ctc: bool,
+    n_shards: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward pass and the total loss with each term by name.
 
     total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2)
     Each CTC term is the mean over real trials (row_mask) of per-trial sums, as upstream; trials
     whose (augmented) input is too short for their labels are left out and counted in the
-    `ctc_infeasible` term, a device tensor like the others.
+    `ctc_infeasible` term, a device tensor like the others. n_shards: see train_step.
     `adversarial_gate` is a 0/1 device tensor, so switching the adversarial terms on after the
     warm-up changes values, not the traced graph.
     """
@@ -169,7 +172,6 @@ def compute_loss(
     )
     row_mask = batch["row_mask"]
     counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
-    n_rows = counted.sum().clamp(min=1)
     outputs = rnn_model.decoder_outputs(
         model, batch["input_features"], batch["day_indices"], use_amp=cfg.use_amp, mode="full",
         grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
@@ -177,15 +179,15 @@ def compute_loss(
     ctc = functools.partial(
         _per_sample_ctc, batch=batch, input_lengths=input_lengths, counted=counted, use_dense_ctc=use_dense_ctc
     )
-    ctc_clean = ctc(outputs[0]).sum() / n_rows
+    ctc_clean = _masked_mean(ctc(outputs[0]), counted, n_shards=n_shards)
     terms = {"ctc_clean": ctc_clean, "ctc_infeasible": (row_mask & ~counted).sum().to(torch.float32)}
     total = ctc_clean
     if len(outputs) == 3:  # the triple model: (clean_logits, noisy_logits, noise)
         _, noisy_logits, noise = outputs
-        ctc_noisy = ctc(noisy_logits).sum() / n_rows
+        ctc_noisy = _masked_mean(ctc(noisy_logits), counted, n_shards=n_shards)
         frames = torch.arange(noise.shape[1], device=noise.device)
         frame_mask = (frames[None, :] < input_lengths[:, None]) & row_mask[:, None]  # (B, T')
-        noise_l2 = _masked_mean(noise.float().pow(2).mean(dim=-1), frame_mask)  # (B, T', D) -> (B, T')
+        noise_l2 = _masked_mean(noise.float().pow(2).mean(dim=-1), frame_mask, n_shards=n_shards)  # (B, T', D) -> (B, T')
         adv = cfg.adversarial
         total = total + adversarial_gate * (adv.noisy_loss_weight * ctc_noisy + adv.noise_l2_weight * noise_l2)
         terms.update(ctc_noisy=ctc_noisy, noise_l2=noise_l2)
@@ -257,6 +259,7 @@ def train_step(
     n_skipped: Tensor,
     generator: torch.Generator | None,
     use_dense_ctc: bool,
+    n_shards: int = 1,
 ) -> dict[str, Tensor]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches already on the device.
 
@@ -270,6 +273,8 @@ def train_step(
     tensors; nothing here reads a value back to the host. `step_counter` and `n_skipped` are
     device scalars updated in place. bf16 autocast needs no grad scaler: bf16 has float32's
     exponent range, so gradients do not underflow the way float16 ones do.
+    Under SPMD a micro-batch holds n_shards replicas' batches, one per device (spmd.py): its loss is
+    the mean of theirs, as data parallelism's; the partitioner sums gradients over the devices.
     """
     model.train()
     adv_on = float(cfg.adversarial.enabled and cfg.model.type == "triple")
@@ -293,7 +298,8 @@ def train_step(
             )
             batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}
             total, terms = compute_loss(
-                model=model, batch=batch, cfg=cfg, adversarial_gate=adversarial_gate, use_dense_ctc=use_dense_ctc
+                model=model, batch=batch, cfg=cfg, adversarial_gate=adversarial_gate, use_dense_ctc=use_dense_ctc,
+                n_shards=n_shards,
             )
             # 1/n per micro-batch: the summed gradients are those of the step's mean loss. Not
             # accelerator.backward, which divides by the Accelerator's own accumulation count.
@@ -404,15 +410,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- data plumbing
-
-
-def _on_device(loader: DataLoader, device: torch.device) -> Any:
-    """On XLA, a loader that moves batches to the device in a background thread (prefetching)."""
-    if device.type == "xla":
-        import torch_xla.distributed.parallel_loader as pl
-
-        return pl.MpDeviceLoader(loader, device)
-    return loader
 
 
 def _barrier(accelerator: Accelerator) -> None:
@@ -613,6 +610,7 @@ class _Run:
     val_batches: Any
     log: _RunLog
     start_step: int = 0
+    n_shards: int = 1  # replicas this process runs, one per device under SPMD (spmd.py)
     best_val_per: float = math.inf
     best_val_loss: float = math.inf
     n_bad_vals: int = 0
@@ -650,6 +648,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA
+    n_shards = spmd.replicas_of_this_process() if is_xla else 1  # the host's devices under SPMD
 
     resumed = None
     if newest is not None:
@@ -660,7 +659,7 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     start_step = resumed["step"] if resumed is not None else 0
     train_loader, val_loader, sessions = build_dataloaders(
         cfg, n_steps=cfg.num_training_batches, start_step=start_step, batches_per_step=cfg.gradient_accumulation_steps,
-        n_replicas=world, rank=rank, pin_memory=device.type == "cuda",
+        n_replicas=world * n_shards, rank=rank * n_shards, pin_memory=device.type == "cuda", n_shards=n_shards,
     )
     run_dir = cfg.output_dir
     # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
@@ -680,7 +679,8 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
         # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
         generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
-        train_steps=iter(_on_device(train_loader, device)), val_batches=_on_device(val_loader, device),
+        train_steps=iter(spmd.device_loader(train_loader, device, shard_rows=n_shards > 1)),
+        val_batches=spmd.device_loader(val_loader, device), n_shards=n_shards,
         log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
         start_step=start_step, ownership=ownership,
     )
@@ -857,7 +857,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     run = _set_up(cfg, cfg.output_dir if auto else resume_dir, fresh_without_checkpoint=auto)
     accelerator, n_steps = run.accelerator, cfg.num_training_batches
     run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
-                 f"process(es)), {len(run.sessions)} sessions")
+                 f"process(es) x {run.n_shards} device(s)), {len(run.sessions)} sessions")
     run.log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(run.unwrapped)))
     progress = tqdm(total=n_steps, initial=run.start_step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
@@ -873,6 +873,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                     accelerator=accelerator, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                     micro_batches=micro_batches, cfg=cfg, step_counter=run.step_counter, n_skipped=run.n_skipped,
                     generator=run.generator, use_dense_ctc=run.is_xla,  # torch's CTC falls back to aten on XLA
+                    n_shards=run.n_shards,
                 )
                 progress.update(1)
                 window_steps += 1

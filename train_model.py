@@ -3,6 +3,10 @@
     python train_model.py --config_path rnn_args.yaml [--set dataset.batch_size=8 ...] [--resume RUN_DIR]
     accelerate launch --config_file accelerate_config_tpu.yaml train_model.py --config_path rnn_args.yaml
 
+With use_tpu and num_tpu_cores > 1 on a host of several XLA devices the process spans them all as
+one SPMD program (spmd.py); num_tpu_cores must then equal their number (PJRT_DEVICE=CPU:
+CPU_NUM_DEVICES) or be 1 (one device).
+
 --resume RUN_DIR continues RUN_DIR from its newest checkpoint (last or periodic); without
 --config_path it reads RUN_DIR/config.yaml (so `--set num_training_batches=...` can extend a
 finished run). `--resume auto` (or `resume: auto` in the config) continues the config's
@@ -19,6 +23,7 @@ import os
 import sys
 from typing import NoReturn
 
+import spmd
 import storage
 from config import ConfigError, load_config
 
@@ -59,6 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         # Must precede the first `import accelerate`, which would otherwise import torch_xla and
         # pick the XLA backend (and torch_xla swaps nn.GRU for its scan version process-wide).
         os.environ.setdefault("USE_TORCH_XLA", "0")
+    elif cfg.num_tpu_cores > 1 and "PJRT_LOCAL_PROCESS_RANK" not in os.environ and spmd.host_device_count() > 1:
+        # One process for the host (accelerate_config_tpu.yaml starts one): its devices run as one
+        # SPMD program (spmd.py), as under launch_tpu_training.py. Not inside a torch_xla.launch
+        # replica, which holds one device of its own; a one-device host just runs on it.
+        error = spmd.device_count_error(cfg.num_tpu_cores)
+        if error:
+            _fail(ConfigError(f"num_tpu_cores: {error}"))
+        spmd.enable()
     import rnn_trainer
     from dataset import DataError
     from rnn_model import CheckpointError

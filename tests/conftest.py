@@ -24,12 +24,13 @@ HAS_TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
 requires_xla = pytest.mark.skipif(not HAS_TORCH_XLA, reason="torch_xla is not installed")
 
 
-def run_xla_script(code: str, timeout: float = 900) -> str:
-    """Run `code` in a fresh Python process on torch_xla's CPU backend; return its stdout."""
+def run_xla_script(code: str, timeout: float = 900, n_devices: int = 1) -> str:
+    """Run `code` in a fresh Python process on torch_xla's CPU backend with `n_devices` CPU devices
+    (CPU_NUM_DEVICES); return its stdout."""
     env = dict(os.environ)
     env.pop("USE_TORCH_XLA", None)
     env["PJRT_DEVICE"] = "CPU"
-    env["CPU_NUM_DEVICES"] = "1"
+    env["CPU_NUM_DEVICES"] = str(n_devices)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout

@@ -1,18 +1,20 @@
-"""launch_tpu_training.py --num_cores: exactly N replicas, or one line naming the devices found.
+"""launch_tpu_training.py --num_cores: one process over 1 or all of the host's devices, or one line
+naming the devices found; signals through accelerate launch.
 
     python -m pytest tests/test_launcher.py -q
 
-No TPU is needed: the runtime check, the device count and torch_xla.launch are replaced by fakes
-(importing the real torch_xla here would swap nn.GRU for the other CPU tests).
+No TPU is needed: the runtime check, the device count and the trainer are replaced by fakes
+(importing the real torch_xla here would swap nn.GRU for the other CPU tests). The launcher's
+SPMD run itself, and SIGTERM to it, are tested on XLA's CPU backend in tests/test_spmd.py.
 """
 
 import sys
-import types
 
 import pytest
 
 import launch_tpu_training
-import rnn_trainer
+import spmd
+from config import config_from_dict
 from conftest import REPO_ROOT
 
 CONFIG = str(REPO_ROOT / "rnn_args.yaml")  # num_tpu_cores: 8
@@ -20,19 +22,17 @@ CONFIG = str(REPO_ROOT / "rnn_args.yaml")  # num_tpu_cores: 8
 
 @pytest.fixture
 def launches(monkeypatch) -> list[dict]:
-    """A TPU host with 4 devices whose torch_xla.launch records its calls and runs replica 0."""
+    """A TPU host with 4 devices whose trainer records what it was given."""
     calls = []
-    trained = []
 
-    def launch(fn, args=(), debug_single_process=False):
-        calls.append({"debug_single_process": debug_single_process, "trained": trained})
-        fn(0, *args)
+    def train(config_values, resume_dir, *, n_devices):
+        calls.append({"cfg": config_from_dict(config_values), "resume_dir": resume_dir, "n_devices": n_devices})
 
-    monkeypatch.setitem(sys.modules, "torch_xla", types.SimpleNamespace(launch=launch))
     monkeypatch.setattr(launch_tpu_training, "missing_tpu_runtime", lambda: None)
-    monkeypatch.setattr(launch_tpu_training, "local_tpu_devices", lambda: 4)
-    monkeypatch.setattr(rnn_trainer, "train", lambda cfg, resume_dir=None: trained.append((cfg, resume_dir)))
-    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # main() sets TPU; restored after the test
+    monkeypatch.setattr(spmd, "host_device_count", lambda: 4)
+    monkeypatch.setattr(launch_tpu_training, "_train", train)
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)  # main() sets TPU; restored after the test
+    monkeypatch.setenv("USE_TORCH_XLA", "0")  # main() sets 1
     return calls
 
 
@@ -47,16 +47,24 @@ def test_a_count_other_than_1_or_all_devices_stops_with_one_line(launches, capsy
 
 
 @pytest.mark.parametrize(
-    "argv, single_process",
-    [(["--num_cores", "4"], False), (["--num_cores", "1"], True), (["--set", "num_tpu_cores=4"], False),
-     (["--set", "num_tpu_cores=1"], True)],
+    "argv, n_devices",
+    [(["--num_cores", "4"], 4), (["--num_cores", "1"], 1), (["--set", "num_tpu_cores=4"], 4),
+     (["--set", "num_tpu_cores=1"], 1)],
 )
-def test_one_or_all_devices_launch_with_the_resolved_config(launches, argv, single_process):
+def test_one_or_all_devices_launch_with_the_resolved_config(launches, argv, n_devices):
     argv = [*argv, "--set", "dataset.batch_size=16", "--resume", "RUN_DIR"]
     assert launch_tpu_training.main(["--config", CONFIG, *argv]) == 0
-    assert [call["debug_single_process"] for call in launches] == [single_process]
-    ((cfg, resume_dir),) = launches[0]["trained"]
-    assert cfg.use_tpu and cfg.dataset.batch_size == 16 and resume_dir == "RUN_DIR"
+    assert [call["n_devices"] for call in launches] == [n_devices]  # one process, spanning n_devices
+    assert launches[0]["cfg"].dataset.batch_size == 16 and launches[0]["resume_dir"] == "RUN_DIR"
+
+
+def test_pjrt_cpu_needs_no_tpu_runtime(monkeypatch):
+    """PJRT_DEVICE=CPU runs the same program over CPU devices; TPU or unset asks for the TPU runtime."""
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert launch_tpu_training.missing_tpu_runtime() is None
+    monkeypatch.delenv("PJRT_DEVICE")
+    monkeypatch.setattr(launch_tpu_training, "_n_tpu_chips", lambda: 0)
+    assert "no TPU chip is attached" in launch_tpu_training.missing_tpu_runtime()
 
 
 def test_parser_defaults_num_cores_to_the_config():
@@ -106,73 +114,12 @@ def _wait_for_training(run_dirs, proc, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
-def _is_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _assert_saved_after_sigterm(run_dir) -> None:
     import torch
 
     step = torch.load(run_dir / "checkpoint" / "last_checkpoint.pt", weights_only=False)["step"]
     assert step >= 1
     assert f"SIGTERM: saved checkpoint/last_checkpoint.pt at step {step}, stopping" in (run_dir / "train.log").read_text()
-
-
-LAUNCHER_SCRIPT = """
-import multiprocessing, os, sys
-sys.path.insert(0, {repo!r})
-import launch_tpu_training
-
-
-def replica(config_path):  # what each torch_xla.launch replica runs, on the CPU
-    os.environ["USE_TORCH_XLA"] = "0"
-    import train_model
-    train_model.main(["--config_path", config_path])
-
-
-if __name__ == "__main__":
-    launch_tpu_training._forward_stop_signals()
-    replicas = [multiprocessing.get_context("spawn").Process(target=replica, args=(path,)) for path in sys.argv[1:]]
-    for process in replicas:
-        process.start()
-    print("PIDS", *[process.pid for process in replicas], flush=True)
-    for process in replicas:
-        process.join()
-    print("EXITCODES", *[process.exitcode for process in replicas], flush=True)
-"""
-
-
-def test_sigterm_to_the_launcher_reaches_every_replica_and_leaves_no_orphans(data_dir, tmp_path):
-    """The launcher's handler sends the signal on to its replica processes (torch_xla.launch starts
-    them with multiprocessing); each saves after its step in flight and exits 143."""
-    import os
-    import signal
-    import subprocess
-
-    script = tmp_path / "launcher.py"
-    script.write_text(LAUNCHER_SCRIPT.format(repo=str(REPO_ROOT)))
-    run_dirs = [tmp_path / f"replica{i}" for i in range(2)]
-    configs = [_long_run_config(data_dir, d, tmp_path / f"replica{i}.yaml") for i, d in enumerate(run_dirs)]
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, configs)], cwd=REPO_ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, text=True)
-    pids = [int(pid) for pid in proc.stdout.readline().split()[1:]]
-    try:
-        _wait_for_training(run_dirs, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-        assert out.strip().splitlines()[-1].split() == ["EXITCODES", "143", "143"], out[-2000:]
-        assert not any(_is_alive(pid) for pid in pids)
-    finally:  # a failing run must not leave replicas training on
-        for pid in filter(_is_alive, pids):
-            os.kill(pid, signal.SIGKILL)
-    for run_dir in run_dirs:
-        _assert_saved_after_sigterm(run_dir)
 
 
 def test_sigterm_to_accelerate_launch_saves_and_exits_143(data_dir, tmp_path):

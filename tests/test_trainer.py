@@ -436,27 +436,17 @@ def test_train_model_bad_config_exits_2_with_one_line(tmp_path: Path):
     assert len(lines) == 1 and "dataset.batch_sise" in lines[0], proc.stderr
 
 
-def test_launcher_replica_failure_exits_2_with_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    import types
-
+def test_launcher_failure_exits_2_with_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys):
     import launch_tpu_training
     from config import save_config
 
     run_dir = tmp_path / "run"
     config_path = tmp_path / "config.yaml"
     save_config(make_config(tmp_path / "no_such_data", run_dir), config_path)
-    launched = []
-
-    def launch(fn, args=(), debug_single_process=False):
-        # Like torch_xla.launch: the replica's return value is dropped, its exception goes on.
-        launched.append(fn)
-        fn(0, *args)
-
-    monkeypatch.setitem(sys.modules, "torch_xla", types.SimpleNamespace(launch=launch))
     monkeypatch.setattr(launch_tpu_training, "missing_tpu_runtime", lambda: None)
-    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # main() sets TPU; restored after the test
-    assert launch_tpu_training.main(["--config", str(config_path), "--num_cores", "1"]) == 2
-    assert launched == [launch_tpu_training._replica]
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # restored after the test, as USE_TORCH_XLA, which main() sets
+    monkeypatch.setenv("USE_TORCH_XLA", "0")
+    assert launch_tpu_training.main(["--config", str(config_path), "--num_cores", "1"]) == 2  # the trainer, in-process
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launch_tpu_training.py: ") and "no_such_data" in lines[0]
     assert not run_dir.exists()
@@ -486,34 +476,21 @@ def test_checkpoint_is_memory_mapped_when_loaded(data_dir: Path, tmp_path: Path)
     del checkpoint
 
 
-_REPLICA_FAILURE_SCRIPT = """
-import sys
-import torch_xla
+_LAUNCH_FAILURE_CODE = """
 import launch_tpu_training
-from config import config_to_dict, load_config
-from dataset import DataError
-
-if __name__ == "__main__":
-    try:
-        torch_xla.launch(launch_tpu_training._replica, args=(config_to_dict(load_config(sys.argv[1])), None))
-    except DataError as error:
-        print("DataError:", error)
+print("STATUS", launch_tpu_training.main(["--config", {config!r}, "--num_cores", "2"]))
 """
 
 
 @requires_xla
-def test_replica_error_reaches_the_launching_process(tmp_path: Path):
-    # What launch_tpu_training.main relies on: torch_xla.launch runs _replica in a spawned process
-    # (one on the CPU backend) and re-raises its DataError in the launcher, where main catches it.
+def test_a_bad_data_directory_stops_the_two_device_launch_with_one_line(tmp_path: Path):
+    # The trainer runs inside the launcher (one SPMD process over PJRT_DEVICE=CPU's 2 devices),
+    # so its DataError reaches main(), which prints one line and returns 2.
     from config import save_config
 
     save_config(make_config(tmp_path / "no_such_data", tmp_path / "run"), tmp_path / "config.yaml")
-    script = tmp_path / "launch.py"
-    script.write_text(_REPLICA_FAILURE_SCRIPT)
-    code = f"import runpy, sys; sys.argv = ['launch.py', {str(tmp_path / 'config.yaml')!r}]; " \
-           f"runpy.run_path({str(script)!r}, run_name='__main__')"
-    out = run_xla_script(code)
-    assert "DataError: " in out and "no_such_data: dataset directory does not exist" in out, out
+    out = run_xla_script(_LAUNCH_FAILURE_CODE.format(config=str(tmp_path / "config.yaml")), n_devices=2)
+    assert out.strip().splitlines()[-1] == "STATUS 2", out
     assert not (tmp_path / "run").exists()
 
 

@@ -1,0 +1,143 @@
+"""The host's XLA devices as one SPMD program: a device mesh, and the batch split along it.
+
+torch_xla's SPMD mode (GSPMD) runs one process per host. The trainer traces its step once, for
+the whole host; each micro-batch holds one replica's batch per device, stacked along rows, and is
+split along its rows over a one-axis mesh of the devices, so device r computes on replica r's
+batch. The weights and the optimizer state are replicated; the partitioner sums the gradients
+over devices inside the step's graph, so nothing in Python all-reduces them (Accelerate sees one
+process and its XLA all-reduces are no-ops, xm.all_reduce with world_size 1).
+
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --num_cores 2 ...  # the same program on 2 CPU devices
+
+Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the replica count,
+the loader that feeds the devices); torch_xla is imported only inside the functions, so CPU runs
+never load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from config import ConfigError
+
+DATA_AXIS = "data"  # the mesh's one axis: devices along which the batch's rows are split
+
+
+def host_device_count() -> int:
+    """The XLA devices of this host, counted without starting the runtime: CPU_NUM_DEVICES on
+    PJRT_DEVICE=CPU, the TPU devices (two per chip on v2 and v3, one on later chips) on TPU or when
+    PJRT_DEVICE is unset, one otherwise."""
+    pjrt_device = os.environ.get("PJRT_DEVICE", "TPU")
+    if pjrt_device == "CPU":
+        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    if pjrt_device != "TPU":
+        return 1
+    from torch_xla._internal import tpu
+
+    return tpu.num_available_devices() if tpu.num_available_chips() else 0
+
+
+def device_count_error(num_cores: int) -> str | None:
+    """None when a run may span `num_cores` devices of this host (1, or all of them), else a line
+    naming the devices found and the possible values."""
+    if num_cores == 1:
+        return None
+    n_devices = host_device_count()
+    if num_cores == n_devices:
+        return None
+    possible = ", ".join(str(n) for n in sorted({1, n_devices}))
+    return (f"{num_cores} devices: found {n_devices} {os.environ.get('PJRT_DEVICE', 'TPU')} device(s) on this host; "
+            f"possible values: {possible}")
+
+
+def enable() -> None:
+    """Switch torch_xla to SPMD mode; before the first XLA tensor exists (before the Accelerator)."""
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():  # a second use_spmd would replicate the tensors already placed
+        xr.use_spmd()
+
+
+def is_enabled() -> bool:
+    """True when this process runs torch_xla in SPMD mode (enable() was called)."""
+    import sys
+
+    if "torch_xla" not in sys.modules:
+        return False
+    import torch_xla.runtime as xr
+
+    return xr.is_spmd()
+
+
+def n_devices() -> int:
+    """Devices the program spans: every device of every host (the mesh's size)."""
+    import torch_xla.runtime as xr
+
+    return xr.global_runtime_device_count()
+
+
+@functools.cache
+def mesh() -> Any:
+    """The one-axis mesh over all devices, in device-id order."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+
+    n = n_devices()
+    return xs.Mesh(np.arange(n), (n,), (DATA_AXIS,))
+
+
+def replicas_of_this_process() -> int:
+    """The replicas this process runs: under SPMD one per device of the program, else 1.
+    ConfigError for a program across hosts, which needs a main host writing the run and a stop
+    agreed across hosts that this trainer does not have yet."""
+    if not is_enabled():
+        return 1
+    import torch_xla.runtime as xr
+
+    if xr.process_count() > 1:
+        raise ConfigError(f"{xr.process_count()} hosts: one SPMD program across hosts is not supported yet")
+    return n_devices()
+
+
+# MpDeviceLoader's queues, in loader items (a training item is one step's micro-batches): the host
+# queue holds items read ahead, the device queue items already sent; one more item is in transfer
+# and one in use. torch_xla's defaults (16 and 8) would keep up to 17 steps of input in each
+# chip's memory; TPU_MODEL_SUMMARY.md counts these bytes.
+LOADER_PREFETCH_ITEMS = 4
+DEVICE_PREFETCH_ITEMS = 1
+
+
+def device_loader(loader: Any, device: torch.device, *, shard_rows: bool = False) -> Any:
+    """On XLA, `loader` behind a background thread that moves its batches to the device ahead of
+    use (MpDeviceLoader); with `shard_rows` each tensor goes out split along its rows over the
+    mesh, each device receiving its own rows only. Elsewhere the loader itself."""
+    if device.type != "xla":
+        return loader
+    import torch_xla.distributed.parallel_loader as pl
+
+    return pl.MpDeviceLoader(loader, device, loader_prefetch_size=LOADER_PREFETCH_ITEMS,
+                             device_prefetch_size=DEVICE_PREFETCH_ITEMS,
+                             input_sharding=BatchSharding() if shard_rows else None)
+
+
+class BatchSharding:
+    """input_sharding for torch_xla's MpDeviceLoader: every tensor of a batch split along dim 0 over
+    the mesh, whatever its rank (xs.ShardingSpec applies to one rank only; the loader calls
+    xla_spec(t) per tensor and reads minibatch, torch_xla.core.xla_model.send_cpu_data_to_device)."""
+
+    minibatch = False  # the loader holds every device's rows (one host)
+
+    def __init__(self) -> None:
+        self._specs: dict[int, Any] = {}
+
+    def xla_spec(self, tensor: torch.Tensor) -> Any:
+        import torch_xla.distributed.spmd as xs
+
+        rank = tensor.dim()
+        if rank not in self._specs:
+            self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
+        return self._specs[rank].xla_spec(tensor)

@@ -1,0 +1,257 @@
+"""One SPMD program per host (spmd.py): N devices in one process, the global batch split along its
+rows, each device holding one replica's batch.
+
+    python -m pytest tests/test_spmd.py -q
+
+The XLA tests run launch_tpu_training.py's main() in PJRT_DEVICE=CPU subprocesses with
+CPU_NUM_DEVICES=2 (run_xla_script): the program a TPU host runs, on two CPU devices.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import QUIET_TRANSFORMS, make_config, requires_xla, run_xla_script
+from dataset import build_dataloaders
+
+
+def test_a_host_loader_stacks_the_replicas_batches_along_rows(data_dir, tmp_path):
+    """Device r's rows are exactly what replica r's own loader yields, for every micro-batch."""
+    cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[256,512]",
+                      "dataset.num_dataloader_workers=0")
+    host, _, _ = build_dataloaders(cfg, n_steps=3, start_step=1, batches_per_step=2, n_replicas=2, n_shards=2)
+    replicas = [build_dataloaders(cfg, n_steps=3, start_step=1, batches_per_step=2, n_replicas=2, rank=r)[0]
+                for r in range(2)]
+    n_rows = cfg.dataset.batch_size
+    n_steps = 0
+    for stacked, *own in zip(host, *replicas):
+        n_steps += 1
+        assert len(stacked) == 2  # micro-batches
+        for micro, batch in enumerate(stacked):
+            for rank, replica_step in enumerate(own):
+                for key, value in replica_step[micro].items():
+                    rows = batch[key][rank * n_rows : (rank + 1) * n_rows]
+                    if key == "input_features":  # padded to the step's longest micro-batch of any replica
+                        rows = rows[:, : value.shape[1]]
+                        assert not batch[key][rank * n_rows : (rank + 1) * n_rows, value.shape[1]:].any()
+                    assert torch.equal(rows, value), (micro, rank, key)
+    assert n_steps == 2
+
+
+def test_a_host_loader_needs_static_shapes(data_dir, tmp_path):
+    from config import ConfigError
+
+    cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=false")
+    with pytest.raises(ConfigError, match="static_shapes"):
+        build_dataloaders(cfg, n_steps=2, batches_per_step=1, n_replicas=2, n_shards=2)
+
+
+def test_a_stacked_batch_loss_is_the_mean_of_the_replicas_losses():
+    """What data parallelism averages: each replica's masked mean, not one mean over all rows."""
+    import rnn_trainer
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [10.0, 11.0, 12.0]])  # (B=4, T=3)
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [False, False, False]])
+    replica_means = [rnn_trainer._masked_mean(values[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    stacked = rnn_trainer._masked_mean(values, mask, n_shards=2)
+    torch.testing.assert_close(stacked, torch.stack(replica_means).mean())
+    assert not torch.isclose(stacked, rnn_trainer._masked_mean(values, mask))  # unequal counts: not the same
+
+
+# ----------------------------------------------------------------------------- on XLA's CPU backend
+
+RUNS_CODE = """
+import sys, tempfile, yaml
+from pathlib import Path
+sys.path.insert(0, "tests")
+from accelerate.state import AcceleratorState
+from conftest import tiny_config_dict
+import launch_tpu_training
+
+n_devices = {n_devices}
+root = Path({root!r})
+for model_type in ("baseline", "triple"):
+    values = tiny_config_dict(str(root / "data"), str(root / f"{{model_type}}_{{n_devices}}"))
+    values["model"].update(type=model_type, input_dropout=0.0)
+    values["dataset"].update(data_transforms={quiet!r}, static_shapes=True, time_buckets=[256, 512],
+                             num_dataloader_workers=0)
+    values.update(num_training_batches=4, batches_per_val_step=4, gradient_accumulation_steps=3 - n_devices)
+    path = root / f"{{model_type}}_{{n_devices}}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert launch_tpu_training.main(["--config", str(path), "--num_cores", str(n_devices)]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def equal_runs(tmp_path_factory) -> dict:
+    """The last checkpoints of 4 steps on 2 devices and on 1 device accumulating 2, per model."""
+    from make_synthetic_data import generate_dataset
+
+    root = tmp_path_factory.mktemp("spmd")
+    generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
+    for n_devices in (1, 2):
+        run_xla_script(RUNS_CODE.format(n_devices=n_devices, root=str(root), quiet=QUIET_TRANSFORMS), n_devices=n_devices)
+    return {(model, n): torch.load(root / f"{model}_{n}" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+            for model in ("baseline", "triple") for n in (1, 2)}
+
+
+@requires_xla
+@pytest.mark.parametrize("model_type", ["baseline", "triple"])
+def test_two_devices_step_as_one_device_accumulating_their_batches(equal_runs, model_type):
+    one, two = equal_runs[(model_type, 1)], equal_runs[(model_type, 2)]
+    assert one["step"] == two["step"] == 4
+    assert one["config"]["gradient_accumulation_steps"] == 2 and two["config"]["gradient_accumulation_steps"] == 1
+    for name, value in one["model_state_dict"].items():
+        torch.testing.assert_close(two["model_state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    moments = 0
+    for p, state in one["optimizer_state_dict"]["state"].items():  # DayAdamW's moments and step counts
+        for key, value in state.items():
+            torch.testing.assert_close(two["optimizer_state_dict"]["state"][p][key], value, rtol=1e-5, atol=1e-7)
+            moments += key == "exp_avg" and bool(value.abs().sum() > 0)
+    assert moments > 0  # the steps did move something
+    assert one["scheduler_state_dict"] == two["scheduler_state_dict"]
+
+
+REPORT_CODE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_dump_to={dump} --xla_dump_hlo_as_text"
+sys.path.insert(0, "benchmarks")
+import xla_report
+xla_report.main({argv!r})
+"""
+
+
+@requires_xla
+def test_a_two_device_run_is_one_graph_per_step_without_host_reads(tmp_path):
+    argv = ["--devices", "2", "--steps", "6", "--log_every", "2", "--set", "model.n_units=16",
+            "--set", "model.noise_hidden_size=16", "--set", "model.n_noise_layers=1", "--set", "model.n_clean_layers=1",
+            "--set", "model.n_noisy_layers=1", "--set", "dataset.batch_size=2", "--set", "dataset.val_batch_size=4",
+            "--set", "adversarial.warmup_steps=2", "--set", "gradient_accumulation_steps=2",
+            "--set", "dataset.time_buckets=[256,384,512,768]"]
+    out = run_xla_script(REPORT_CODE.format(dump=str(tmp_path), argv=argv), n_devices=2)
+    report = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert report["devices"] == 2 and report["gradient_accumulation_steps"] == 2, report
+    assert report["aten_fallbacks"] == {} and report["local_scalar_dense"] == 0, report
+    assert report["graphs_per_step"] == [1] * 6, report
+    # setup, one graph per training bucket, the first step's variant, one per validation bucket,
+    # the random states' all_gather at the first checkpoint
+    bound = 1 + len(report["train_buckets"]) + 1 + len(report["val_buckets"]) + 1
+    assert 0 < report["n_compilations"] <= bound, report
+    reads = report["host_reads"]
+    assert reads["train_steps"] == 0 and reads["between_steps"] == 0, reads  # nothing waits on a step
+    assert reads["logs"] > 0 and reads["validation"] > 0, reads  # counted where they happen
+    # The partitioner splits the loops over time (GRU states, CTC alpha) too: each device runs them
+    # on its own 2 rows of the 4, rather than repeating the recurrences on the whole batch.
+    step_graphs = [p.read_text() for p in tmp_path.glob("*SyncTensorsGraph*after_optimizations.txt")
+                   if " all-reduce(" in p.read_text()]  # the training steps (gradients summed over devices)
+    carried_rows = {int(rows) for text in step_graphs  # a while's tuple: (counter, first carry, ...)
+                    for rows in re.findall(r"= \(s64\[\], f32\[(\d+),[^\n]*\) while\(", text)}
+    assert step_graphs and carried_rows == {2}, carried_rows
+
+
+SIGTERM_CODE = """
+import os, signal, sys, yaml
+from pathlib import Path
+sys.path.insert(0, "tests")
+import torch
+from accelerate.state import AcceleratorState
+from conftest import assert_same_training_state, tiny_config_dict
+from make_synthetic_data import generate_dataset
+import launch_tpu_training, rnn_trainer
+
+root = Path({root!r})
+generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
+
+
+def launch(name, *argv):
+    values = tiny_config_dict(str(root / "data"), str(root / name))
+    # Input dropout and white noise on: the resumed run must draw the same numbers on the devices.
+    values.update(num_training_batches=4, batches_per_val_step=2, checkpoint_every_steps=2)
+    values["dataset"].update(static_shapes=True, time_buckets=[256, 512])
+    (root / f"{{name}}.yaml").write_text(yaml.safe_dump(values))
+    status = launch_tpu_training.main(["--config", str(root / f"{{name}}.yaml"), "--num_cores", "2", *argv])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return status
+
+
+assert launch("straight") == 0
+real_step, calls = rnn_trainer.train_step, []
+def step_then_signal(**kwargs):
+    out = real_step(**kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's own process: it is the trainer
+    return out
+rnn_trainer.train_step = step_then_signal
+print("STATUS", launch("run", "--resume", "auto"))
+rnn_trainer.train_step = real_step
+print("SAVED_AT", torch.load(root / "run/checkpoint/last_checkpoint.pt", weights_only=False)["step"])
+assert launch("run", "--resume", "auto") == 0
+assert_same_training_state(torch.load(root / "straight/checkpoint/last_checkpoint.pt", weights_only=False),
+                           torch.load(root / "run/checkpoint/last_checkpoint.pt", weights_only=False))
+print("EQUAL")
+"""
+
+
+@requires_xla
+def test_sigterm_to_the_launcher_saves_the_step_and_auto_resume_ends_equal(tmp_path):
+    out = run_xla_script(SIGTERM_CODE.format(root=str(tmp_path)), n_devices=2)
+    assert "STATUS 143" in out and "SAVED_AT 3" in out, out[-2000:]
+    assert out.strip().splitlines()[-1] == "EQUAL", out[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "SIGTERM: saved checkpoint/last_checkpoint.pt at step 3, stopping" in log
+    assert "(DistributedType.XLA, 1 process(es) x 2 device(s))" in log  # one process for both devices
+
+
+ACCELERATE_CODE = """
+import os, subprocess, sys, yaml
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import tiny_config_dict  # sets USE_TORCH_XLA=0 for CPU tests: not for the launched process
+from make_synthetic_data import generate_dataset
+
+root = Path({root!r})
+generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
+values = tiny_config_dict(str(root / "data"), str(root / "run"))
+values.update(num_training_batches=2, batches_per_val_step=2, use_tpu=True, num_tpu_cores=2)
+values["dataset"].update(static_shapes=True, time_buckets=[256, 512])
+(root / "run.yaml").write_text(yaml.safe_dump(values))
+command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config_tpu.yaml",
+           "train_model.py", "--config_path", str(root / "run.yaml")]
+proc = subprocess.run(command, capture_output=True, text=True,
+                      env={{k: v for k, v in os.environ.items() if k != "USE_TORCH_XLA"}})
+print(proc.stderr[-3000:])
+print("STATUS", proc.returncode)
+"""
+
+
+@requires_xla
+def test_accelerate_launch_with_the_shipped_config_runs_one_process_over_the_hosts_devices(tmp_path):
+    out = run_xla_script(ACCELERATE_CODE.format(root=str(tmp_path)), n_devices=2)
+    assert out.strip().splitlines()[-1] == "STATUS 0", out[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "(DistributedType.XLA, 1 process(es) x 2 device(s))" in log, log
+    assert torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_a_checkpoint_at_a_url_is_resumed_memory_mapped(tmp_path):
+    """Downloaded once to local disk and mapped, not held whole in host memory by torch.load."""
+    import fsspec
+
+    import checkpoints
+
+    url = f"memory://{tmp_path.name}/run"
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"{url}/checkpoint/{checkpoints.LAST_CHECKPOINT}", "wb") as handle:
+        torch.save({"model_state_dict": {"w": torch.arange(1000.0)}, "step": 5}, handle)
+    path, checkpoint = checkpoints.newest_checkpoint(url)
+    assert path.endswith(checkpoints.LAST_CHECKPOINT) and checkpoint["step"] == 5
+    weights = checkpoint["model_state_dict"]["w"]
+    assert torch.equal(weights, torch.arange(1000.0))
+    # Its pages come from a mapped local copy, already unlinked, not from host memory.
+    maps = open("/proc/self/maps").read().splitlines()
+    assert any(line.endswith(f"/{checkpoints.LAST_CHECKPOINT} (deleted)") for line in maps)
+    fs.rm(url, recursive=True)
