@@ -59,7 +59,7 @@ def test_recurrence_gradients_are_exact_in_float64(reverse: bool):
         torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
         torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
     )
-    assert torch.autograd.gradcheck(lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse), inputs)
+    assert torch.autograd.gradcheck(lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse, None), inputs)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
