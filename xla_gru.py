@@ -22,8 +22,10 @@ the unrolled nn.GRU that stores weights per step). `GRU` subclasses torch's own 
 (not torch_xla's patched one), so parameter names and shapes are nn.GRU's (`*_reverse` for the
 reverse direction) and every checkpoint loads unchanged, on CPU, CUDA (cuDNN) and XLA alike. It uses
 this recurrence on XLA devices, or anywhere with `use_scan = True` (how the tests compare it with
-torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA), over
-packed sequences when given lengths.
+torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA). Given
+lengths, CUDA runs cuDNN over packed sequences and the CPU this recurrence: torch's CPU kernel
+over packed sequences took 2.3x the time of the padded one for a bidirectional demo-size GRU
+(forward + backward), this loop with lengths 1.08x.
 
 Used as a library: `from xla_gru import GRU`.
 Tested by: `.venv/bin/python -m pytest tests/test_xla_gru.py -q`.
@@ -240,8 +242,10 @@ class GRU(_TorchGRU):
         Returns (output (B, T, D*H) or (T, B, D*H), h_n (L*D, B, H)), as nn.GRU; with lengths, as
         nn.GRU on packed sequences, padded back to T with zeros.
         """
-        if not (self.use_scan or x.device.type == "xla"):
-            return super().forward(x, hx) if lengths is None else self._packed_forward(x, hx, lengths)
+        if lengths is None and not (self.use_scan or x.device.type == "xla"):
+            return super().forward(x, hx)
+        if lengths is not None and x.device.type == "cuda" and not self.use_scan:
+            return self._packed_forward(x, hx, lengths)
         if not self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I) -> (B, T, I)
         if hx is None:
