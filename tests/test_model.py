@@ -334,6 +334,56 @@ def test_bidirectional_trial_outputs_do_not_depend_on_padding_or_batch_mates(nam
     torch.testing.assert_close(batched[2], head.bias.expand(19, -1), rtol=1e-6, atol=1e-6)
 
 
+XLA_BUCKET_SCRIPT = r"""
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from rnn_model import GRUDecoder, TripleGRUDecoder, infer
+
+case = torch.load(CASE_PATH)
+device = torch_xla.device()
+met.clear_all()
+for name, cls in (("baseline", GRUDecoder), ("triple", TripleGRUDecoder)):
+    model = cls(**case[name]["kwargs"])
+    model.load_state_dict(case[name]["state"])
+    model.to(device).eval()
+    compiles = []
+    for features, n_time_steps, day_idx, row in case["batches"]:  # one bucket of 48 bins, other trials
+        with torch.no_grad():
+            logits, n_frames = infer(model, features.to(device), day_idx.to(device), n_time_steps.to(device), use_amp=False)
+        torch_xla.sync()
+        torch.testing.assert_close(logits.cpu()[row, :8], case[name]["alone"], rtol=1e-5, atol=1e-5)
+        compiles.append(met.metric_data("CompileTime")[0])
+    assert compiles[1] == compiles[0], compiles
+    print(name, "bucket matches alone")
+fallbacks = [c for c in met.counter_names() if c.startswith("aten::")]
+assert not fallbacks, fallbacks
+"""
+
+
+@requires_xla
+def test_xla_bucket_padded_bidirectional_logits_match_the_trial_alone(tmp_path):
+    """A trial's logits on XLA, in a batch padded to a 48-bin bucket beside a longer trial, are its
+    logits alone and unpadded on the CPU; other batches of the bucket reuse the compiled graph."""
+    torch.manual_seed(1)
+    trial = torch.randn(18, 8)  # of day 1
+    case = {"batches": []}
+    for other, row in ((torch.randn(40, 8), 1), (torch.randn(30, 8), 0)):
+        trials = [other, trial] if row == 1 else [trial, other]
+        features, n_time_steps = _padded_batch([*trials, torch.randn(48, 8)])  # the third row sets the bucket
+        case["batches"].append((features[:2], n_time_steps[:2], torch.tensor([0, 1]) if row == 1 else torch.tensor([1, 0]), row))
+    for name, model in _small_models(bidirectional=True).items():
+        with torch.no_grad():
+            alone = infer(model.eval(), trial[None], torch.tensor([1]), torch.tensor([18]), use_amp=False)[0][0]
+        kwargs = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, bidirectional=True)
+        kwargs.update(n_layers=2) if name == "baseline" else kwargs.update(noise_hidden_size=0)
+        case[name] = {"kwargs": kwargs, "state": model.state_dict(), "alone": alone}
+    path = tmp_path / "case.pt"
+    torch.save(case, path)
+    stdout = run_xla_script(XLA_BUCKET_SCRIPT.replace("CASE_PATH", repr(str(path))))
+    assert {"baseline bucket matches alone", "triple bucket matches alone"} <= set(stdout.splitlines())
+
+
 @pytest.mark.parametrize("use_scan", [False, True], ids=["torch-gru", "scan-gru"])
 def test_lengths_change_nothing_for_causal_models(use_scan: bool):
     """Causal GRUs are not packed or masked: outputs and gradients are bit for bit those without lengths."""
