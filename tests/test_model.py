@@ -288,7 +288,8 @@ def _small_models(bidirectional: bool, use_scan: bool = False) -> dict[str, torc
     """A small baseline and triple (patch 4, stride 2), weights moved off their initialisation,
     their GRUs on torch's kernels or on the scan (xla_gru's XLA recurrence, run on the CPU)."""
     torch.manual_seed(0)
-    kwargs = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, bidirectional=bidirectional)
+    kwargs = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2,
+                  bidirectional=bidirectional)
     models = {"baseline": GRUDecoder(**kwargs, n_layers=2), "triple": TripleGRUDecoder(**kwargs, noise_hidden_size=0)}
     for model in models.values():
         with torch.no_grad():
@@ -350,7 +351,7 @@ for name, cls in (("baseline", GRUDecoder), ("triple", TripleGRUDecoder)):
     compiles = []
     for features, n_time_steps, day_idx, row in case["batches"]:  # one bucket of 48 bins, other trials
         with torch.no_grad():
-            logits, n_frames = infer(model, features.to(device), day_idx.to(device), n_time_steps.to(device), use_amp=False)
+            logits, _ = infer(model, features.to(device), day_idx.to(device), n_time_steps.to(device), use_amp=False)
         torch_xla.sync()
         torch.testing.assert_close(logits.cpu()[row, :8], case[name]["alone"], rtol=1e-5, atol=1e-5)
         compiles.append(met.metric_data("CompileTime")[0])
@@ -371,7 +372,8 @@ def test_xla_bucket_padded_bidirectional_logits_match_the_trial_alone(tmp_path):
     for other, row in ((torch.randn(40, 8), 1), (torch.randn(30, 8), 0)):
         trials = [other, trial] if row == 1 else [trial, other]
         features, n_time_steps = _padded_batch([*trials, torch.randn(48, 8)])  # the third row sets the bucket
-        case["batches"].append((features[:2], n_time_steps[:2], torch.tensor([0, 1]) if row == 1 else torch.tensor([1, 0]), row))
+        day_idx = torch.tensor([0, 1] if row == 1 else [1, 0])
+        case["batches"].append((features[:2], n_time_steps[:2], day_idx, row))
     for name, model in _small_models(bidirectional=True).items():
         with torch.no_grad():
             alone = infer(model.eval(), trial[None], torch.tensor([1]), torch.tensor([18]), use_amp=False)[0][0]
@@ -393,7 +395,8 @@ def test_lengths_change_nothing_for_causal_models(use_scan: bool):
         results = []
         for lengths in (None, torch.tensor([13, 4, 0])):
             model.zero_grad()
-            outputs = decoder_outputs(model, features, day_idx, use_amp=False, mode="full", grl_lambda=0.5, lengths=lengths)
+            outputs = decoder_outputs(model, features, day_idx, use_amp=False, mode="full", grl_lambda=0.5,
+                                      lengths=lengths)
             sum(o.square().mean() for o in outputs).backward()
             results.append([o.detach() for o in outputs] + [p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -416,8 +419,9 @@ def test_bidirectional_trial_ctc_and_gradient_do_not_depend_on_batch_mates(tmp_p
             module.use_scan = use_scan
     trials = [torch.randn(18, 24), torch.randn(44, 24)]
     features, n_time_steps = _padded_batch(trials)
-    batch = {"input_features": features, "n_time_steps": n_time_steps, "seq_class_ids": torch.tensor([[3, 5, 7], [9, 2, 0]]),
-             "phone_seq_lens": torch.tensor([3, 2]), "day_indices": torch.tensor([1, 0]), "row_mask": torch.tensor([True, True])}
+    batch = {"input_features": features, "n_time_steps": n_time_steps, "day_indices": torch.tensor([1, 0]),
+             "seq_class_ids": torch.tensor([[3, 5, 7], [9, 2, 0]]), "phone_seq_lens": torch.tensor([3, 2]),
+             "row_mask": torch.tensor([True, True])}
 
     def loss_terms_and_grads(rows: slice) -> tuple[dict, list[torch.Tensor]]:
         model.zero_grad()

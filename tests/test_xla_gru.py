@@ -31,10 +31,13 @@ def _packed(gru, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor) -> tu
     """torch's GRU on packed sequences, its output padded back to x's length with zeros."""
     packed = pack_padded_sequence(x, lengths, batch_first=gru.batch_first, enforce_sorted=False)
     output, h_n = torch.nn.modules.rnn.GRU.forward(gru, packed, h0)
-    return pad_packed_sequence(output, batch_first=gru.batch_first, total_length=x.shape[1 if gru.batch_first else 0])[0], h_n
+    n_steps = x.shape[1 if gru.batch_first else 0]
+    return pad_packed_sequence(output, batch_first=gru.batch_first, total_length=n_steps)[0], h_n
 
 
-def _outputs_and_grads(gru, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+def _outputs_and_grads(
+    gru, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """[output, h_n, d/dx, d/dh0, d/dparam...] for a fixed random linear loss on output and h_n.
     With lengths, torch's GRU runs on packed sequences and ours is given the lengths."""
     x, h0 = x.clone().requires_grad_(), h0.clone().requires_grad_()
