@@ -587,8 +587,9 @@ def compute_logits(
     record holds the log of the posteriors averaged over n_copies noisy copies (`tta_noise`,
     seeded by (seed, copy, trial)) instead of the logits.
 
-    A trial's logits do not depend on its batch-mates: the GRU is causal and the smoothing pads
-    with zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
+    A trial's logits do not depend on its batch-mates: a causal GRU reads no later frame, a
+    bidirectional one is given each trial's length (rnn_model.infer), and the smoothing pads with
+    zeros, so the padding that a batch (or a time bucket on XLA) adds changes nothing.
     """
     dataset = loader.dataset
     loaded.model.to(device).eval()

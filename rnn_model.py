@@ -188,17 +188,22 @@ def _new_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
-def _run_gru(gru: GRU, x: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+def _run_gru(gru: GRU, x: Tensor, states: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Run a GRU with autocast off and inputs in the weights' dtype (float32 under autocast).
 
     Under bf16 a 768-unit layer's outputs are off by ~1e-3 on average, four orders of magnitude
     more than in float32 (TPU_MODEL_SUMMARY.md, "Where bf16 applies"), so mixed precision stops at
-    the GRU's boundary. x: (B, T, I); states: (L*D, B, H).
+    the GRU's boundary. x: (B, T, I); states: (L*D, B, H); lengths: (B,) frames per trial.
+
+    Only a bidirectional GRU reads the lengths: its reverse direction must start at each trial's
+    last frame, not at the padding's. A causal GRU's frame t reads no later frame, so it runs
+    unpacked and its outputs stay bit for bit what they were.
     """
     dtype = gru.weight_hh_l0.dtype
+    lengths = lengths if gru.bidirectional else None
     with torch.autocast(device_type=x.device.type, enabled=False):
         # expand()ed initial states are strided views; cuDNN wants a contiguous hx.
-        return gru(x.to(dtype), states.to(dtype).contiguous())
+        return gru(x.to(dtype), states.to(dtype).contiguous(), lengths=lengths)
 
 
 class GRUDecoder(nn.Module):
@@ -250,20 +255,23 @@ class GRUDecoder(nn.Module):
         self.h0 = _new_initial_state(n_units, n_directions)
 
     def forward(
-        self, x: Tensor, day_idx: Tensor, states: Tensor | None = None, return_state: bool = False
+        self, x: Tensor, day_idx: Tensor, states: Tensor | None = None, return_state: bool = False,
+        lengths: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, T, D) features; day_idx: (B,) day indices; states: (L*Dir, B, H) or None for h0
-        (Dir = 2 directions when bidirectional, nn.GRU's layout).
+        (Dir = 2 directions when bidirectional, nn.GRU's layout); lengths: (B,) each trial's
+        number of output frames (n_patches of its bins), or None when every frame is real.
 
         Returns logits (B, T', C) in float32, plus the final hidden state (L*Dir, B, H) when
-        return_state is set.
+        return_state is set. When bidirectional, frames at t >= lengths are read by neither
+        direction (their GRU output is 0, their logits the head's bias).
         """
         x = _select_day_affine(x, day_idx, self.day_weights, self.day_biases)
         x = self.day_layer_dropout(self.day_layer_activation(x))
         x = patch_inputs(x, self.patch_size, self.patch_stride)  # (B, T, D) -> (B, T', P*D)
         if states is None:
             states = _initial_states(self.h0, self.n_layers, x.shape[0])  # (Dir, 1, H) -> (L*Dir, B, H)
-        output, hidden = _run_gru(self.gru, x, states)  # output: (B, T', Dir*H)
+        output, hidden = _run_gru(self.gru, x, states, lengths)  # output: (B, T', Dir*H)
         logits = self.out(output).float()  # autocast returns bf16 from the head; callers get float32
         if return_state:
             return logits, hidden
@@ -302,10 +310,11 @@ class GRUBranch(nn.Module):
         self.h0 = _new_initial_state(hidden_size, n_directions)
         self.out = _new_linear(n_directions * hidden_size, output_size) if output_size > 0 else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, I). Returns (B, T, output_size) through the output layer, else (B, T, Dir*H), float32."""
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x: (B, T, I); lengths: (B,) frames per trial (read when bidirectional) or None.
+        Returns (B, T, output_size) through the output layer, else (B, T, Dir*H), float32."""
         states = _initial_states(self.h0, self.n_layers, x.shape[0])  # (Dir, 1, H) -> (L*Dir, B, H)
-        output, _ = _run_gru(self.gru, x, states)  # (B, T, Dir*H)
+        output, _ = _run_gru(self.gru, x, states, lengths)  # (B, T, Dir*H)
         if self.out is None:
             return output
         return self.out(output).float()
@@ -376,13 +385,16 @@ class CleanSpeechModel(nn.Module):
             dropout=rnn_dropout, output_size=n_classes, bidirectional=bidirectional,
         )
 
-    def forward(self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x: (B, T, D); day_idx: (B,); noise: (B, T', P*D) or None. Returns logits (B, T', C)."""
+    def forward(
+        self, x: Tensor, day_idx: Tensor, noise: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, D); day_idx: (B,); noise: (B, T', P*D) or None; lengths: (B,) frames per
+        trial or None. Returns logits (B, T', C)."""
         x_processed = patch_inputs(self.day_layer(x, day_idx), self.patch_size, self.patch_stride)  # -> (B, T', P*D)
         if noise is not None:
             # Subtract in float32: under autocast either side may be bf16.
             x_processed = x_processed.float() - noise.float()
-        return self.branch(x_processed)
+        return self.branch(x_processed, lengths)
 
 
 class NoisySpeechModel(nn.Module):
@@ -398,9 +410,9 @@ class NoisySpeechModel(nn.Module):
             bidirectional=bidirectional,
         )
 
-    def forward(self, noise: Tensor) -> Tensor:
-        """noise: (B, T', P*D). Returns logits (B, T', C)."""
-        return self.branch(noise)
+    def forward(self, noise: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """noise: (B, T', P*D); lengths: (B,) frames per trial or None. Returns logits (B, T', C)."""
+        return self.branch(noise, lengths)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -473,17 +485,19 @@ class TripleGRUDecoder(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, day_idx: Tensor, mode: str = "inference", grl_lambda: float | Tensor = 0.0
+        self, x: Tensor, day_idx: Tensor, mode: str = "inference", grl_lambda: float | Tensor = 0.0,
+        lengths: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
-        """x: (B, T, D); day_idx: (B,). inference -> (clean_logits,); full -> (clean_logits,
+        """x: (B, T, D); day_idx: (B,); lengths: (B,) frames per trial, read by bidirectional
+        speech GRUs (the noise GRU is causal). inference -> (clean_logits,); full -> (clean_logits,
         noisy_logits, noise) with logits (B, T', C) and noise (B, T', P*D), all float32."""
         if mode not in ("inference", "full"):
             raise ValueError(f"mode must be 'inference' or 'full', got {mode!r}")
         noise = self.noise_model(x, day_idx)
-        clean_logits = self.clean_model(x, day_idx, noise)
+        clean_logits = self.clean_model(x, day_idx, noise, lengths)
         if mode == "inference":
             return (clean_logits,)
-        noisy_logits = self.noisy_model(grad_reverse(noise, grl_lambda))
+        noisy_logits = self.noisy_model(grad_reverse(noise, grl_lambda), lengths)
         return clean_logits, noisy_logits, noise
 
 
@@ -607,19 +621,21 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def decoder_outputs(
     model: nn.Module, features: Tensor, day_indices: Tensor, *, use_amp: bool, mode: str = "inference",
-    grl_lambda: float | Tensor = 0.0,
+    grl_lambda: float | Tensor = 0.0, lengths: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Either decoder's outputs as a tuple, clean logits first, under bf16 autocast when use_amp.
 
     `model` may be wrapped (DDP, torch.compile); the call goes through the wrapper so DDP's
     gradient hooks run. mode 'full' adds the triple model's (noisy_logits, noise); the baseline
     has one output in either mode. The GRU recurrences stay float32 inside the model and the
-    logits come back float32, so the CTC that follows runs in float32.
+    logits come back float32, so the CTC that follows runs in float32. `lengths` (B,), each
+    trial's output frames (the CTC input lengths), keep a bidirectional model to each trial's
+    frames, so its outputs do not depend on the padding; None reads every frame as real.
     """
     with torch.autocast(device_type=features.device.type, dtype=torch.bfloat16, enabled=use_amp):
         if isinstance(_unwrapped(model), TripleGRUDecoder):
-            return tuple(model(features, day_indices, mode=mode, grl_lambda=grl_lambda))
-        return (model(features, day_indices),)
+            return tuple(model(features, day_indices, mode=mode, grl_lambda=grl_lambda, lengths=lengths))
+        return (model(features, day_indices, lengths=lengths),)
 
 
 def infer(
@@ -630,9 +646,9 @@ def infer(
     features: (B, T, D) already smoothed; day_indices, n_time_steps: (B,). Returns the clean
     logits (B, T', C) float32 and each trial's number of valid output frames (B,).
     """
-    logits = decoder_outputs(model, features, day_indices, use_amp=use_amp)[0]
     inner = _unwrapped(model)
-    return logits, n_patches(n_time_steps, inner.patch_size, inner.patch_stride)
+    lengths = n_patches(n_time_steps, inner.patch_size, inner.patch_stride)
+    return decoder_outputs(model, features, day_indices, use_amp=use_amp, lengths=lengths)[0], lengths
 
 
 def build_model(cfg_model: Any, n_days: int) -> nn.Module:

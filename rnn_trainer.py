@@ -174,7 +174,7 @@ def compute_loss(
     counted = _ctc_counted_rows(batch, input_lengths=input_lengths)
     outputs = rnn_model.decoder_outputs(
         model, batch["input_features"], batch["day_indices"], use_amp=cfg.use_amp, mode="full",
-        grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate,
+        grl_lambda=cfg.adversarial.grl_lambda * adversarial_gate, lengths=input_lengths,
     )
     ctc = functools.partial(
         _per_sample_ctc, batch=batch, input_lengths=input_lengths, counted=counted, use_dense_ctc=use_dense_ctc

@@ -11,7 +11,10 @@ per frame for the full TripleGRUDecoder). This GRU instead
   builder on XLA, a Python loop elsewhere; the reverse direction loops from the last step to the
   first), saving only the per-step gates and hidden states;
 - runs its own backward as a reverse loop that returns per-step gate gradients, then forms the
-  weight gradients as single matmuls over all steps, outside the loop.
+  weight gradients as single matmuls over all steps, outside the loop;
+- given each trial's length, keeps static shapes: a row past its trial's end holds its state
+  (h0 for the reverse direction, which so starts at the trial's last real frame) and outputs 0,
+  in the forward loop and in the backward one, as torch's GRU on packed sequences computes.
 
 The weights ride in the loop carry, where a while loop keeps one copy whatever the length; they
 are never stacked per step. torch_xla's own scan GRU has no bidirectional form (it falls back to
@@ -19,7 +22,10 @@ the unrolled nn.GRU that stores weights per step). `GRU` subclasses torch's own 
 (not torch_xla's patched one), so parameter names and shapes are nn.GRU's (`*_reverse` for the
 reverse direction) and every checkpoint loads unchanged, on CPU, CUDA (cuDNN) and XLA alike. It uses
 this recurrence on XLA devices, or anywhere with `use_scan = True` (how the tests compare it with
-torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA).
+torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA). Given
+lengths, CUDA runs cuDNN over packed sequences and the CPU this recurrence: for a bidirectional
+3-layer 128-unit GRU (forward + backward, 16 trials of up to 150 frames) torch's CPU kernel over
+packed sequences took 1.3-2.3x the time of the padded one, this loop with lengths 0.97-1.08x.
 
 Used as a library: `from xla_gru import GRU`.
 Tested by: `.venv/bin/python -m pytest tests/test_xla_gru.py -q`.
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.rnn import GRU as _TorchGRU  # the class itself, never torch_xla's replacement
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils._pytree import tree_map
 
 
@@ -78,14 +85,25 @@ def _forward_step(
     return (h_new, w_hh, b_hh), (h_new, gates)
 
 
-def _backward_step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor, Tensor]) -> tuple[Any, Tensor]:
+def _held_step(
+    carry: tuple[Tensor, Tensor, Tensor], xs: tuple[Tensor, Tensor], *, save_dtype: torch.dtype | None
+) -> tuple[Any, Any]:
+    """`_forward_step` for the rows inside their trial (valid_t (B, 1) bool); the others hold their
+    state. xs: gi_t (B, 3H), valid_t."""
+    gi_t, valid_t = xs
+    (h_new, w_hh, b_hh), ys = _forward_step(carry, gi_t, save_dtype=save_dtype)
+    h = torch.where(valid_t, h_new, carry[0])
+    return (h, w_hh, b_hh), (h if save_dtype is None else (h, ys[1]))
+
+
+def _backward_step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, ...]) -> tuple[Any, Tensor]:
     """Reverse step: gradient of the pre-activations gi_t (B, 3H) and of h_{t-1}.
 
     carry: dh (B, H) flowing back from step t+1, w_hh (3H, H). xs: dL/dh_t from the layer's
-    output (B, H), the saved gates (B, 4H), h_{t-1} (B, H).
+    output (B, H), the saved gates (B, 4H), h_{t-1} (B, H), and with lengths valid_t (B, 1) bool.
     """
     dh_next, w_hh = carry
-    d_out, gates, h_prev = xs
+    d_out, gates, h_prev, *valid = xs
     r, z, n, gh_n = gates.float().chunk(4, dim=-1)
     dh = dh_next + d_out
     da_n = dh * (1 - z) * (1 - n * n)  # through n = tanh(a_n)
@@ -94,6 +112,9 @@ def _backward_step(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor, Tenso
     dgi = torch.cat([da_r, da_z, da_n], dim=-1)  # (B, 3H)
     dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (B, 3H)
     dh_prev = dh * z + dgh @ w_hh  # (B, 3H) @ (3H, H) -> (B, H)
+    if valid:  # a row past its trial's end held its state: its gradient passes through unchanged
+        dgi = torch.where(valid[0], dgi, torch.zeros_like(dgi))
+        dh_prev = torch.where(valid[0], dh_prev, dh)
     return (dh_prev, w_hh), dgi
 
 
@@ -103,28 +124,29 @@ class _GRURecurrence(torch.autograd.Function):
     Saves hs (T, B, H) and the gates r, z, n, W_hn h + b_hn (T, B, 4H) in `save_dtype`; the
     backward returns dgi per step and dW_hh, db_hh as one matmul / sum over all steps. With
     `reverse` the recurrence runs from the last step to the first (a bidirectional GRU's reverse
-    direction): hs[t] is then the state after reading steps T-1 .. t.
+    direction): hs[t] is then the state after reading steps T-1 .. t. With `valid` (T, B, 1) bool,
+    a row holds its state where valid is False (see `_held_step`).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool
+        ctx: Any, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool,
+        valid: Tensor | None,
     ) -> Tensor:
         """gi: (T, B, 3H) = x @ W_ih^T + b_ih; h0: (B, H). Returns hs (T, B, H)."""
-        step = functools.partial(_forward_step, save_dtype=save_dtype)
-        _, (hs, gates) = _loop(step, (h0, w_hh, b_hh), gi, reverse=reverse)
-        ctx.save_for_backward(h0, w_hh, hs, gates)
+        step = functools.partial(_forward_step if valid is None else _held_step, save_dtype=save_dtype)
+        _, (hs, gates) = _loop(step, (h0, w_hh, b_hh), gi if valid is None else (gi, valid), reverse=reverse)
+        ctx.save_for_backward(h0, w_hh, hs, gates, valid)
         ctx.reverse = reverse
         return hs
 
     @staticmethod
-    def backward(ctx: Any, d_hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None]:
-        h0, w_hh, hs, gates = ctx.saved_tensors
+    def backward(ctx: Any, d_hs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None, None, None]:
+        h0, w_hh, hs, gates, valid = ctx.saved_tensors
         # The state each step read: h_{t-1} forward, h_{t+1} in reverse. (T, B, H)
         h_prev = torch.cat([hs[1:], h0[None]]) if ctx.reverse else torch.cat([h0[None], hs[:-1]])
-        (dh0, _), dgi = _loop(
-            _backward_step, (torch.zeros_like(h0), w_hh), (d_hs, gates, h_prev), reverse=not ctx.reverse
-        )
+        xs = (d_hs, gates, h_prev) if valid is None else (d_hs, gates, h_prev, valid)
+        (dh0, _), dgi = _loop(_backward_step, (torch.zeros_like(h0), w_hh), xs, reverse=not ctx.reverse)
         # dgh differs from dgi only in its n block (times r): rebuilt here rather than stacked by
         # the loop as a second (T, B, 3H) output.
         r = gates[..., : h0.shape[-1]].float()
@@ -132,11 +154,12 @@ class _GRURecurrence(torch.autograd.Function):
         dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (T, B, 3H)
         dgh_flat = dgh.reshape(-1, dgh.shape[-1])  # (T, B, 3H) -> (T*B, 3H)
         dw_hh = dgh_flat.t() @ h_prev.reshape(-1, h_prev.shape[-1])  # (3H, T*B) @ (T*B, H) -> (3H, H)
-        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None, None
+        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None, None, None
 
 
 def _recurrence(
-    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool = False
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save_dtype: torch.dtype, reverse: bool = False,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """hs (T, B, H) of the recurrence; saves gates for a backward only when one can follow.
 
@@ -145,8 +168,9 @@ def _recurrence(
     require grad, grad mode off) would trace and stack the (T, B, 4H) gates for nothing.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (gi, h0, w_hh, b_hh)):
-        return _GRURecurrence.apply(gi, h0, w_hh, b_hh, save_dtype, reverse)
-    _, hs = _loop(functools.partial(_forward_step, save_dtype=None), (h0, w_hh, b_hh), gi, reverse=reverse)
+        return _GRURecurrence.apply(gi, h0, w_hh, b_hh, save_dtype, reverse, valid)
+    step = functools.partial(_forward_step if valid is None else _held_step, save_dtype=None)
+    _, hs = _loop(step, (h0, w_hh, b_hh), gi if valid is None else (gi, valid), reverse=reverse)
     return hs
 
 
@@ -155,7 +179,7 @@ Weights = tuple[Tensor, Tensor, Tensor, Tensor]  # one direction of one layer: w
 
 def gru_scan(
     x: Tensor, hx: Tensor, weights: list[tuple[Weights, ...]] | list[Weights], *, dropout: float,
-    training: bool, save_dtype: torch.dtype = torch.float32,
+    training: bool, save_dtype: torch.dtype = torch.float32, lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer GRU, batch first, with nn.GRU's equations, dropout rule and state layout.
 
@@ -164,8 +188,16 @@ def gru_scan(
     index layer * D + direction. Returns the last layer's outputs (B, T, D*H), the directions'
     outputs concatenated, and the final states (L*D, B, H). Float32 throughout, with the saved
     activations in `save_dtype`.
+
+    lengths (B,): each row's number of real steps, as torch's GRU on packed sequences: outputs at
+    t >= length are 0, the final states are those after the last real step (the reverse
+    direction's after reading length-1 .. 0), all at the padded static shape.
     """
     layer_input = x.transpose(0, 1)  # (B, T, I) -> (T, B, I): the loop runs over dim 0
+    valid = None
+    if lengths is not None:
+        steps = torch.arange(layer_input.shape[0], device=x.device)
+        valid = (steps[:, None] < lengths.to(x.device)[None, :]).unsqueeze(-1)  # (T, B) -> (T, B, 1)
     finals = []
     for layer, directions in enumerate(weights):
         if isinstance(directions[0], Tensor):
@@ -181,9 +213,9 @@ def gru_scan(
         outputs = []
         for direction, (gi_d, (_, w_hh, _, b_hh)) in enumerate(zip(gi.chunk(len(directions), dim=-1), directions)):
             reverse = direction == 1
-            hs = _recurrence(gi_d, hx[layer * len(directions) + direction], w_hh, b_hh, save_dtype, reverse)
-            outputs.append(hs)  # (T, B, H)
+            hs = _recurrence(gi_d, hx[layer * len(directions) + direction], w_hh, b_hh, save_dtype, reverse, valid)
             finals.append(hs[0] if reverse else hs[-1])  # the reverse direction ends at t = 0
+            outputs.append(hs if valid is None else torch.where(valid, hs, torch.zeros_like(hs)))  # (T, B, H)
         layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)  # D x (T, B, H) -> (T, B, D*H)
     return layer_input.transpose(0, 1), torch.stack(finals)  # (T, B, D*H) -> (B, T, D*H); L*D x (B, H) -> (L*D, B, H)
 
@@ -203,13 +235,17 @@ class GRU(_TorchGRU):
         self.use_scan = False
         self.save_dtype = torch.float32  # dtype of the activations the scan saves for backward
 
-    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: (B, T, I) when batch_first else (T, B, I); hx: (L*D, B, H), D = 2 when bidirectional.
+    def forward(self, x: Tensor, hx: Tensor | None = None, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, I) when batch_first else (T, B, I); hx: (L*D, B, H), D = 2 when bidirectional;
+        lengths: (B,) each row's number of real steps, or None when all T are.
 
-        Returns (output (B, T, D*H) or (T, B, D*H), h_n (L*D, B, H)), as nn.GRU.
+        Returns (output (B, T, D*H) or (T, B, D*H), h_n (L*D, B, H)), as nn.GRU; with lengths, as
+        nn.GRU on packed sequences, padded back to T with zeros.
         """
-        if not (self.use_scan or x.device.type == "xla"):
+        if lengths is None and not (self.use_scan or x.device.type == "xla"):
             return super().forward(x, hx)
+        if lengths is not None and x.device.type == "cuda" and not self.use_scan:
+            return self._packed_forward(x, hx, lengths)
         if not self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I) -> (B, T, I)
         if hx is None:
@@ -221,8 +257,26 @@ class GRU(_TorchGRU):
             for layer in range(self.num_layers)
         ]
         output, h_n = gru_scan(
-            x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=self.save_dtype
+            x, hx, weights, dropout=self.dropout, training=self.training, save_dtype=self.save_dtype, lengths=lengths
         )
         if not self.batch_first:
             output = output.transpose(0, 1)  # (B, T, H) -> (T, B, H)
+        return output, h_n
+
+    def _packed_forward(self, x: Tensor, hx: Tensor | None, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """torch's GRU over packed sequences (cuDNN's variable-length kernel on CUDA), padded back to T.
+
+        Packing reads the lengths on the host. It takes no empty sequence: a row of length 0 (a
+        trial shorter than one patch) runs one step, then gets outputs 0 and its h_n = hx, as the scan.
+        """
+        n_steps = x.shape[1 if self.batch_first else 0]
+        lengths = lengths.cpu()
+        packed = pack_padded_sequence(x, lengths.clamp_min(1), batch_first=self.batch_first, enforce_sorted=False)
+        output, h_n = super().forward(packed, hx)
+        output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=n_steps)
+        empty = lengths == 0
+        if empty.any():
+            rows = empty.to(x.device)
+            output = output.masked_fill(rows[:, None, None] if self.batch_first else rows[None, :, None], 0.0)
+            h_n = torch.where(rows[None, :, None], torch.zeros_like(h_n) if hx is None else hx, h_n)
         return output, h_n

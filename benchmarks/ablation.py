@@ -4,7 +4,7 @@ trained on the same data at an equal number of steps and at an equal wall-clock 
 
     python benchmarks/ablation.py --data_dir data/synthetic [--config rnn_args_demo.yaml] [--steps 400]
         [--seconds S] [--variants baseline triple triple_no_adv baseline_bidirectional triple_bidirectional]
-        [--out RUN_DIR] [--set key=value ...]
+        [--steps_only] [--out RUN_DIR] [--set key=value ...]
 
 Variants (overrides on top of --config and --set):
   baseline       model.type=baseline: the upstream GRUDecoder (model.n_layers GRU layers)
@@ -27,7 +27,8 @@ Budgets:
          equal cost, differed by 16% on means and 6% on best windows in one run). The budget
          is the baseline's steps x its best step time. A variant whose count equals its steps
          run reuses that run; train_seconds reports what each run actually took.
-In both, every step-valued schedule key (lr and day-lr warm-up and decay, adversarial warm-up) is
+--steps_only runs the steps budget alone (where step times on a loaded machine would not measure
+the models). In both, every step-valued schedule key (lr and day-lr warm-up and decay, adversarial warm-up) is
 scaled by the run's steps / the config's num_training_batches, so each run goes through the whole
 schedule; with the demo config and --steps 400 the steps runs are the demo's own training.
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seconds", type=float, default=None,
                         help="wall-clock budget in training seconds (default: the baseline's --steps steps)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps_only", action="store_true", help="run the equal-steps budget alone")
     parser.add_argument("--out", default=None, help="directory for the run directories (default: a temp dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -169,9 +171,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             budget = args.seconds
         elif "baseline" in by_steps:
             budget = by_steps["baseline"]["steps"] * by_steps["baseline"]["ms_per_step_best"] / 1000.0
-        else:
+        elif not args.steps_only:
             parser.error("the time budget needs --seconds or the baseline variant")
-        for variant in args.variants:
+        for variant in [] if args.steps_only else args.variants:
             n_steps = max(1, round(1000.0 * budget / by_steps[variant]["ms_per_step_best"]))
             if n_steps == by_steps[variant]["steps"]:
                 result = by_steps[variant]

@@ -73,3 +73,12 @@ def test_ablation_rows_for_every_variant_and_budget(data_dir: Path, tmp_path: Pa
 
     assert all(r["train/loss"] == r["train/ctc_clean"] for r in train_records("triple_no_adv_steps"))
     assert any(r["train/loss"] != r["train/ctc_clean"] for r in train_records("triple_steps"))
+
+
+def test_steps_only_runs_no_time_budget(data_dir: Path, tmp_path: Path):  # noqa: F811
+    config_path = tmp_path / "tiny.yaml"
+    save_config(config_from_dict(tiny_config_dict(str(data_dir), str(tmp_path / "unused"))), config_path)
+    rows = ablation.main(["--data_dir", str(data_dir), "--config", str(config_path), "--steps", "2", "--steps_only",
+                          "--variants", "baseline_bidirectional", "--out", str(tmp_path / "runs")])
+    assert [(r["variant"], r["budget"], r["steps"]) for r in rows] == [("baseline_bidirectional", "2 steps", 2)]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["baseline_bidirectional_steps"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import xla_gru
 from conftest import requires_xla, run_xla_script
 from rnn_model import (
     CleanSpeechModel,
@@ -19,8 +20,10 @@ from rnn_model import (
     NoisySpeechModel,
     TripleGRUDecoder,
     build_model,
+    decoder_outputs,
     format_parameter_summary,
     grad_reverse,
+    infer,
     is_day_parameter,
     load_state_dict_compat,
     n_patches,
@@ -279,6 +282,162 @@ def test_bidirectional_baseline_is_torch_bidirectional_gru_with_h0_per_direction
     assert not torch.allclose(model(later, day_idx)[:, 0], logits[:, 0])
     causal = GRUDecoder(d, h, 2, 5, n_layers=n_layers, patch_size=4, patch_stride=2).eval()
     torch.testing.assert_close(causal(later, day_idx)[:, 0], causal(x, day_idx)[:, 0])
+
+
+def _small_models(bidirectional: bool, use_scan: bool = False) -> dict[str, torch.nn.Module]:
+    """A small baseline and triple (patch 4, stride 2), weights moved off their initialisation,
+    their GRUs on torch's kernels or on the scan (xla_gru's XLA recurrence, run on the CPU)."""
+    torch.manual_seed(0)
+    kwargs = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2,
+                  bidirectional=bidirectional)
+    models = {"baseline": GRUDecoder(**kwargs, n_layers=2), "triple": TripleGRUDecoder(**kwargs, noise_hidden_size=0)}
+    for model in models.values():
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(0.1 * torch.randn_like(w))
+        for module in model.modules():
+            if isinstance(module, xla_gru.GRU):
+                module.use_scan = use_scan
+    return models
+
+
+def _padded_batch(trials: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T_max, D) features, padded with noise rather than zeros so that reading it shows, and (B,) lengths."""
+    lengths = torch.tensor([len(t) for t in trials])
+    batch = torch.randn(len(trials), int(lengths.max()), trials[0].shape[1], generator=torch.Generator().manual_seed(3))
+    for row, trial in enumerate(trials):
+        batch[row, : len(trial)] = trial
+    return batch, lengths
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["torch-gru", "scan-gru"])
+@pytest.mark.parametrize("name", ["baseline", "triple"])
+def test_bidirectional_trial_outputs_do_not_depend_on_padding_or_batch_mates(name: str, use_scan: bool):
+    """A trial's logits (and the triple's noisy logits and noise) alone, and in a batch with longer
+    trials and a trial shorter than one patch: the reverse direction starts at its last frame."""
+    model = _small_models(bidirectional=True, use_scan=use_scan)[name].eval()
+    torch.manual_seed(1)
+    trial, longer, empty = torch.randn(18, 8), torch.randn(40, 8), torch.randn(3, 8)  # 8, 19 and 0 frames
+    features, n_time_steps = _padded_batch([longer, trial, empty])
+    day_idx = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        alone, n_frames = infer(model, trial[None], day_idx[1:2], n_time_steps[1:2], use_amp=False)
+        batched, batched_frames = infer(model, features, day_idx, n_time_steps, use_amp=False)
+        full_alone = decoder_outputs(model, trial[None], day_idx[1:2], use_amp=False, mode="full", lengths=n_frames)
+        full_batched = decoder_outputs(model, features, day_idx, use_amp=False, mode="full", lengths=batched_frames)
+    assert n_frames.tolist() == [8] and batched_frames.tolist() == [19, 8, 0]
+    torch.testing.assert_close(batched[1, :8], alone[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(full_batched, full_alone):
+        torch.testing.assert_close(got[1, :8], want[0], rtol=1e-5, atol=1e-5)
+    # Past its end a trial's GRU outputs are 0, so its logits are the output layer's bias.
+    head = model.out if name == "baseline" else model.clean_model.branch.out
+    torch.testing.assert_close(batched[1, 8:], head.bias.expand(11, -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched[2], head.bias.expand(19, -1), rtol=1e-6, atol=1e-6)
+
+
+XLA_BUCKET_SCRIPT = r"""
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from rnn_model import GRUDecoder, TripleGRUDecoder, infer
+
+case = torch.load(CASE_PATH)
+device = torch_xla.device()
+met.clear_all()
+for name, cls in (("baseline", GRUDecoder), ("triple", TripleGRUDecoder)):
+    model = cls(**case[name]["kwargs"])
+    model.load_state_dict(case[name]["state"])
+    model.to(device).eval()
+    compiles = []
+    for features, n_time_steps, day_idx, row in case["batches"]:  # one bucket of 48 bins, other trials
+        with torch.no_grad():
+            logits, _ = infer(model, features.to(device), day_idx.to(device), n_time_steps.to(device), use_amp=False)
+        torch_xla.sync()
+        torch.testing.assert_close(logits.cpu()[row, :8], case[name]["alone"], rtol=1e-5, atol=1e-5)
+        compiles.append(met.metric_data("CompileTime")[0])
+    assert compiles[1] == compiles[0], compiles
+    print(name, "bucket matches alone")
+fallbacks = [c for c in met.counter_names() if c.startswith("aten::")]
+assert not fallbacks, fallbacks
+"""
+
+
+@requires_xla
+def test_xla_bucket_padded_bidirectional_logits_match_the_trial_alone(tmp_path):
+    """A trial's logits on XLA, in a batch padded to a 48-bin bucket beside a longer trial, are its
+    logits alone and unpadded on the CPU; other batches of the bucket reuse the compiled graph."""
+    torch.manual_seed(1)
+    trial = torch.randn(18, 8)  # of day 1
+    case = {"batches": []}
+    for other, row in ((torch.randn(40, 8), 1), (torch.randn(30, 8), 0)):
+        trials = [other, trial] if row == 1 else [trial, other]
+        features, n_time_steps = _padded_batch([*trials, torch.randn(48, 8)])  # the third row sets the bucket
+        day_idx = torch.tensor([0, 1] if row == 1 else [1, 0])
+        case["batches"].append((features[:2], n_time_steps[:2], day_idx, row))
+    for name, model in _small_models(bidirectional=True).items():
+        with torch.no_grad():
+            alone = infer(model.eval(), trial[None], torch.tensor([1]), torch.tensor([18]), use_amp=False)[0][0]
+        kwargs = dict(neural_dim=8, n_units=6, n_days=2, n_classes=5, patch_size=4, patch_stride=2, bidirectional=True)
+        kwargs.update(n_layers=2) if name == "baseline" else kwargs.update(noise_hidden_size=0)
+        case[name] = {"kwargs": kwargs, "state": model.state_dict(), "alone": alone}
+    path = tmp_path / "case.pt"
+    torch.save(case, path)
+    stdout = run_xla_script(XLA_BUCKET_SCRIPT.replace("CASE_PATH", repr(str(path))))
+    assert {"baseline bucket matches alone", "triple bucket matches alone"} <= set(stdout.splitlines())
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["torch-gru", "scan-gru"])
+def test_lengths_change_nothing_for_causal_models(use_scan: bool):
+    """Causal GRUs are not packed or masked: outputs and gradients are bit for bit those without lengths."""
+    torch.manual_seed(2)
+    features, day_idx = torch.randn(3, 30, 8), torch.tensor([0, 1, 1])
+    for model in _small_models(bidirectional=False, use_scan=use_scan).values():
+        results = []
+        for lengths in (None, torch.tensor([13, 4, 0])):
+            model.zero_grad()
+            outputs = decoder_outputs(model, features, day_idx, use_amp=False, mode="full", grl_lambda=0.5,
+                                      lengths=lengths)
+            sum(o.square().mean() for o in outputs).backward()
+            results.append([o.detach() for o in outputs] + [p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("use_scan", [False, True], ids=["torch-gru", "scan-gru"])
+@pytest.mark.parametrize("model_type", ["baseline", "triple"])
+def test_bidirectional_trial_ctc_and_gradient_do_not_depend_on_batch_mates(tmp_path, model_type: str, use_scan: bool):
+    """The trainer's loss over two trials is the mean of each trial's loss alone, term by term and
+    in every gradient (noise_l2, a mean over all frames of the batch, is weighted 0 here)."""
+    import rnn_trainer
+    from conftest import make_config
+
+    cfg = make_config(tmp_path, tmp_path, f"model.type={model_type}", "model.bidirectional=true", "model.patch_size=4",
+                      "model.patch_stride=2", "model.input_dropout=0.0", "adversarial.noise_l2_weight=0.0")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, n_days=2)
+    for module in model.modules():
+        if isinstance(module, xla_gru.GRU):
+            module.use_scan = use_scan
+    trials = [torch.randn(18, 24), torch.randn(44, 24)]
+    features, n_time_steps = _padded_batch(trials)
+    batch = {"input_features": features, "n_time_steps": n_time_steps, "day_indices": torch.tensor([1, 0]),
+             "seq_class_ids": torch.tensor([[3, 5, 7], [9, 2, 0]]), "phone_seq_lens": torch.tensor([3, 2]),
+             "row_mask": torch.tensor([True, True])}
+
+    def loss_terms_and_grads(rows: slice) -> tuple[dict, list[torch.Tensor]]:
+        model.zero_grad()
+        part = {k: v[rows] for k, v in batch.items()}
+        part["input_features"] = part["input_features"][:, : int(part["n_time_steps"].max())]
+        total, terms = rnn_trainer.compute_loss(model=model, batch=part, cfg=cfg, adversarial_gate=torch.tensor(1.0),
+                                                use_dense_ctc=False)
+        total.backward()
+        return terms, [p.grad.clone() for p in model.parameters()]
+
+    together, first, second = (loss_terms_and_grads(rows) for rows in (slice(0, 2), slice(0, 1), slice(1, 2)))
+    keys = ["ctc_clean", "ctc_noisy"] if model_type == "triple" else ["ctc_clean"]
+    for key in keys:
+        torch.testing.assert_close(together[0][key], (first[0][key] + second[0][key]) / 2, rtol=1e-5, atol=1e-6)
+    for got, a, b in zip(together[1], first[1], second[1]):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_checkpoints_keep_their_names_and_do_not_load_into_bidirectional():

@@ -323,7 +323,7 @@ class _LogitsAreInputs(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, day_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, day_idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return x
 
 

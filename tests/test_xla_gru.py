@@ -10,6 +10,7 @@ compiled graph neither grows with the sequence length nor stacks a weight matrix
 import torch
 import torch.nn.functional as F
 import pytest
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import xla_gru
 from conftest import requires_xla, run_xla_script
@@ -26,10 +27,26 @@ def _pair(input_size: int, hidden_size: int, n_layers: int, dtype: torch.dtype =
     return reference, ours
 
 
-def _outputs_and_grads(gru, x: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:
-    """[output, h_n, d/dx, d/dh0, d/dparam...] for a fixed random linear loss on output and h_n."""
+def _packed(gru, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's GRU on packed sequences, its output padded back to x's length with zeros."""
+    packed = pack_padded_sequence(x, lengths, batch_first=gru.batch_first, enforce_sorted=False)
+    output, h_n = torch.nn.modules.rnn.GRU.forward(gru, packed, h0)
+    n_steps = x.shape[1 if gru.batch_first else 0]
+    return pad_packed_sequence(output, batch_first=gru.batch_first, total_length=n_steps)[0], h_n
+
+
+def _outputs_and_grads(
+    gru, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """[output, h_n, d/dx, d/dh0, d/dparam...] for a fixed random linear loss on output and h_n.
+    With lengths, torch's GRU runs on packed sequences and ours is given the lengths."""
     x, h0 = x.clone().requires_grad_(), h0.clone().requires_grad_()
-    output, h_n = gru(x, h0)
+    if lengths is None:
+        output, h_n = gru(x, h0)
+    elif isinstance(gru, xla_gru.GRU):
+        output, h_n = gru(x, h0, lengths=lengths)
+    else:
+        output, h_n = _packed(gru, x, h0, lengths)
     g = torch.Generator().manual_seed(1)
     loss = (output * torch.randn(output.shape, generator=g, dtype=output.dtype)).sum()
     loss = loss + (h_n * torch.randn(h_n.shape, generator=g, dtype=h_n.dtype)).sum()
@@ -49,8 +66,9 @@ def test_matches_torch_gru_outputs_states_and_all_gradients(batch_first: bool, b
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("with_lengths", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_recurrence_gradients_are_exact_in_float64(reverse: bool):
+def test_recurrence_gradients_are_exact_in_float64(reverse: bool, with_lengths: bool):
     torch.manual_seed(0)
     n_steps, batch, hidden = 5, 3, 4
     inputs = (
@@ -59,7 +77,44 @@ def test_recurrence_gradients_are_exact_in_float64(reverse: bool):
         torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
         torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
     )
-    assert torch.autograd.gradcheck(lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse), inputs)
+    # Rows of 5, 2 and 0 real steps: past its end a row holds its state.
+    valid = (torch.arange(n_steps)[:, None] < torch.tensor([5, 2, 0])).unsqueeze(-1) if with_lengths else None
+    apply = lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse, valid)  # noqa: E731
+    assert torch.autograd.gradcheck(apply, inputs)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lengths_match_torch_gru_on_packed_sequences(batch_first: bool, bidirectional: bool):
+    """Outputs (0 past each row's end), final states per row and every gradient, as torch's GRU
+    on packed sequences: the reverse direction starts at each row's last real step."""
+    reference, ours = _pair(5, 7, 3, batch_first=batch_first, bidirectional=bidirectional)
+    torch.manual_seed(2)
+    x = torch.randn(4, 11, 5) if batch_first else torch.randn(11, 4, 5)
+    h0 = torch.randn(3 * (2 if bidirectional else 1), 4, 7)
+    lengths = torch.tensor([4, 11, 1, 7])
+    want = _outputs_and_grads(reference, x, h0, lengths)
+    names = ["output", "h_n", "x", "h0", *(n for n, _ in ours.named_parameters())]
+    for use_scan in (True, False):  # forced, and the CPU's route for lengths
+        ours.use_scan = use_scan
+        for name, expected, got in zip(names, want, _outputs_and_grads(ours, x, h0, lengths)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name}, use_scan={use_scan}")
+    for name, expected, got in zip(names[:2], want, ours._packed_forward(x, h0, lengths)):  # CUDA's route
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+    if bidirectional:  # without lengths the reverse direction reads the padding: the reference must see it
+        assert not torch.allclose(ours(x, h0)[1], want[1], rtol=1e-3, atol=1e-3)
+
+
+def test_a_row_without_steps_outputs_zeros_and_keeps_its_initial_state():
+    """A trial shorter than one patch has 0 frames; packing takes none, so both routes handle it."""
+    _, ours = _pair(5, 7, 2, batch_first=True, bidirectional=True)
+    x, h0, lengths = torch.randn(2, 6, 5), torch.randn(4, 2, 7), torch.tensor([6, 0])
+    alone = ours(x[:1], h0[:, :1])
+    for route in (lambda: ours(x, h0, lengths=lengths), lambda: ours._packed_forward(x, h0, lengths)):
+        output, h_n = route()
+        assert torch.equal(output[1], torch.zeros_like(output[1])) and torch.equal(h_n[:, 1], h0[:, 1])
+        torch.testing.assert_close(output[:1], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_n[:, :1], alone[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -212,6 +267,58 @@ for bidirectional in (False, True):
 assert stacked_weights(hlo_of(run(TorchXlaScanGRU, 32, "xla")), 32)
 print("control ok")
 """
+
+
+XLA_LENGTHS_SCRIPT = r"""
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+import xla_gru
+
+device = torch_xla.device()
+torch.zeros(1, device=device).cpu()
+I, H, L, B, T = 10, 12, 2, 3, 9
+torch.manual_seed(0)
+reference = torch.nn.modules.rnn.GRU(I, H, L, batch_first=True, bidirectional=True)
+ours = xla_gru.GRU(I, H, L, batch_first=True, bidirectional=True)
+ours.load_state_dict(reference.state_dict())
+ours.to(device)
+
+def run(gru, dev, x, h0, lengths, w_out, w_state):
+    xx, hh = x.to(dev).requires_grad_(), h0.to(dev).requires_grad_()
+    if dev == "cpu":  # torch's GRU on packed sequences
+        packed = pack_padded_sequence(xx, lengths, batch_first=True, enforce_sorted=False)
+        output, h_n = gru(packed, hh)
+        output = pad_packed_sequence(output, batch_first=True, total_length=T)[0]
+    else:  # the bucket's static shape, with lengths
+        output, h_n = gru(xx, hh, lengths=lengths.to(dev))
+    loss = (output * w_out.to(dev)).sum() + (h_n * w_state.to(dev)).sum()
+    return [output, h_n, *torch.autograd.grad(loss, [xx, hh, *gru.parameters()])]
+
+met.clear_all()
+compiles = []
+for lengths in ([9, 4, 1], [2, 9, 6], [5, 5, 5]):  # one bucket (T = 9), other lengths
+    case = (torch.randn(B, T, I), torch.randn(2 * L, B, H), torch.tensor(lengths),
+            torch.randn(B, T, 2 * H), torch.randn(2 * L, B, H))
+    want = run(reference, "cpu", *case)
+    got = run(ours, device, *case)
+    torch_xla.sync()
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    compiles.append(met.metric_data("CompileTime")[0])
+assert compiles[0] >= 1 and compiles[1:] == compiles[:1] * 2, compiles
+fallbacks = [c for c in met.counter_names() if c.startswith("aten::")]
+assert not fallbacks, fallbacks
+print("lengths match", compiles)
+"""
+
+
+@requires_xla
+def test_xla_gru_with_lengths_matches_packed_torch_gru_in_one_graph_per_bucket():
+    """On XLA, at the bucket's static shape: outputs, final states and gradients as torch's
+    bidirectional GRU on packed sequences; other lengths reuse the compiled graph; no CPU fallback."""
+    assert "lengths match" in run_xla_script(XLA_LENGTHS_SCRIPT)
 
 
 @requires_xla
