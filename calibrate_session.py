@@ -324,7 +324,8 @@ def consistency_loss(model: nn.Module, batch: dict[str, Tensor], cfg: Config, ge
     model.train()
     noisy, _ = augment_batch(time_mask(features, n_time, generator), n_time, transforms, training=True,
                              generator=generator, static_shapes=False)
-    student = rnn_model.decoder_outputs(model, noisy, batch["day_indices"], use_amp=cfg.use_amp)[0].float().log_softmax(dim=-1)
+    student = rnn_model.decoder_outputs(model, noisy, batch["day_indices"], use_amp=cfg.use_amp, lengths=lengths)[0]
+    student = student.float().log_softmax(dim=-1)  # (B, T', C)
     frames = torch.arange(teacher.shape[1], device=teacher.device)[None, :] < lengths[:, None]  # (B, T')
     frames &= batch["row_mask"][:, None]
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (B, T', C) -> (B, T')
