@@ -75,14 +75,23 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     if n_time_steps < patch_size:
         raise ValueError(f"patching needs at least patch_size={patch_size} time bins, got {n_time_steps}")
     n_out = n_patches(n_time_steps, patch_size, patch_stride)
-    # Strided slices rather than Tensor.unfold: torch_xla has no lowering for unfold (it falls
-    # back to the CPU every step); slices and stack compile into the graph. Slice p holds bin
-    # p of every patch.
+    if x.device.type == "xla":
+        # torch_xla has no lowering for Tensor.unfold (it falls back to the CPU every step).
+        return _patch_by_slices(x, patch_size, patch_stride, n_out)
+    # Tensor.unfold on CPU and CUDA: the slices' values and gradients, forward+backward about 3x
+    # faster on the CPU.
+    patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
+    return patches.transpose(2, 3).reshape(batch_size, n_out, -1)  # (B, T', D, P) -> (B, T', P*D)
+
+
+def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) -> Tensor:
+    """patch_inputs as strided slices and a stack, which compile into an XLA graph; slice p holds
+    bin p of every patch."""
     span = patch_stride * (n_out - 1) + 1
     patches = torch.stack(
         [x[:, p : p + span : patch_stride] for p in range(patch_size)], dim=2
     )  # P x (B, T', D) -> (B, T', P, D)
-    return patches.reshape(batch_size, n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
+    return patches.reshape(x.shape[0], n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
 
 
 # Day-specific parameters: one stacked tensor per layer, day first. Names ending so are day parameters.

@@ -93,6 +93,20 @@ def test_patching_uses_upstream_layout():
         patch_inputs(x[:, :10], 14, 4)
 
 
+def test_patching_by_slices_for_xla_equals_unfold_in_values_and_gradients():
+    from rnn_model import _patch_by_slices
+
+    torch.manual_seed(0)
+    for size, stride, n_time_steps in ((14, 4, 61), (3, 1, 9), (5, 3, 20)):
+        x = torch.randn(2, n_time_steps, 6, dtype=torch.float64, requires_grad=True)
+        by_unfold = patch_inputs(x, size, stride)
+        by_slices = _patch_by_slices(x, size, stride, n_patches(n_time_steps, size, stride))
+        assert torch.equal(by_unfold, by_slices)
+        weight = torch.randn_like(by_unfold)
+        grads = [torch.autograd.grad((y * weight).sum(), x)[0] for y in (by_unfold, by_slices)]
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
 def test_identity_day_layers_give_softsign():
     torch.manual_seed(0)
     x = torch.randn(4, 9, 6)
