@@ -1030,6 +1030,7 @@ def build_eval_loader(
     patch_stride: int = 4,
     on_bad_trial: str = "error",
     trial_cache: str = "auto",
+    day_indices: Sequence[int] | None = None,
 ) -> DataLoader:
     """Every trial of a split once, in session then trial order, in batches of one day.
 
@@ -1040,6 +1041,8 @@ def build_eval_loader(
     trial_cache: 'auto' reads a fresh cache of the split when one exists at the default place (the
     most precise, see find_trial_cache) and the HDF5 files otherwise; a dtype name reads that
     cache, building it if needed; 'none' reads the HDF5 files.
+    day_indices: each session's day index in the batches (a model's day layer for it; default its
+    position in `sessions`), so a model can score any subset of its sessions.
     """
     labelled = split != "test"
     paths = session_files(dataset_dir, sessions, split)
@@ -1051,6 +1054,8 @@ def build_eval_loader(
         paths, 0, labelled=labelled, patch_size=patch_size, patch_stride=patch_stride, on_bad_trial=on_bad_trial,
         trial_cache=cache,
     )
+    if day_indices is not None:
+        index = {day_indices[k]: entry for k, entry in index.items()}
     if not any(entry["trials"] for entry in index.values()):
         raise DataError(f"{dataset_dir}: the {split} split is empty in all {len(sessions)} session(s)")
     buckets = sorted(time_buckets or [])

@@ -80,19 +80,13 @@ def eval_loader(member: rnn_model.TrainedModel, data_dir: str, present: Sequence
                 static_shapes: bool) -> torch.utils.data.DataLoader:
     """The split's trials of the present sessions, each batch carrying the model's day index of its
     session (its position in the model's list, not in `present`)."""
-    loader = build_eval_loader(
+    return build_eval_loader(
         data_dir, present, split, batch_size=batch_size, feature_subset=member.feature_subset,
         # Fixed shapes on XLA: the training buckets and full batches, so few graphs compile.
         static_shapes=static_shapes, time_buckets=member.time_buckets,
         patch_size=member.model.patch_size, patch_stride=member.model.patch_stride,
+        day_indices=[member.sessions.index(s) for s in present],
     )
-    day_of = {k: member.sessions.index(s) for k, s in enumerate(present)}
-    if any(k != d for k, d in day_of.items()):  # a subset: renumber the loader's days as the model's
-        dataset = loader.dataset
-        dataset.trial_indices = {day_of[k]: entry for k, entry in dataset.trial_indices.items()}
-        dataset.days = [day_of[k] for k in dataset.days]
-        dataset.val_batches = [(day_of[k], trials) for k, trials in dataset.val_batches]
-    return loader
 
 
 def resolve_device(name: str) -> torch.device:
