@@ -166,6 +166,9 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
     if hasattr(inner, "init_state"):
         inner.init_state()
+    if not getattr(inner, "_state_dict_from_shards", False):
+        inner.register_state_dict_post_hook(_state_dict_from_shards)
+        inner._state_dict_from_shards = True
     n = n_devices()
     saved = 0
     for group in inner.param_groups:
@@ -179,3 +182,34 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
                 xs.mark_sharding(value, mesh(), tuple(DATA_AXIS if d == dim else None for d in range(value.dim())))
                 saved += value.numel() * value.element_size() * (n - 1) // n
     return saved
+
+
+def _is_split(value: Any) -> bool:
+    import torch_xla
+
+    return torch.is_tensor(value) and value.device.type == "xla" and torch_xla._XLAC._get_xla_sharding_type(value) == 3  # TILED
+
+
+def _state_dict_from_shards(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer state_dict post-hook: each split tensor of the state as a host tensor assembled from
+    its devices' shards. `.cpu()` of a split tensor would compile and run, at every checkpoint,
+    one program per tensor that gathers it whole on every device; the shards' transfers compile
+    nothing. The state's own dicts are the optimizer's live ones, so they are copied, not changed."""
+    import torch_xla
+
+    state = state_dict["state"]
+    split = [value for entry in state.values() for value in entry.values() if _is_split(value)]
+    if not split:
+        return state_dict
+    torch_xla._XLAC._xla_sync_multi(split, [], wait=True)  # the shards exist once pending updates ran
+    host = {}
+    for value in split:
+        whole = torch.empty(value.shape, dtype=value.dtype)
+        shards = torch_xla._XLAC._get_local_shards([value])[0]  # [(host tensor, device)]
+        places = torch_xla._XLAC._get_local_shard_replica_and_indices([value])[0]  # [(replica, slices)]
+        for (shard, _), (_, index) in zip(shards, places):
+            whole[tuple(index)] = shard
+        host[id(value)] = whole
+    state_dict["state"] = {key: {name: host.get(id(value), value) for name, value in entry.items()}
+                           for key, entry in state.items()}
+    return state_dict
