@@ -185,9 +185,13 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _is_split(value: Any) -> bool:
+    """True for an XLA tensor split over devices (tiled), not replicated."""
     import torch_xla
+    import torch_xla.distributed.spmd as xs
 
-    return torch.is_tensor(value) and value.device.type == "xla" and torch_xla._XLAC._get_xla_sharding_type(value) == 3  # TILED
+    if not (torch.is_tensor(value) and value.device.type == "xla"):
+        return False
+    return torch_xla._XLAC._get_xla_sharding_type(value) == xs.ShardingType.TILED
 
 
 def _state_dict_from_shards(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
