@@ -126,6 +126,7 @@ class Config:
     use_tpu: bool = False
     num_tpu_cores: int = 8
     gradient_accumulation_steps: int = 1
+    shard_optimizer_state: bool = True  # under SPMD over N > 1 devices: AdamW moments split N ways (spmd.py)
     use_amp: bool = True
     log_with: str = "none"  # experiment tracker through Accelerate, fed what metrics.jsonl gets
     init_from_checkpoint: str | None = None

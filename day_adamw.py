@@ -177,6 +177,12 @@ class DayAdamW(torch.optim.Optimizer):
             self._update_group(group, params, lr=hyper[i, 0], decay=hyper[i, 1], update=keep)
         return loss
 
+    def init_state(self) -> None:
+        """Create every parameter's zero moments and step counts now rather than at its first step,
+        so they exist before the first traced step (spmd.shard_optimizer_state places them)."""
+        for group in self.param_groups:
+            self._init_state(group, group["params"])
+
     def _init_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Zero moments and step counts (one per day in a per_day group) for parameters without state."""
         for p in params:

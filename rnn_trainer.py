@@ -688,6 +688,9 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     if resumed is not None:
         _resume(run, resumed)
         n_skipped = resumed.get("n_skipped_steps", 0)
+    if n_shards > 1 and cfg.shard_optimizer_state:  # after loading: a loaded state arrives replicated
+        saved = spmd.shard_optimizer_state(optimizer)
+        run.log.line(f"AdamW moments split over {n_shards} devices: {saved / 1e9:.3g} GB less on each")
     run.step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
     if is_xla:

@@ -3,14 +3,15 @@
 torch_xla's SPMD mode (GSPMD) runs one process per host. The trainer traces its step once, for
 the whole host; each micro-batch holds one replica's batch per device, stacked along rows, and is
 split along its rows over a one-axis mesh of the devices, so device r computes on replica r's
-batch. The weights and the optimizer state are replicated; the partitioner sums the gradients
-over devices inside the step's graph, so nothing in Python all-reduces them (Accelerate sees one
-process and its XLA all-reduces are no-ops, xm.all_reduce with world_size 1).
+batch. The weights are replicated; the partitioner sums the gradients over devices inside the
+step's graph, so nothing in Python all-reduces them (Accelerate sees one process and its XLA
+all-reduces are no-ops, xm.all_reduce with world_size 1). With `shard_optimizer_state` the AdamW
+moments are split over the devices (shard_optimizer_state), each device holding 1/N of them.
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --num_cores 2 ...  # the same program on 2 CPU devices
 
 Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the replica count,
-the loader that feeds the devices); torch_xla is imported only inside the functions, so CPU runs
+the loader that feeds the devices, the optimizer state's placement); torch_xla is imported only inside the functions, so CPU runs
 never load it.
 """
 
@@ -141,3 +142,78 @@ class BatchSharding:
         if rank not in self._specs:
             self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
         return self._specs[rank].xla_spec(tensor)
+
+
+def shard_dim(shape: torch.Size | tuple[int, ...], n: int) -> int | None:
+    """The first dimension of `shape` that `n` devices split evenly, or None (then replicated)."""
+    return next((dim for dim, size in enumerate(shape) if size % n == 0), None)
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Split each parameter's AdamW moments (every state tensor shaped like its parameter) over the
+    mesh along `shard_dim`; a moment with no such dimension and the step counts stay replicated.
+    Returns the bytes each device no longer holds.
+
+    Creates the state first (DayAdamW.init_state), so that it is annotated before the first
+    traced step; call again after loading a state dict, whose tensors arrive replicated. The
+    weights are annotated as replicated: unannotated, an in-place update computed from sharded
+    moments leaves the step's graph with the moments' sharding (measured on torch_xla 2.9), and
+    the next step would gather them and compile once more. The partitioner computes each update
+    from the moments' shards and gathers what the weights need, within the step's graph.
+    """
+    import torch_xla.distributed.spmd as xs
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+    if hasattr(inner, "init_state"):
+        inner.init_state()
+    if not getattr(inner, "_state_dict_from_shards", False):
+        inner.register_state_dict_post_hook(_state_dict_from_shards)
+        inner._state_dict_from_shards = True
+    n = n_devices()
+    saved = 0
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param.dim():
+                xs.mark_sharding(param, mesh(), (None,) * param.dim())  # replicated
+            for value in inner.state.get(param, {}).values():
+                dim = shard_dim(value.shape, n) if torch.is_tensor(value) and value.shape == param.shape else None
+                if dim is None:
+                    continue
+                xs.mark_sharding(value, mesh(), tuple(DATA_AXIS if d == dim else None for d in range(value.dim())))
+                saved += value.numel() * value.element_size() * (n - 1) // n
+    return saved
+
+
+def _is_split(value: Any) -> bool:
+    """True for an XLA tensor split over devices (tiled), not replicated."""
+    import torch_xla
+    import torch_xla.distributed.spmd as xs
+
+    if not (torch.is_tensor(value) and value.device.type == "xla"):
+        return False
+    return torch_xla._XLAC._get_xla_sharding_type(value) == xs.ShardingType.TILED
+
+
+def _state_dict_from_shards(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Optimizer state_dict post-hook: each split tensor of the state as a host tensor assembled from
+    its devices' shards. `.cpu()` of a split tensor would compile and run, at every checkpoint,
+    one program per tensor that gathers it whole on every device; the shards' transfers compile
+    nothing. The state's own dicts are the optimizer's live ones, so they are copied, not changed."""
+    import torch_xla
+
+    state = state_dict["state"]
+    split = [value for entry in state.values() for value in entry.values() if _is_split(value)]
+    if not split:
+        return state_dict
+    torch_xla._XLAC._xla_sync_multi(split, [], wait=True)  # the shards exist once pending updates ran
+    host = {}
+    for value in split:
+        whole = torch.empty(value.shape, dtype=value.dtype)
+        shards = torch_xla._XLAC._get_local_shards([value])[0]  # [(host tensor, device)]
+        places = torch_xla._XLAC._get_local_shard_replica_and_indices([value])[0]  # [(replica, slices)]
+        for (shard, _), (_, index) in zip(shards, places):
+            whole[tuple(index)] = shard
+        host[id(value)] = whole
+    state_dict["state"] = {key: {name: host.get(id(value), value) for name, value in entry.items()}
+                           for key, entry in state.items()}
+    return state_dict

@@ -63,39 +63,72 @@ def test_a_stacked_batch_loss_is_the_mean_of_the_replicas_losses():
 # ----------------------------------------------------------------------------- on XLA's CPU backend
 
 RUNS_CODE = """
-import sys, tempfile, yaml
+import json, sys, tempfile, yaml
 from pathlib import Path
 sys.path.insert(0, "tests")
+import torch, torch_xla
 from accelerate.state import AcceleratorState
 from conftest import tiny_config_dict
-import launch_tpu_training
+import launch_tpu_training, rnn_trainer
 
-n_devices = {n_devices}
+n_devices, shard, suffix = {n_devices}, {shard}, {suffix!r}
 root = Path({root!r})
-for model_type in ("baseline", "triple"):
-    values = tiny_config_dict(str(root / "data"), str(root / f"{{model_type}}_{{n_devices}}"))
+real_step, stepped = rnn_trainer.train_step, {{}}
+def train_step(**kwargs):  # keeps the run's optimizer, to read its placement after the run
+    stepped["optimizer"] = kwargs["optimizer"]
+    return real_step(**kwargs)
+rnn_trainer.train_step = train_step
+for model_type in {models!r}:
+    values = tiny_config_dict(str(root / "data"), str(root / f"{{model_type}}_{{n_devices}}{{suffix}}"))
     values["model"].update(type=model_type, input_dropout=0.0)
     values["dataset"].update(data_transforms={quiet!r}, static_shapes=True, time_buckets=[256, 512],
                              num_dataloader_workers=0)
-    values.update(num_training_batches=4, batches_per_val_step=4, gradient_accumulation_steps=3 - n_devices)
-    path = root / f"{{model_type}}_{{n_devices}}.yaml"
+    values.update(num_training_batches=4, batches_per_val_step=4, gradient_accumulation_steps=3 - n_devices,
+                  shard_optimizer_state=shard)
+    path = root / f"{{model_type}}_{{n_devices}}{{suffix}}.yaml"
     path.write_text(yaml.safe_dump(values))
     assert launch_tpu_training.main(["--config", str(path), "--num_cores", str(n_devices)]) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
+    if n_devices > 1:  # where each state tensor and weight lives after the 4 steps
+        torch_xla._XLAC._xla_wait_device_ops([])
+        placement = []
+        inner = stepped["optimizer"].optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                placement.append({{"shape": list(p.shape), "weight": torch_xla._XLAC._get_xla_sharding_spec(p),
+                                  **{{key: [torch_xla._XLAC._get_xla_sharding_spec(value),
+                                           [list(t.shape) for t, _ in torch_xla._XLAC._get_local_shards([value])[0]]]
+                                     for key, value in inner.state[p].items()}}}})
+        (root / f"{{model_type}}_{{n_devices}}{{suffix}}.json").write_text(json.dumps(placement))
 """
+
+
+def _run_dirs(root, *, n_devices: int, shard: bool = True, models=("baseline", "triple")) -> None:
+    suffix = "" if shard else "_replicated"
+    run_xla_script(RUNS_CODE.format(n_devices=n_devices, shard=shard, suffix=suffix, models=models, root=str(root),
+                                    quiet=QUIET_TRANSFORMS), n_devices=n_devices)
 
 
 @pytest.fixture(scope="module")
 def equal_runs(tmp_path_factory) -> dict:
-    """The last checkpoints of 4 steps on 2 devices and on 1 device accumulating 2, per model."""
+    """The last checkpoints of 4 steps on 2 devices (AdamW moments sharded, the default) and on 1
+    device accumulating 2, per model; the triple's on 2 devices with replicated moments too; and
+    where each state tensor lived after the 2-device runs."""
     from make_synthetic_data import generate_dataset
 
     root = tmp_path_factory.mktemp("spmd")
     generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trials=4, n_test_trials=3, seed=0)
     for n_devices in (1, 2):
-        run_xla_script(RUNS_CODE.format(n_devices=n_devices, root=str(root), quiet=QUIET_TRANSFORMS), n_devices=n_devices)
-    return {(model, n): torch.load(root / f"{model}_{n}" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+        _run_dirs(root, n_devices=n_devices)
+    _run_dirs(root, n_devices=2, shard=False, models=("triple",))
+    runs = {(model, n): torch.load(root / f"{model}_{n}" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
             for model in ("baseline", "triple") for n in (1, 2)}
+    runs[("triple", "2_replicated")] = torch.load(root / "triple_2_replicated" / "checkpoint" / "last_checkpoint.pt",
+                                                  weights_only=False)
+    runs["placement"] = json.loads((root / "triple_2.json").read_text())
+    runs["placement_replicated"] = json.loads((root / "triple_2_replicated.json").read_text())
+    runs["log"] = (root / "triple_2" / "train.log").read_text()
+    return runs
 
 
 @requires_xla
@@ -113,6 +146,37 @@ def test_two_devices_step_as_one_device_accumulating_their_batches(equal_runs, m
             moments += key == "exp_avg" and bool(value.abs().sum() > 0)
     assert moments > 0  # the steps did move something
     assert one["scheduler_state_dict"] == two["scheduler_state_dict"]
+
+
+@requires_xla
+def test_sharded_optimizer_state_trains_as_the_replicated_one(equal_runs):
+    """The triple with DayAdamW on 2 devices: AdamW moments split 2 ways or replicated, same weights."""
+    sharded, replicated = equal_runs[("triple", 2)], equal_runs[("triple", "2_replicated")]
+    assert sharded["config"]["shard_optimizer_state"] and not replicated["config"]["shard_optimizer_state"]
+    for name, value in replicated["model_state_dict"].items():
+        torch.testing.assert_close(sharded["model_state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for p, state in replicated["optimizer_state_dict"]["state"].items():  # written whole from the shards
+        for key, value in state.items():
+            torch.testing.assert_close(sharded["optimizer_state_dict"]["state"][p][key], value, rtol=1e-5, atol=1e-7)
+
+
+@requires_xla
+def test_sharded_moments_hold_half_of_each_moment_per_device_and_weights_stay_whole(equal_runs):
+    sharded, replicated = equal_runs["placement"], equal_runs["placement_replicated"]
+    assert any(len(entry["shape"]) == 3 for entry in sharded)  # the stacked day layers (n_days, D, D) among them
+    for entry in sharded:
+        shape = entry["shape"]
+        assert entry["weight"] == "{replicated}", entry  # after 4 steps, weights whole on each device
+        dim = next((d for d, size in enumerate(shape) if size % 2 == 0), None)  # (41,): none, kept whole
+        half = [size // 2 if d == dim else size for d, size in enumerate(shape)]
+        for key in ("exp_avg", "exp_avg_sq"):
+            spec, shards = entry[key]
+            assert shards == [half, half] and spec.startswith("{devices=" if dim is not None else "{replicated"), (key, entry)
+        assert entry["step"][0] in ("", "{replicated}"), entry  # step counts: not split
+    assert sum(entry["exp_avg"][0].startswith("{devices=") for entry in sharded) > len(sharded) // 2
+    for entry in replicated:
+        assert entry["exp_avg"][1] == [entry["shape"]] * 2, entry  # each device holds it whole
+    assert "AdamW moments split over 2 devices" in equal_runs["log"]
 
 
 REPORT_CODE = """
@@ -169,7 +233,8 @@ generate_dataset(str(root / "data"), n_sessions=3, n_train_trials=8, n_val_trial
 def launch(name, *argv):
     values = tiny_config_dict(str(root / "data"), str(root / name))
     # Input dropout and white noise on: the resumed run must draw the same numbers on the devices.
-    values.update(num_training_batches=4, batches_per_val_step=2, checkpoint_every_steps=2)
+    values.update(num_training_batches=4, batches_per_val_step=2, checkpoint_every_steps=2,
+                  shard_optimizer_state=True)  # moments saved from their shards, loaded and split again
     values["dataset"].update(static_shapes=True, time_buckets=[256, 512])
     (root / f"{{name}}.yaml").write_text(yaml.safe_dump(values))
     status = launch_tpu_training.main(["--config", str(root / f"{{name}}.yaml"), "--num_cores", "2", *argv])
