@@ -6,7 +6,9 @@ per-sample negative log likelihood with the log-space forward (alpha) recursion 
 extended label sequence (blank, l1, blank, l2, ..., blank) and lets autograd produce the
 gradient. On an XLA device the recursion over time runs inside `torch_xla.experimental.scan`,
 so the step is traced and compiled once whatever the padded length T; elsewhere it is a plain
-Python loop.
+Python loop. Under SPMD its backward is a reverse scan of its own (`_AlphaScan`): the public scan's
+backward adds a sharding hint that needs JAX. torch_xla internals relied on:
+`torch_xla.experimental.scan._scan_impl_pytree` (private), read in torch_xla 2.9.0, its last release.
 
 Used by the trainer as
     loss = ctc_loss(log_probs, targets, input_lengths, target_lengths, use_dense=on_xla)  # (B,)

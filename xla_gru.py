@@ -27,6 +27,9 @@ lengths, CUDA runs cuDNN over packed sequences and the CPU this recurrence: for 
 3-layer 128-unit GRU (forward + backward, 16 trials of up to 150 frames) torch's CPU kernel over
 packed sequences took 1.3-2.3x the time of the padded one, this loop with lengths 0.97-1.08x.
 
+torch_xla internals relied on: `torch_xla.experimental.scan._scan_impl_pytree` (private), read in
+torch_xla 2.9.0, its last release, which the `xla`/`tpu` extras pin.
+
 Used as a library: `from xla_gru import GRU`.
 Tested by: `.venv/bin/python -m pytest tests/test_xla_gru.py -q`.
 """
