@@ -62,7 +62,8 @@ def test_ablation_rows_for_every_variant_and_budget(data_dir: Path, tmp_path: Pa
     assert all(r["ms_per_step_best"] <= r["ms_per_step"] for r in rows)
     for row in rows[n_variants:]:
         assert row["budget"] == f"{budget:.0f} s"
-        expected = 1000.0 * budget / by_steps[row["variant"]]["ms_per_step_best"]
+        # At least one step: on a loaded machine a variant's best step can outlast the whole budget.
+        expected = max(1.0, 1000.0 * budget / by_steps[row["variant"]]["ms_per_step_best"])
         assert abs(row["steps"] - expected) <= 0.5 + 0.01 * expected
     assert rows[n_variants] == {**by_steps["baseline"], "budget": rows[n_variants]["budget"]}  # its own budget: reused
 

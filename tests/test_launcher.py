@@ -15,7 +15,7 @@ import pytest
 import launch_tpu_training
 import spmd
 from config import config_from_dict
-from conftest import REPO_ROOT
+from conftest import HAS_TORCH_XLA, REPO_ROOT
 
 CONFIG = str(REPO_ROOT / "rnn_args.yaml")  # num_tpu_cores: 8
 
@@ -61,6 +61,9 @@ def test_one_or_all_devices_launch_with_the_resolved_config(launches, argv, n_de
 def test_pjrt_cpu_needs_no_tpu_runtime(monkeypatch):
     """PJRT_DEVICE=CPU runs the same program over CPU devices; TPU or unset asks for the TPU runtime."""
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    if not HAS_TORCH_XLA:  # the CPU-only environment: torch_xla is all that is missing
+        assert launch_tpu_training.missing_tpu_runtime() == "launch_tpu_training.py: torch_xla is not installed"
+        return
     assert launch_tpu_training.missing_tpu_runtime() is None
     monkeypatch.delenv("PJRT_DEVICE")
     monkeypatch.setattr(launch_tpu_training, "_n_tpu_chips", lambda: 0)
