@@ -71,7 +71,7 @@ from accelerate.state import AcceleratorState
 from conftest import tiny_config_dict
 import launch_tpu_training, rnn_trainer
 
-n_devices, shard, suffix = {n_devices}, {shard}, {suffix!r}
+n_devices, shard, suffix, accumulation = {n_devices}, {shard}, {suffix!r}, {accumulation}
 root = Path({root!r})
 real_step, stepped = rnn_trainer.train_step, {{}}
 def train_step(**kwargs):  # keeps the run's optimizer, to read its placement after the run
@@ -83,7 +83,7 @@ for model_type in {models!r}:
     values["model"].update(type=model_type, input_dropout=0.0)
     values["dataset"].update(data_transforms={quiet!r}, static_shapes=True, time_buckets=[256, 512],
                              num_dataloader_workers=0)
-    values.update(num_training_batches=4, batches_per_val_step=4, gradient_accumulation_steps=3 - n_devices,
+    values.update(num_training_batches=4, batches_per_val_step=4, gradient_accumulation_steps=accumulation,
                   shard_optimizer_state=shard)
     path = root / f"{{model_type}}_{{n_devices}}{{suffix}}.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -103,17 +103,21 @@ for model_type in {models!r}:
 """
 
 
-def _run_dirs(root, *, n_devices: int, shard: bool = True, models=("baseline", "triple")) -> None:
-    suffix = "" if shard else "_replicated"
+def _run_dirs(root, *, n_devices: int, shard: bool = True, models=("baseline", "triple"), accumulation: int | None = None,
+              suffix: str | None = None) -> None:
+    """4 steps per model; by default 2 micro-batches a step in all, as accumulation or as devices."""
+    suffix = ("" if shard else "_replicated") if suffix is None else suffix
+    accumulation = 3 - n_devices if accumulation is None else accumulation
     run_xla_script(RUNS_CODE.format(n_devices=n_devices, shard=shard, suffix=suffix, models=models, root=str(root),
-                                    quiet=QUIET_TRANSFORMS), n_devices=n_devices)
+                                    quiet=QUIET_TRANSFORMS, accumulation=accumulation), n_devices=n_devices)
 
 
 @pytest.fixture(scope="module")
 def equal_runs(tmp_path_factory) -> dict:
     """The last checkpoints of 4 steps on 2 devices (AdamW moments sharded, the default) and on 1
-    device accumulating 2, per model; the triple's on 2 devices with replicated moments too; and
-    where each state tensor lived after the 2-device runs."""
+    device accumulating 2, per model; the baseline's on 4 devices and on 1 device accumulating 4;
+    the triple's on 2 devices with replicated moments too; and where each state tensor lived after
+    the 2-device runs."""
     from make_synthetic_data import generate_dataset
 
     root = tmp_path_factory.mktemp("spmd")
@@ -121,10 +125,15 @@ def equal_runs(tmp_path_factory) -> dict:
     for n_devices in (1, 2):
         _run_dirs(root, n_devices=n_devices)
     _run_dirs(root, n_devices=2, shard=False, models=("triple",))
+    _run_dirs(root, n_devices=4, models=("baseline",), accumulation=1)
+    _run_dirs(root, n_devices=1, models=("baseline",), accumulation=4, suffix="_accumulating_4")
     runs = {(model, n): torch.load(root / f"{model}_{n}" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
             for model in ("baseline", "triple") for n in (1, 2)}
     runs[("triple", "2_replicated")] = torch.load(root / "triple_2_replicated" / "checkpoint" / "last_checkpoint.pt",
                                                   weights_only=False)
+    for key, name in ((4, "4"), ("1_accumulating_4", "1_accumulating_4")):
+        runs[("baseline", key)] = torch.load(root / f"baseline_{name}" / "checkpoint" / "last_checkpoint.pt",
+                                             weights_only=False)
     runs["placement"] = json.loads((root / "triple_2.json").read_text())
     runs["placement_replicated"] = json.loads((root / "triple_2_replicated.json").read_text())
     runs["log"] = (root / "triple_2" / "train.log").read_text()
@@ -132,20 +141,21 @@ def equal_runs(tmp_path_factory) -> dict:
 
 
 @requires_xla
-@pytest.mark.parametrize("model_type", ["baseline", "triple"])
-def test_two_devices_step_as_one_device_accumulating_their_batches(equal_runs, model_type):
-    one, two = equal_runs[(model_type, 1)], equal_runs[(model_type, 2)]
-    assert one["step"] == two["step"] == 4
-    assert one["config"]["gradient_accumulation_steps"] == 2 and two["config"]["gradient_accumulation_steps"] == 1
+@pytest.mark.parametrize("model_type, n_devices", [("baseline", 2), ("triple", 2), ("baseline", 4)])
+def test_n_devices_step_as_one_device_accumulating_their_batches(equal_runs, model_type, n_devices):
+    one = equal_runs[(model_type, 1 if n_devices == 2 else f"1_accumulating_{n_devices}")]
+    many = equal_runs[(model_type, n_devices)]
+    assert one["step"] == many["step"] == 4
+    assert one["config"]["gradient_accumulation_steps"] == n_devices and many["config"]["gradient_accumulation_steps"] == 1
     for name, value in one["model_state_dict"].items():
-        torch.testing.assert_close(two["model_state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(many["model_state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     moments = 0
     for p, state in one["optimizer_state_dict"]["state"].items():  # DayAdamW's moments and step counts
         for key, value in state.items():
-            torch.testing.assert_close(two["optimizer_state_dict"]["state"][p][key], value, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(many["optimizer_state_dict"]["state"][p][key], value, rtol=1e-5, atol=1e-7)
             moments += key == "exp_avg" and bool(value.abs().sum() > 0)
     assert moments > 0  # the steps did move something
-    assert one["scheduler_state_dict"] == two["scheduler_state_dict"]
+    assert one["scheduler_state_dict"] == many["scheduler_state_dict"]
 
 
 @requires_xla
