@@ -504,6 +504,19 @@ def true_labels(data_dir: str, session: str, split: str, trial_ids: Sequence[int
     return labels
 
 
+def fixed_start(*, known: bool, day: int, init: str, n_trials: int, n_sessions: int) -> tuple[int | None, str] | None:
+    """The starting day layer that needs no data: the session's own when the model knows it, identity
+    or the last trained day as --init says (the last also when there are no trials to choose with);
+    None when --init nearest is to choose from the trials."""
+    if known:
+        return day, "own"
+    if init == "identity":
+        return None, "identity"
+    if init == "last" or n_trials == 0:
+        return n_sessions - 1, "last"
+    return None
+
+
 def n_held_out(n: int, fraction: float) -> int:
     """Trials of n held out for the keep-the-better check: round(fraction * n), at least 1 and
     leaving at least 1 when fraction > 0 and n >= 2."""
@@ -717,14 +730,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Loss of the K sentences as they are, for choosing the nearest day; then training draws.
             fit_set = BrainToTextDataset(index, 0, "val", cfg.dataset.val_batch_size, 1, **common)
             calibration_batches = _batches(fit_set, device)
-        if known:
-            init_day, init = day, "own"
-        elif args.init == "identity":
-            init_day, init = None, "identity"
-        elif args.init == "last" or k == 0:
-            init_day, init = len(start.sessions) - 1, "last"
-        else:
-            init_day, init = nearest_day(start, args.session, calibration_batches), "nearest"
+        fixed = fixed_start(known=known, day=day, init=args.init, n_trials=k, n_sessions=len(start.sessions))
+        init_day, init = fixed or (nearest_day(start, args.session, calibration_batches), "nearest")
         model, sessions, _ = model_for_session(start, args.session, init_day)
         model.to(device)
         per_init, loss_init = session_per(model, val_batches, cfg, n_days)
@@ -757,12 +764,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fit, held = all_trials[: n - n_hold], all_trials[n - n_hold : n]
         began = time.perf_counter()
         day_losses = None
-        if known:
-            init_day, init = day, "own"
-        elif args.init == "identity":
-            init_day, init = None, "identity"
-        elif args.init == "last" or n == 0:
-            init_day, init = len(start.sessions) - 1, "last"
+        fixed = fixed_start(known=known, day=day, init=args.init, n_trials=n, n_sessions=len(start.sessions))
+        if fixed is not None:
+            init_day, init = fixed
         else:
             init_day, day_losses = nearest_day_unlabelled(start, args.session, fit, decoder, lexicon, device)
             init = "nearest"

@@ -55,6 +55,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 MODELS = {
     "baseline": ["model.type=baseline"],
@@ -80,6 +81,21 @@ def _use_torch_xla_gru(model) -> None:
             module.forward = types.MethodType(lambda self, x, hx=None, save_dtype=None: ScanGRU.forward(self, x, hx), module)
 
 
+def _random_batch(rows: int, n_bins: int, n_frames: int, m: Any, n_days: int, device: Any) -> dict:
+    """A training batch of random features and labels, every trial n_bins long, on `device`."""
+    import torch
+
+    batch = {
+        "input_features": torch.randn(rows, n_bins, m.n_input_features),
+        "n_time_steps": torch.full((rows,), n_bins),
+        "seq_class_ids": torch.randint(1, m.n_classes, (rows, LABEL_LENGTH)),
+        "phone_seq_lens": torch.full((rows,), min(LABEL_LENGTH, n_frames // 2)),
+        "day_indices": torch.arange(rows) % n_days,
+        "row_mask": torch.ones(rows, dtype=torch.bool),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def measure(model_name: str, n_frames: int, batch_size: int, overrides: list[str], gru: str, dump_dir: str) -> dict:
     """Compile one micro-batch's forward + backward; return its buffer sizes. Runs in a subprocess."""
     import torch
@@ -103,15 +119,7 @@ def measure(model_name: str, n_frames: int, batch_size: int, overrides: list[str
     if gru == "torch_xla":
         _use_torch_xla_gru(model)
     model.to(device).train()
-    batch = {
-        "input_features": torch.randn(batch_size, n_bins, m.n_input_features),
-        "n_time_steps": torch.full((batch_size,), n_bins),
-        "seq_class_ids": torch.randint(1, m.n_classes, (batch_size, LABEL_LENGTH)),
-        "phone_seq_lens": torch.full((batch_size,), min(LABEL_LENGTH, n_frames // 2)),
-        "day_indices": torch.arange(batch_size) % n_days,
-        "row_mask": torch.ones(batch_size, dtype=torch.bool),
-    }
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = _random_batch(batch_size, n_bins, n_frames, m, n_days, device)
     total, _ = rnn_trainer.compute_loss(
         model=model, batch=batch, cfg=cfg, adversarial_gate=torch.ones((), device=device), use_dense_ctc=True
     )
@@ -155,15 +163,7 @@ def measure_step(model_name: str, n_frames: int, batch_size: int, overrides: lis
         optimizer.init_state()
     torch_xla.sync()  # weights and moments are the step's inputs, as in training
     rows = batch_size * n_devices
-    batch = {
-        "input_features": torch.randn(rows, n_bins, m.n_input_features),
-        "n_time_steps": torch.full((rows,), n_bins),
-        "seq_class_ids": torch.randint(1, m.n_classes, (rows, LABEL_LENGTH)),
-        "phone_seq_lens": torch.full((rows,), min(LABEL_LENGTH, n_frames // 2)),
-        "day_indices": torch.arange(rows) % n_days,
-        "row_mask": torch.ones(rows, dtype=torch.bool),
-    }
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = _random_batch(rows, n_bins, n_frames, m, n_days, device)
     for value in batch.values():  # each device its own rows, as the trainer's loader sends them
         xs.mark_sharding(value, spmd.mesh(), (spmd.DATA_AXIS,) + (None,) * (value.dim() - 1))
     total, _ = rnn_trainer.compute_loss(
