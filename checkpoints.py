@@ -30,7 +30,7 @@ from torch import nn
 
 import rnn_model
 import storage
-from config import Config, ConfigError, config_to_dict
+from config import Config, ConfigError, config_to_dict, flat_keys
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_CHECKPOINT = "best_checkpoint.pt"
@@ -225,20 +225,10 @@ def run_files(run_dir: str) -> list[str]:
     return held + [f"{CHECKPOINT_DIR}/{name}" for name in storage.list_names(directory, "*.pt")]
 
 
-def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, prefix=f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_same_run(cfg: Config, saved: Mapping[str, Any], *, source: str, run_dir: str) -> None:
     """RunDirectoryError naming the keys in which the saved config (a checkpoint's or config.yaml's)
     makes another run than `cfg`; keys that only one of them knows are not compared."""
-    ours, theirs = _flat(config_to_dict(cfg)), _flat(saved)
+    ours, theirs = flat_keys(config_to_dict(cfg)), flat_keys(saved)
     keys = [key for key in ours if (key == "seed" or key.startswith("model.")) and key not in _NOT_RUN_IDENTITY]
     differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in keys
               if key in theirs and theirs[key] != ours[key]]

@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,17 @@ def _check_ranges(cfg: Config) -> Config:
 def config_from_dict(values: dict) -> Config:
     """Build a Config from a nested dict; missing keys take the dataclass defaults."""
     return _check_ranges(_build(Config, values or {}))
+
+
+def flat_keys(values: Mapping[str, Any], *, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (a config dict, a metrics record) as one level of `a{sep}b` keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_keys(value, sep=sep, prefix=f"{prefix}{key}{sep}"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_to_dict(cfg: Config) -> dict:

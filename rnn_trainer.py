@@ -38,7 +38,7 @@ import checkpoints
 import rnn_model
 import spmd
 import storage
-from config import Config, ConfigError, OptimizerConfig, config_to_dict, save_config
+from config import Config, ConfigError, OptimizerConfig, config_to_dict, flat_keys, save_config
 from ctc_loss import ctc_feasible, ctc_loss
 from data_augmentations import augment_batch
 from day_adamw import DayAdamW, count_days
@@ -438,17 +438,11 @@ def _check_tracker(log_with: str) -> str | None:
     return log_with
 
 
-def _flat_scalars(values: Mapping[str, Any], *, sep: str, prefix: str = "") -> dict[str, Any]:
+def _flat_scalars(values: Mapping[str, Any], *, sep: str) -> dict[str, Any]:
     """Nested dicts flattened to `a{sep}b` keys; numbers, strings and booleans kept, anything else
     (None, lists) as its string, which every tracker accepts."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flat_scalars(value, sep=sep, prefix=name + sep))
-        else:
-            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
+    return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for name, value in flat_keys(values, sep=sep).items()}
 
 
 class _RunLog:
