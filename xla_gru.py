@@ -12,6 +12,10 @@ per frame for the full TripleGRUDecoder). This GRU instead
   first), saving only the per-step gates and hidden states;
 - runs its own backward as a reverse loop that returns per-step gate gradients, then forms the
   weight gradients as single matmuls over all steps, outside the loop;
+- writes those matmuls as einsums over (T, B, ·) tensors, never merging time and batch: under
+  SPMD the batch is split over devices, and a time-major (T*B, ·) reshape cannot stay split (the
+  partitioner gathered every input projection's input over the devices); an einsum contracts
+  each device's own rows and sums the small result;
 - given each trial's length, keeps static shapes: a row past its trial's end holds its state
   (h0 for the reverse direction, which so starts at the trial's last real frame) and outputs 0,
   in the forward loop and in the backward one, as torch's GRU on packed sequences computes.
@@ -155,9 +159,8 @@ class _GRURecurrence(torch.autograd.Function):
         r = gates[..., : h0.shape[-1]].float()
         da_r, da_z, da_n = dgi.chunk(3, dim=-1)
         dgh = torch.cat([da_r, da_z, da_n * r], dim=-1)  # (T, B, 3H)
-        dgh_flat = dgh.reshape(-1, dgh.shape[-1])  # (T, B, 3H) -> (T*B, 3H)
-        dw_hh = dgh_flat.t() @ h_prev.reshape(-1, h_prev.shape[-1])  # (3H, T*B) @ (T*B, H) -> (3H, H)
-        return dgi, dh0, dw_hh, dgh_flat.sum(dim=0), None, None, None
+        dw_hh = torch.einsum("tbg,tbh->gh", dgh, h_prev)  # sum over t, b of (3H, 1) x (1, H): (3H, H)
+        return dgi, dh0, dw_hh, dgh.sum(dim=(0, 1)), None, None, None
 
 
 def _recurrence(
@@ -212,7 +215,7 @@ def gru_scan(
         else:  # both directions' input projections in one matmul
             w_ih = torch.cat([d[0] for d in directions])  # D x (3H, I) -> (D*3H, I)
             b_ih = torch.cat([d[2] for d in directions])  # D x (3H,) -> (D*3H,)
-        gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, D*3H)
+        gi = torch.einsum("tbi,gi->tbg", layer_input, w_ih) + b_ih  # all steps at once: (T, B, I) -> (T, B, D*3H)
         outputs = []
         for direction, (gi_d, (_, w_hh, _, b_hh)) in enumerate(zip(gi.chunk(len(directions), dim=-1), directions)):
             reverse = direction == 1

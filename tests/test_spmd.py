@@ -224,6 +224,10 @@ def test_a_two_device_run_is_one_graph_per_step_without_host_reads(tmp_path):
     carried_rows = {int(rows) for text in step_graphs  # a while's tuple: (counter, first carry, ...)
                     for rows in re.findall(r"= \(s64\[\], f32\[(\d+),[^\n]*\) while\(", text)}
     assert step_graphs and carried_rows == {2}, carried_rows
+    # Nor is any (T', B, .) activation gathered over the devices (the GRUs' input projections and
+    # weight gradients contract time and batch as einsums): what is gathered is parameter-sized.
+    gathered = {shape for text in step_graphs for shape in re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} all-gather\(", text)}
+    assert gathered and not [shape for shape in gathered if re.fullmatch(r"f32\[\d+,4,\d+\]", shape)], gathered
 
 
 SIGTERM_CODE = """
