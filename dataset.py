@@ -951,6 +951,7 @@ def build_dataloaders(
     rank: int = 0,
     pin_memory: bool = False,
     n_shards: int = 1,
+    n_hosts: int = 1,
 ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train_loader, val_loader, sessions) from cfg.dataset; day index = position in sessions.
 
@@ -965,6 +966,8 @@ def build_dataloaders(
     With n_shards > 1 (one loader per host feeding n_shards devices as one SPMD program, spmd.py),
     replicas rank .. rank + n_shards - 1 are this loader's: each micro-batch holds their batches
     stacked along rows, and the val loader yields the host's share (every batch on one host).
+    With n_hosts > 1 (the hosts of one SPMD program over a pod slice) every host's val loader
+    yields every val batch: a replicated input must be the same on every host.
     """
     d = cfg.dataset
     if n_shards > 1 and not (batches_per_step and d.static_shapes):
@@ -1012,8 +1015,8 @@ def build_dataloaders(
         grouping = {"batch_size": None, "sampler": indices}
     loader_kwargs = {"n_workers": d.num_dataloader_workers, "seed": d.loader_seed, "pin_memory": pin_memory}
     train_loader = _loader(train_set, **grouping, **loader_kwargs)
-    val_loader = _loader(val_set, batch_size=None, sampler=range(rank // n_shards, len(val_set), n_replicas // n_shards),
-                         **loader_kwargs)
+    val_share = range(len(val_set)) if n_hosts > 1 else range(rank // n_shards, len(val_set), n_replicas // n_shards)
+    val_loader = _loader(val_set, batch_size=None, sampler=val_share, **loader_kwargs)
     return train_loader, val_loader, sessions
 
 

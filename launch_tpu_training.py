@@ -12,6 +12,11 @@ devices. Without a TPU runtime (PJRT_DEVICE TPU or unset) it prints one line nam
 missing and exits with status 1; a bad config, --num_cores, data directory or checkpoint ends the
 launch with one line and status 2. The trainer runs in this process: SIGTERM / SIGINT to it save
 checkpoint/last_checkpoint.pt after the step in flight and exit 143 / 130.
+
+On a pod slice every host runs the same command (`gcloud ... ssh --worker=all`), --num_cores
+counting one host's devices: one SPMD program over all hosts' devices, the first host writing the
+run, which must then live on storage every host reads (a gs:// bucket). A signal to any host's
+process stops all of them after the same step (one step after the signal, TPU_SETUP_GUIDE.md).
 """
 
 import argparse

@@ -413,9 +413,12 @@ def evaluate(
 
 
 def _barrier(accelerator: Accelerator) -> None:
-    """wait_for_everyone only when there is someone to wait for: on XLA it reads a value back."""
+    """wait_for_everyone only when there is someone to wait for: on XLA it reads a value back. The
+    hosts of an SPMD pod slice (one process each, which Accelerate counts as one) meet over gloo."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
+    if spmd.host_count() > 1:
+        torch.distributed.barrier()
 
 
 def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -604,7 +607,8 @@ class _Run:
     val_batches: Any
     log: _RunLog
     start_step: int = 0
-    n_shards: int = 1  # replicas this process runs, one per device under SPMD (spmd.py)
+    is_main: bool = True  # the process that writes the run: Accelerate's main one, on the first host
+    n_shards: int = 1  # row blocks of a batch, one per device of the SPMD program (spmd.py)
     best_val_per: float = math.inf
     best_val_loss: float = math.inf
     n_bad_vals: int = 0
@@ -612,6 +616,7 @@ class _Run:
     n_skipped: Tensor | None = None  # device scalar
     step_counter: Tensor | None = None  # device scalar
     ownership: checkpoints.RunOwnership | None = None  # the run's id and periodic checkpoints
+    stop_group: Any = None  # gloo group over the run's processes for agreeing on a stop, None for one
 
     @property
     def is_xla(self) -> bool:
@@ -642,7 +647,9 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_xla = accelerator.distributed_type == DistributedType.XLA
-    n_shards = spmd.replicas_of_this_process() if is_xla else 1  # the host's devices under SPMD
+    n_local = spmd.replicas_of_this_process() if is_xla else 1  # the host's devices under SPMD
+    n_hosts, host = spmd.host_count(), spmd.host_index()  # several on an SPMD pod slice
+    is_main = accelerator.is_main_process and host == 0
 
     resumed = None
     if newest is not None:
@@ -651,14 +658,18 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         # Day indices are positions in the session list, so a resumed run must reuse the list.
         cfg.dataset.sessions = list(resumed["sessions"])
     start_step = resumed["step"] if resumed is not None else 0
+    spmd.check_hosts_start_alike(start_step, output_dir=cfg.output_dir)
+    # The replicas rank x n_local onward are this process's; rank is Accelerate's process index or,
+    # on an SPMD pod slice (one process per host, which Accelerate counts as one), the host's index.
     train_loader, val_loader, sessions = build_dataloaders(
         cfg, n_steps=cfg.num_training_batches, start_step=start_step, batches_per_step=cfg.gradient_accumulation_steps,
-        n_replicas=world * n_shards, rank=rank * n_shards, pin_memory=device.type == "cuda", n_shards=n_shards,
+        n_replicas=world * n_hosts * n_local, rank=(rank + host) * n_local, pin_memory=device.type == "cuda",
+        n_shards=n_local, n_hosts=n_hosts,
     )
     run_dir = cfg.output_dir
     # Only now that the data checks passed: a typo in dataset_dir leaves no empty run directory.
     _barrier(accelerator)  # every replica has looked at the run directory (claim_run_dir) before it is written
-    if accelerator.is_main_process:
+    if is_main:
         storage.makedirs(storage.join(run_dir, checkpoints.CHECKPOINT_DIR))
         save_config(cfg, storage.join(run_dir, "config.yaml"))
     _barrier(accelerator)
@@ -673,18 +684,21 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
         unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
         # Seeded generator for the augmentations; XLA has no device generators, it uses the global RNG.
         generator=None if is_xla else torch.Generator(device=device).manual_seed(cfg.seed + rank),
-        train_steps=iter(spmd.device_loader(train_loader, device, shard_rows=n_shards > 1)),
-        val_batches=spmd.device_loader(val_loader, device), n_shards=n_shards,
-        log=_RunLog(run_dir, enabled=accelerator.is_main_process, accelerator=accelerator, config=config_to_dict(cfg)),
-        start_step=start_step, ownership=ownership,
+        train_steps=iter(spmd.device_loader(train_loader, device, shard_rows=n_hosts * n_local > 1)),
+        val_batches=spmd.device_loader(val_loader, device), n_shards=n_hosts * n_local, is_main=is_main,
+        log=_RunLog(run_dir, enabled=is_main, accelerator=accelerator, config=config_to_dict(cfg)),
+        start_step=start_step, ownership=ownership, stop_group=_stop_group(accelerator, n_hosts=n_hosts),
     )
     n_skipped = 0
     if resumed is not None:
         _resume(run, resumed)
         n_skipped = resumed.get("n_skipped_steps", 0)
-    if n_shards > 1 and cfg.shard_optimizer_state:  # after loading: a loaded state arrives replicated
-        saved = spmd.shard_optimizer_state(optimizer)
-        run.log.line(f"AdamW moments split over {n_shards} devices: {saved / 1e9:.3g} GB less on each")
+    if n_local > 1 and cfg.shard_optimizer_state:  # after loading: a loaded state arrives replicated
+        if n_hosts == 1:
+            saved = spmd.shard_optimizer_state(optimizer)
+            run.log.line(f"AdamW moments split over {n_local} devices: {saved / 1e9:.3g} GB less on each")
+        else:  # split over the pod, the main host would hold only its shards of the state it writes
+            run.log.line(f"AdamW moments replicated: {n_hosts} hosts")
     run.step_counter = torch.tensor(start_step, dtype=torch.int64, device=device)
     run.n_skipped = torch.tensor(n_skipped, dtype=torch.int64, device=device)
     if is_xla:
@@ -728,7 +742,7 @@ def _restore_rng(run: _Run, checkpoint: Mapping[str, Any]) -> None:
 def _save_state(run: _Run, path: str, *, step: int, with_optimizer: bool = True) -> None:
     """Write the run's state at `step` to `path` from the main process; every replica waits."""
     rng_states = checkpoints.gather_rng_states(accelerator=run.accelerator, generator=run.generator)
-    if run.accelerator.is_main_process:
+    if run.is_main:
         checkpoints.save_checkpoint(
             path, model=run.unwrapped, optimizer=run.optimizer, scheduler=run.scheduler, cfg=run.cfg, step=step,
             best_val_per=run.best_val_per, best_val_loss=run.best_val_loss, val_per=run.last_val[0],
@@ -749,7 +763,7 @@ def _save_periodic(run: _Run, *, step: int) -> None:
     """A checkpoint every checkpoint_every_steps, whatever the validation cadence; the oldest
     periodic ones of this run beyond keep_checkpoints are removed once the new one is complete."""
     _save_state(run, checkpoints.periodic_checkpoint_path(run.run_dir, step=step, ownership=run.ownership), step=step)
-    if run.accelerator.is_main_process:
+    if run.is_main:
         checkpoints.prune_periodic_checkpoints(run.run_dir, ownership=run.ownership, keep=run.cfg.keep_checkpoints)
 
 
@@ -765,15 +779,25 @@ class TrainingInterrupted(Exception):
 
 
 class _StopSignals:
-    """Within the block, SIGTERM and SIGINT only set `signum`; the loop stops between steps.
+    """Within the block, SIGTERM and SIGINT only set `signum`; the loop stops between steps, when
+    `agreed` says so.
 
     A second signal while the state is being saved changes nothing: the save goes on, and it is
     atomic anyway, so the previous checkpoint stays whole until the new one replaces it.
+
+    With several processes (gloo, NCCL, XLA processes, the hosts of an SPMD pod slice) every one
+    must stop after the same step. Each step `agreed` starts an asynchronous max-all-reduce of this
+    process's signal number over a gloo group, on the host's CPU, and answers from the one started
+    a step earlier, finished since: the vote never waits on a device or on the others' current step.
+    All processes read the same answers at the same steps, so they stop together, one step after
+    the first signal (at once on the last step, `final`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any = None) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._group = group
+        self._votes: list[tuple[Any, Tensor]] = []  # (pending all-reduce, its tensor), oldest first
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
@@ -789,17 +813,32 @@ class _StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def agreed(self, *, final: bool = False) -> int | None:
+        """The signal every process stops on after this step, or None."""
+        if self._group is None:
+            return self.signum
+        vote = torch.tensor([self.signum or 0], dtype=torch.int64)
+        work = torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True)
+        self._votes.append((work, vote))
+        answer = 0
+        while len(self._votes) > (0 if final else 1):
+            work, vote = self._votes.pop(0)
+            work.wait()
+            answer = max(answer, int(vote[0]))
+        return answer or None
 
-def _agreed_stop(run: _Run, signum: int | None) -> int | None:
-    """The signal to stop on when any replica got one, else None; every replica answers the same,
-    so all of them save and leave after the same step. With several replicas this reads one
-    all-reduced value per step (on XLA a wait for the step to finish); one replica reads nothing."""
-    if run.accelerator.num_processes == 1:
-        return signum
-    got = torch.tensor([float(signum is not None)], device=run.accelerator.device)
-    if float(_sum_over_replicas(got, accelerator=run.accelerator).cpu()[0]) == 0:
+
+def _stop_group(accelerator: Accelerator, *, n_hosts: int) -> Any:
+    """The gloo group `_StopSignals.agreed` votes over: None for one process; the hosts' group on an
+    SPMD pod slice (spmd.enable); a gloo group of its own beside gloo or NCCL data parallelism; for
+    XLA processes a gloo group over torch_xla's xla:// rendezvous."""
+    if accelerator.num_processes == 1 and n_hosts == 1:
         return None
-    return signum or signal.SIGTERM
+    if not torch.distributed.is_initialized():  # XLA processes: Accelerate starts no process group
+        import torch_xla.distributed.xla_backend  # noqa: F401  registers the xla:// rendezvous
+
+        torch.distributed.init_process_group("gloo", init_method="xla://")
+    return torch.distributed.new_group(backend="gloo")
 
 
 def _log_train(run: _Run, *, step: int, terms: Mapping[str, Tensor], ms: float) -> None:
@@ -853,15 +892,15 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     auto = resume_dir == "auto" or (resume_dir is None and cfg.resume == "auto")
     run = _set_up(cfg, cfg.output_dir if auto else resume_dir, fresh_without_checkpoint=auto)
     accelerator, n_steps = run.accelerator, cfg.num_training_batches
-    run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes} "
-                 f"process(es) x {run.n_shards} device(s)), {len(run.sessions)} sessions")
+    run.log.line(f"device {accelerator.device} ({accelerator.distributed_type}, {accelerator.num_processes * spmd.host_count()} "
+                 f"process(es) x {run.n_shards // spmd.host_count()} device(s)), {len(run.sessions)} sessions")
     run.log.line(rnn_model.format_parameter_summary(rnn_model.parameter_summary(run.unwrapped)))
-    progress = tqdm(total=n_steps, initial=run.start_step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=n_steps, initial=run.start_step, disable=not run.is_main,
                     dynamic_ncols=True, desc="train")
     window_start, window_steps = time.perf_counter(), 0
     step = run.start_step
     try:
-        with _StopSignals() as signals:
+        with _StopSignals(run.stop_group) as signals:
             for step in range(run.start_step + 1, n_steps + 1):
                 micro_batches = next(run.train_steps)
                 if not run.is_xla:
@@ -885,7 +924,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
                         break
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < n_steps:
                     _save_periodic(run, step=step)
-                signum = _agreed_stop(run, signals.signum)
+                signum = signals.agreed(final=step == n_steps)
                 if signum is not None:
                     _save_state(run, storage.join(run.run_dir, checkpoints.CHECKPOINT_DIR, checkpoints.LAST_CHECKPOINT), step=step)
                     run.log.line(f"{signal.Signals(signum).name}: saved {checkpoints.CHECKPOINT_DIR}/{checkpoints.LAST_CHECKPOINT} "
@@ -894,7 +933,7 @@ def train(cfg: Config, resume_dir: str | None = None) -> dict[str, Any]:
     finally:
         progress.close()
         run.log.close()
-    if accelerator.is_main_process and storage.isfile(storage.join(run.run_dir, "metrics.jsonl")):
+    if run.is_main and storage.isfile(storage.join(run.run_dir, "metrics.jsonl")):
         _plot_curves(run.run_dir)
     return {
         "step": step,

@@ -8,6 +8,13 @@ step's graph, so nothing in Python all-reduces them (Accelerate sees one process
 all-reduces are no-ops, xm.all_reduce with world_size 1). With `shard_optimizer_state` the AdamW
 moments are split over the devices (shard_optimizer_state), each device holding 1/N of them.
 
+On a pod slice every host runs the same command: the mesh spans all hosts' devices, each host's
+loader holds the batches of its own devices' replicas (rows host_index x local devices onward) and
+hands them over as its part of the global batch (MpDeviceLoader's minibatch input), and the hosts
+form a gloo group (`enable`) over which the trainer agrees on stopping and waits for the main
+host's checkpoint. The AdamW moments then stay replicated, so that the main host holds all of the
+state it writes.
+
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=2 python launch_tpu_training.py --num_cores 2 ...  # the same program on 2 CPU devices
 
 Used by launch_tpu_training.py and train_model.py (enable) and rnn_trainer.py (the replica count,
@@ -56,11 +63,21 @@ def device_count_error(num_cores: int) -> str | None:
 
 
 def enable() -> None:
-    """Switch torch_xla to SPMD mode; before the first XLA tensor exists (before the Accelerator)."""
+    """Switch torch_xla to SPMD mode; before the first XLA tensor exists (before the Accelerator).
+
+    On a pod slice (several hosts, each running the same command) this also joins the hosts in a
+    torch.distributed gloo group through torch_xla's `xla://` rendezvous (world: the hosts, rank:
+    the host's process index, the store on the host running process 0): the trainer agrees on
+    stopping and waits for the main host's checkpoint over it, on the hosts' CPUs.
+    """
     import torch_xla.runtime as xr
 
     if not xr.is_spmd():  # a second use_spmd would replicate the tensors already placed
         xr.use_spmd()
+    if xr.process_count() > 1 and not torch.distributed.is_initialized():
+        import torch_xla.distributed.xla_backend  # noqa: F401  registers the xla:// rendezvous
+
+        torch.distributed.init_process_group("gloo", init_method="xla://")
 
 
 def is_enabled() -> bool:
@@ -91,17 +108,44 @@ def mesh() -> Any:
     return xs.Mesh(np.arange(n), (n,), (DATA_AXIS,))
 
 
-def replicas_of_this_process() -> int:
-    """The replicas this process runs: under SPMD one per device of the program, else 1.
-    ConfigError for a program across hosts, which needs a main host writing the run and a stop
-    agreed across hosts that this trainer does not have yet."""
+def host_count() -> int:
+    """Hosts running the program (processes, one per host), 1 outside SPMD."""
     if not is_enabled():
         return 1
     import torch_xla.runtime as xr
 
-    if xr.process_count() > 1:
-        raise ConfigError(f"{xr.process_count()} hosts: one SPMD program across hosts is not supported yet")
-    return n_devices()
+    return xr.process_count()
+
+
+def host_index() -> int:
+    """This host's place among the program's hosts (its process index), 0 outside SPMD."""
+    if not is_enabled():
+        return 0
+    import torch_xla.runtime as xr
+
+    return xr.process_index()
+
+
+def check_hosts_start_alike(start_step: int, *, output_dir: str) -> None:
+    """ConfigError unless every host of a pod slice starts at the same step: a host that cannot read
+    the checkpoint the others resume from (output_dir on one host's own disk) would start afresh."""
+    if host_count() == 1:
+        return
+    steps: list[Any] = [None] * host_count()
+    torch.distributed.all_gather_object(steps, start_step)
+    if len(set(steps)) > 1:
+        raise ConfigError(f"{output_dir}: the hosts would start at steps {steps}; on a pod slice output_dir "
+                          "must be storage every host reads (e.g. a gs:// bucket)")
+
+
+def replicas_of_this_process() -> int:
+    """The replicas whose batches this process loads: under SPMD one per device of this host (the
+    host's rows of the global batch), else 1."""
+    if not is_enabled():
+        return 1
+    import torch_xla.runtime as xr
+
+    return xr.addressable_runtime_device_count()
 
 
 # MpDeviceLoader's queues, in loader items (a training item is one step's micro-batches): the host
@@ -130,17 +174,17 @@ class BatchSharding:
     the mesh, whatever its rank (xs.ShardingSpec applies to one rank only; the loader calls
     xla_spec(t) per tensor and reads minibatch, torch_xla.core.xla_model.send_cpu_data_to_device)."""
 
-    minibatch = False  # the loader holds every device's rows (one host)
-
     def __init__(self) -> None:
         self._specs: dict[int, Any] = {}
+        # On a pod slice each host's loader holds only its own devices' rows of the global batch.
+        self.minibatch = host_count() > 1
 
     def xla_spec(self, tensor: torch.Tensor) -> Any:
         import torch_xla.distributed.spmd as xs
 
         rank = tensor.dim()
         if rank not in self._specs:
-            self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1))
+            self._specs[rank] = xs.ShardingSpec(mesh(), (DATA_AXIS,) + (None,) * (rank - 1), minibatch=self.minibatch)
         return self._specs[rank].xla_spec(tensor)
 
 

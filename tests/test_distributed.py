@@ -113,3 +113,63 @@ def test_two_replicas_resumed_from_a_periodic_checkpoint_end_equal_to_an_uninter
     b = torch.load(tmp_path / "resumed" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
     assert a["step"] == 4
     assert_same_training_state(a, b)
+
+
+SIGNALLED_WORKER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import rnn_trainer, train_model
+
+real_step, calls = rnn_trainer.train_step, []
+
+
+def step_then_signal(**kwargs):  # only rank 1 is signalled, after its step {k}
+    out = real_step(**kwargs)
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == {k}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+
+rnn_trainer.train_step = step_then_signal
+try:
+    train_model.main(["--config_path", sys.argv[1], "--resume", "auto"])
+except SystemExit as stop:
+    open(os.path.join(sys.argv[2], f"exit{{os.environ['RANK']}}"), "w").write(str(stop.code))
+    raise
+"""
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_resume_ends_equal(data_dir: Path, tmp_path: Path):
+    """The stop is agreed one step behind (an asynchronous gloo vote, no wait on the step in flight):
+    a SIGTERM to rank 1 after step 2 stops both processes after step 3, with its checkpoint."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(repo=str(REPO_ROOT)))
+
+    def config(run: str) -> Path:
+        values = tiny_config_dict(str(data_dir), str(tmp_path / run))
+        values.update(num_training_batches=5, batches_per_train_log=1, batches_per_val_step=5, resume="auto")
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    _torchrun(worker, config("straight"), tmp_path)
+    signalled = tmp_path / "signalled.py"
+    signalled.write_text(SIGNALLED_WORKER.format(repo=str(REPO_ROOT), k=2))
+    env = dict(os.environ, USE_TORCH_XLA="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(signalled), str(config("run")), str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert [(tmp_path / f"exit{rank}").read_text() for rank in (0, 1)] == ["143", "143"], proc.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("SIGTERM: saved checkpoint/last_checkpoint.pt at step 3, stopping") == 1, log
+    assert torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)["step"] == 3
+
+    _torchrun(worker, config("run"), tmp_path)  # the same command, rerun: continues at step 3
+    a = torch.load(tmp_path / "straight" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "run" / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 5
+    assert_same_training_state(a, b)
