@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -81,7 +82,10 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     # Tensor.unfold on CPU and CUDA: the slices' values and gradients, forward+backward about 3x
     # faster on the CPU.
     patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
-    return patches.transpose(2, 3).reshape(batch_size, n_out, -1)  # (B, T', D, P) -> (B, T', P*D)
+    # Written time-major and returned as a batch-first view: the GRU reads its input time-major,
+    # so it neither copies this (B, T', P*D) tensor into that layout nor copies its gradient back.
+    time_major = patches.permute(1, 0, 3, 2).reshape(n_out, batch_size, -1)  # (B, T', D, P) -> (T', B, P*D)
+    return time_major.transpose(0, 1)  # (T', B, P*D) -> (B, T', P*D), a view
 
 
 def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) -> Tensor:
@@ -92,6 +96,31 @@ def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) 
         [x[:, p : p + span : patch_stride] for p in range(patch_size)], dim=2
     )  # P x (B, T', D) -> (B, T', P, D)
     return patches.reshape(x.shape[0], n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
+
+
+class _SoftsignFunction(torch.autograd.Function):
+    """softsign(x) = x / (1 + |x|) with its derivative 1 / (1 + |x|)^2 written out: two passes
+    forward and two backward, where autograd through F.softsign's abs, add and div takes three
+    and six. Values are F.softsign's bit for bit, gradients equal to float rounding."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        denominator = x.abs().add_(1)
+        ctx.save_for_backward(denominator)
+        return x / denominator
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (denominator,) = ctx.saved_tensors
+        return grad / denominator / denominator
+
+
+class Softsign(nn.Softsign):
+    """nn.Softsign through `_SoftsignFunction` off XLA (about 2x faster forward+backward on the CPU);
+    on XLA F.softsign as before."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softsign(x) if x.device.type == "xla" else _SoftsignFunction.apply(x)
 
 
 # Day-specific parameters: one stacked tensor per layer, day first. Names ending so are day parameters.
@@ -253,7 +282,7 @@ class GRUDecoder(nn.Module):
         self.bidirectional = bidirectional
         n_directions = 2 if bidirectional else 1
 
-        self.day_layer_activation = nn.Softsign()
+        self.day_layer_activation = Softsign()
         _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
         self.input_size = patched_size(neural_dim, patch_size)
@@ -292,7 +321,7 @@ class DayInputLayer(nn.Module):
 
     def __init__(self, *, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
         super().__init__()
-        self.day_layer_activation = nn.Softsign()
+        self.day_layer_activation = Softsign()
         _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
 
