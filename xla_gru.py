@@ -22,7 +22,10 @@ the unrolled nn.GRU that stores weights per step). `GRU` subclasses torch's own 
 (not torch_xla's patched one), so parameter names and shapes are nn.GRU's (`*_reverse` for the
 reverse direction) and every checkpoint loads unchanged, on CPU, CUDA (cuDNN) and XLA alike. It uses
 this recurrence on XLA devices, or anywhere with `use_scan = True` (how the tests compare it with
-torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA). Given
+torch's kernels on the CPU); on CPU and CUDA it otherwise is torch's GRU (cuDNN on CUDA), except
+that a causal GRU trained on the CPU runs `_CPURecurrence`, the same recurrence in fewer ops per
+step than torch's autograd over its CPU kernel (3 layers of 256 units, 16 trials of 101 frames,
+forward + backward: 127 vs 172 ms best CPU time, one thread, same run). Given
 lengths, CUDA runs cuDNN over packed sequences and the CPU this recurrence: for a bidirectional
 3-layer 128-unit GRU (forward + backward, 16 trials of up to 150 frames) torch's CPU kernel over
 packed sequences took 1.3-2.3x the time of the padded one, this loop with lengths 0.97-1.08x.
@@ -179,11 +182,16 @@ class _CPURecurrence(torch.autograd.Function):
         rz = gi.new_empty(n_steps, h0.shape[0], 2 * hidden)  # gates r, z: (T, B, 2H)
         n = torch.empty_like(states[1:])  # (T, B, H)
         w_hh_t = w_hh.t()
+        # Every step's views, made by one unbind each rather than by indexing in the loop.
+        h, gh_t, rz_t, n_t = states.unbind(0), gh.unbind(0), rz.unbind(0), n.unbind(0)
+        gi_rz, gi_n = gi[..., : 2 * hidden].unbind(0), gi[..., 2 * hidden :].unbind(0)
+        gh_rz, gh_n = gh[..., : 2 * hidden].unbind(0), gh[..., 2 * hidden :].unbind(0)
+        r, z = rz[..., :hidden].unbind(0), rz[..., hidden:].unbind(0)
         for t in range(n_steps):
-            torch.addmm(b_hh, states[t], w_hh_t, out=gh[t])  # (B, H) @ (H, 3H) -> (B, 3H)
-            torch.add(gi[t, :, : 2 * hidden], gh[t, :, : 2 * hidden], out=rz[t]).sigmoid_()
-            torch.addcmul(gi[t, :, 2 * hidden :], rz[t, :, :hidden], gh[t, :, 2 * hidden :], out=n[t]).tanh_()
-            torch.lerp(n[t], states[t], rz[t, :, hidden:], out=states[t + 1])  # (1 - z) * n + z * h
+            torch.addmm(b_hh, h[t], w_hh_t, out=gh_t[t])  # (B, H) @ (H, 3H) -> (B, 3H)
+            torch.add(gi_rz[t], gh_rz[t], out=rz_t[t]).sigmoid_()
+            torch.addcmul(gi_n[t], r[t], gh_n[t], out=n_t[t]).tanh_()
+            torch.lerp(n_t[t], h[t], z[t], out=h[t + 1])  # (1 - z) * n + z * h
         ctx.save_for_backward(w_hh, states, gh, rz, n)
         return states[1:]
 
@@ -204,10 +212,14 @@ class _CPURecurrence(torch.autograd.Function):
         dh = torch.empty_like(n)  # dL/dh_t, from the output and from step t+1: (T, B, H)
         dgh = torch.empty_like(gh)
         dh[-1] = d_hs[-1]
+        dh_t, d_out, z_t, dgh_t = dh.unbind(0), d_hs.unbind(0), z.unbind(0), dgh.unbind(0)
+        dh_1 = dh[:, :, None].unbind(0)  # (T, B, H) -> T x (B, 1, H)
+        factors_3 = factors.unflatten(-1, (3, hidden)).unbind(0)  # (T, B, 3H) -> T x (B, 3, H)
+        dgh_3 = dgh.unflatten(-1, (3, hidden)).unbind(0)  # (T, B, 3H) -> T x (B, 3, H), views of dgh
         for t in range(n_steps - 1, -1, -1):
-            torch.mul(dh[t, :, None], factors[t].view(batch, 3, hidden), out=dgh[t].view(batch, 3, hidden))
+            torch.mul(dh_1[t], factors_3[t], out=dgh_3[t])  # (B, 1, H) * (B, 3, H) -> (B, 3, H)
             if t > 0:  # dh_{t-1} = d_out_{t-1} + dh_t * z_t + dgh_t @ W_hh
-                torch.addmm(torch.addcmul(d_hs[t - 1], dh[t], z[t]), dgh[t], w_hh, out=dh[t - 1])
+                torch.addmm(torch.addcmul(d_out[t - 1], dh_t[t], z_t[t]), dgh_t[t], w_hh, out=dh_t[t - 1])
         dh0 = torch.addmm(dh[0] * z[0], dgh[0], w_hh)  # (B, 3H) @ (3H, H) -> (B, H)
         # (T, B, ·) buffers made here are contiguous: flattening (T, B) is a view.
         dw_hh = dgh.flatten(0, 1).t() @ h_prev.flatten(0, 1)  # (3H, T*B) @ (T*B, H) -> (3H, H)
