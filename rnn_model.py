@@ -72,20 +72,44 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     """
     if patch_size == 0:
         return x
-    batch_size, n_time_steps, _ = x.shape
+    n_time_steps = x.shape[1]
     if n_time_steps < patch_size:
         raise ValueError(f"patching needs at least patch_size={patch_size} time bins, got {n_time_steps}")
-    n_out = n_patches(n_time_steps, patch_size, patch_stride)
     if x.device.type == "xla":
         # torch_xla has no lowering for Tensor.unfold (it falls back to the CPU every step).
-        return _patch_by_slices(x, patch_size, patch_stride, n_out)
-    # Tensor.unfold on CPU and CUDA: the slices' values and gradients, forward+backward about 3x
-    # faster on the CPU.
-    patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
-    # Written time-major and returned as a batch-first view: the GRU reads its input time-major,
-    # so it neither copies this (B, T', P*D) tensor into that layout nor copies its gradient back.
-    time_major = patches.permute(1, 0, 3, 2).reshape(n_out, batch_size, -1)  # (B, T', D, P) -> (T', B, P*D)
-    return time_major.transpose(0, 1)  # (T', B, P*D) -> (B, T', P*D), a view
+        return _patch_by_slices(x, patch_size, patch_stride, n_patches(n_time_steps, patch_size, patch_stride))
+    return _Patches.apply(x, patch_size, patch_stride)
+
+
+class _Patches(torch.autograd.Function):
+    """patch_inputs on CPU and CUDA: Tensor.unfold's patches (forward+backward about 3x faster on the
+    CPU than the strided slices), written time-major and returned as a batch-first view: the GRU
+    reads its input time-major, so it neither copies the (B, T', P*D) patches into that layout nor
+    copies their gradient back. The backward adds each of the P patch positions' gradients back
+    with one strided add (about 3x faster on the CPU than unfold's own backward; equal to float
+    rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
+        """x: (B, T, D). Returns (B, T', P*D), time-major in memory."""
+        batch_size, n_time_steps, _ = x.shape
+        ctx.n_time_steps, ctx.patch_size, ctx.patch_stride = n_time_steps, patch_size, patch_stride
+        n_out = n_patches(n_time_steps, patch_size, patch_stride)
+        patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
+        time_major = patches.permute(1, 0, 3, 2).reshape(n_out, batch_size, -1)  # (B, T', D, P) -> (T', B, P*D)
+        return time_major.transpose(0, 1)  # (T', B, P*D) -> (B, T', P*D), a view
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        batch_size, n_out, _ = grad.shape
+        size, stride = ctx.patch_size, ctx.patch_stride
+        # A view when the gradient is time-major like the forward's output, else one copy.
+        per_position = grad.transpose(0, 1).reshape(n_out, batch_size, size, -1)  # (B, T', P*D) -> (T', B, P, D)
+        grad_x = grad.new_zeros(batch_size, ctx.n_time_steps, per_position.shape[-1])  # (B, T, D)
+        span = stride * (n_out - 1) + 1
+        for p in range(size):  # bin p of every patch: bins p, p + stride, ..
+            grad_x[:, p : p + span : stride].add_(per_position[:, :, p].transpose(0, 1))  # (T', B, D) -> (B, T', D)
+        return grad_x, None, None
 
 
 def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) -> Tensor:
