@@ -82,28 +82,24 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
 
 
 class _Patches(torch.autograd.Function):
-    """patch_inputs on CPU and CUDA: Tensor.unfold's patches (forward+backward about 3x faster on the
-    CPU than the strided slices), written time-major and returned as a batch-first view: the GRU
-    reads its input time-major, so it neither copies the (B, T', P*D) patches into that layout nor
-    copies their gradient back. The backward adds each of the P patch positions' gradients back
-    with one strided add (about 3x faster on the CPU than unfold's own backward; equal to float
-    rounding)."""
+    """patch_inputs on CPU and CUDA: Tensor.unfold's patches (a view of x; forward+backward about
+    3x faster on the CPU than the strided slices), whose backward adds each of the P patch
+    positions' gradients back with one strided add, about 3x faster on the CPU than unfold's own
+    backward (equal to float rounding)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
-        """x: (B, T, D). Returns (B, T', P*D), time-major in memory."""
+        """x: (B, T, D). Returns (B, T', P*D)."""
         batch_size, n_time_steps, _ = x.shape
         ctx.n_time_steps, ctx.patch_size, ctx.patch_stride = n_time_steps, patch_size, patch_stride
-        n_out = n_patches(n_time_steps, patch_size, patch_stride)
         patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
-        time_major = patches.permute(1, 0, 3, 2).reshape(n_out, batch_size, -1)  # (B, T', D, P) -> (T', B, P*D)
-        return time_major.transpose(0, 1)  # (T', B, P*D) -> (B, T', P*D), a view
+        return patches.transpose(2, 3).reshape(batch_size, patches.shape[1], -1)  # (B, T', D, P) -> (B, T', P*D)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         batch_size, n_out, _ = grad.shape
         size, stride = ctx.patch_size, ctx.patch_stride
-        # A view when the gradient is time-major like the forward's output, else one copy.
+        # A view when the gradient is time-major, as the GRU's input gradient is.
         per_position = grad.transpose(0, 1).reshape(n_out, batch_size, size, -1)  # (B, T', P*D) -> (T', B, P, D)
         grad_x = grad.new_zeros(batch_size, ctx.n_time_steps, per_position.shape[-1])  # (B, T, D)
         span = stride * (n_out - 1) + 1
