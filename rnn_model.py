@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -71,17 +72,40 @@ def patch_inputs(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
     """
     if patch_size == 0:
         return x
-    batch_size, n_time_steps, _ = x.shape
+    n_time_steps = x.shape[1]
     if n_time_steps < patch_size:
         raise ValueError(f"patching needs at least patch_size={patch_size} time bins, got {n_time_steps}")
-    n_out = n_patches(n_time_steps, patch_size, patch_stride)
     if x.device.type == "xla":
         # torch_xla has no lowering for Tensor.unfold (it falls back to the CPU every step).
-        return _patch_by_slices(x, patch_size, patch_stride, n_out)
-    # Tensor.unfold on CPU and CUDA: the slices' values and gradients, forward+backward about 3x
-    # faster on the CPU.
-    patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
-    return patches.transpose(2, 3).reshape(batch_size, n_out, -1)  # (B, T', D, P) -> (B, T', P*D)
+        return _patch_by_slices(x, patch_size, patch_stride, n_patches(n_time_steps, patch_size, patch_stride))
+    return _Patches.apply(x, patch_size, patch_stride)
+
+
+class _Patches(torch.autograd.Function):
+    """patch_inputs on CPU and CUDA: Tensor.unfold's patches (a view of x; forward+backward about
+    3x faster on the CPU than the strided slices), whose backward adds each of the P patch
+    positions' gradients back with one strided add, about 3x faster on the CPU than unfold's own
+    backward (equal to float rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
+        """x: (B, T, D). Returns (B, T', P*D)."""
+        batch_size, n_time_steps, _ = x.shape
+        ctx.n_time_steps, ctx.patch_size, ctx.patch_stride = n_time_steps, patch_size, patch_stride
+        patches = x.unfold(1, patch_size, patch_stride)  # (B, T, D) -> (B, T', D, P)
+        return patches.transpose(2, 3).reshape(batch_size, patches.shape[1], -1)  # (B, T', D, P) -> (B, T', P*D)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        batch_size, n_out, _ = grad.shape
+        size, stride = ctx.patch_size, ctx.patch_stride
+        # A view when the gradient is time-major, as the GRU's input gradient is.
+        per_position = grad.transpose(0, 1).reshape(n_out, batch_size, size, -1)  # (B, T', P*D) -> (T', B, P, D)
+        grad_x = grad.new_zeros(batch_size, ctx.n_time_steps, per_position.shape[-1])  # (B, T, D)
+        span = stride * (n_out - 1) + 1
+        for p in range(size):  # bin p of every patch: bins p, p + stride, ..
+            grad_x[:, p : p + span : stride].add_(per_position[:, :, p].transpose(0, 1))  # (T', B, D) -> (B, T', D)
+        return grad_x, None, None
 
 
 def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) -> Tensor:
@@ -92,6 +116,31 @@ def _patch_by_slices(x: Tensor, patch_size: int, patch_stride: int, n_out: int) 
         [x[:, p : p + span : patch_stride] for p in range(patch_size)], dim=2
     )  # P x (B, T', D) -> (B, T', P, D)
     return patches.reshape(x.shape[0], n_out, -1)  # (B, T', P, D) -> (B, T', P*D)
+
+
+class _SoftsignFunction(torch.autograd.Function):
+    """softsign(x) = x / (1 + |x|) with its derivative 1 / (1 + |x|)^2 written out: the backward
+    is two divisions by the saved 1 + |x|, where autograd through F.softsign's abs, add and div
+    runs about six ops. Values are F.softsign's bit for bit, gradients equal to float rounding."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        denominator = x.abs().add_(1)
+        ctx.save_for_backward(denominator)
+        return x / denominator
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (denominator,) = ctx.saved_tensors
+        return grad / denominator / denominator
+
+
+class Softsign(nn.Softsign):
+    """nn.Softsign through `_SoftsignFunction` off XLA (about 2x faster forward+backward on the CPU);
+    on XLA F.softsign as before."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softsign(x) if x.device.type == "xla" else _SoftsignFunction.apply(x)
 
 
 # Day-specific parameters: one stacked tensor per layer, day first. Names ending so are day parameters.
@@ -253,7 +302,7 @@ class GRUDecoder(nn.Module):
         self.bidirectional = bidirectional
         n_directions = 2 if bidirectional else 1
 
-        self.day_layer_activation = nn.Softsign()
+        self.day_layer_activation = Softsign()
         _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
         self.input_size = patched_size(neural_dim, patch_size)
@@ -292,7 +341,7 @@ class DayInputLayer(nn.Module):
 
     def __init__(self, *, neural_dim: int, n_days: int, input_dropout: float = 0.0) -> None:
         super().__init__()
-        self.day_layer_activation = nn.Softsign()
+        self.day_layer_activation = Softsign()
         _new_day_parameters(self, neural_dim, n_days)
         self.day_layer_dropout = nn.Dropout(input_dropout)
 

@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_augmentations.py -q
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_augmentations import augment_batch, gauss_kernel, gauss_smooth, shift_time
 
@@ -52,6 +53,23 @@ def test_smoothing_matches_a_per_channel_convolution():
     kernel = gauss_kernel(1.5, 20)
     expected = np.convolve(x[1, :, 2].numpy(), kernel[::-1], mode="same")
     np.testing.assert_allclose(smoothed[1, :, 2].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_smoothing_by_shifts_equals_the_grouped_conv1d(padding: str):
+    """The CPU's shifted adds against the grouped conv1d (the XLA path, upstream's), several
+    kernels and lengths down to one kernel's, float32 and bf16 inputs."""
+    for std, size, n_time in ((2, 100, 60), (1.5, 20, 7), (4, 100, 33), (0.7, 9, 5)):
+        kernel = torch.from_numpy(gauss_kernel(std, size))
+        if padding == "valid" and n_time < len(kernel):
+            continue
+        x = torch.randn(3, n_time, 5, generator=_gen())
+        weight = kernel.view(1, 1, -1).repeat(5, 1, 1)  # (C, 1, K)
+        expected = F.conv1d(x.permute(0, 2, 1), weight, padding=padding, groups=5).permute(0, 2, 1)
+        torch.testing.assert_close(gauss_smooth(x, std, size, padding=padding), expected, rtol=1e-6, atol=1e-6)
+        smoothed_bf16 = gauss_smooth(x.bfloat16(), std, size, padding=padding)
+        assert smoothed_bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(smoothed_bf16.float(), expected, rtol=0.02, atol=0.02)
 
 
 def test_white_noise_has_the_configured_std():

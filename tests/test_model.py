@@ -107,6 +107,21 @@ def test_patching_by_slices_for_xla_equals_unfold_in_values_and_gradients():
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
 
 
+def test_softsign_equals_f_softsign_in_values_and_gradients():
+    from rnn_model import Softsign
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 6, dtype=torch.float64).mul_(3).requires_grad_()
+    y, want = Softsign()(x), F.softsign(x)
+    assert torch.equal(y, want)
+    weight = torch.randn_like(y)
+    grads = [torch.autograd.grad((out * weight).sum(), x)[0] for out in (y, want)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(Softsign(), x[:1, :3])
+    assert all(isinstance(model.day_layer_activation, Softsign) for model in (
+        GRUDecoder(6, 4, 3, 5, n_layers=1), DayInputLayer(neural_dim=6, n_days=3)))
+
+
 def test_identity_day_layers_give_softsign():
     torch.manual_seed(0)
     x = torch.randn(4, 9, 6)

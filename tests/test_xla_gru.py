@@ -83,6 +83,43 @@ def test_recurrence_gradients_are_exact_in_float64(reverse: bool, with_lengths: 
     assert torch.autograd.gradcheck(apply, inputs)
 
 
+def test_cpu_recurrence_gradients_are_exact_in_float64():
+    torch.manual_seed(0)
+    n_steps, batch, hidden = 6, 3, 4
+    inputs = (
+        torch.randn(n_steps, batch, 3 * hidden, dtype=torch.float64, requires_grad=True),  # gi
+        torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True),  # h0
+        torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
+        torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
+    )
+    assert torch.autograd.gradcheck(xla_gru._CPURecurrence.apply, inputs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cpu_training_path_matches_torch_gru(monkeypatch, batch_first: bool, dropout: float):
+    """A causal GRU trained on the CPU runs _CPURecurrence: outputs, final states and every gradient
+    as torch's kernel, in float64 to its rounding and in float32 to float32's; between layers the
+    same dropout masks from the same seed."""
+    calls = []
+    apply = xla_gru._CPURecurrence.apply
+    monkeypatch.setattr(xla_gru._CPURecurrence, "apply", lambda *a: calls.append(1) or apply(*a))
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        reference, ours = _pair(5, 7, 3, dtype, batch_first=batch_first, dropout=dropout)
+        ours.use_scan = False
+        torch.manual_seed(2)
+        x = torch.randn(4, 11, 5, dtype=dtype) if batch_first else torch.randn(11, 4, 5, dtype=dtype)
+        h0 = torch.randn(3, 4, 7, dtype=dtype)
+        names = ["output", "h_n", "x", "h0", *(n for n, _ in ours.named_parameters())]
+        torch.manual_seed(3)
+        want = _outputs_and_grads(reference, x, h0)
+        torch.manual_seed(3)
+        got = _outputs_and_grads(ours, x, h0)
+        for name, expected, value in zip(names, want, got):
+            torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance, msg=f"{name}, {dtype}")
+    assert len(calls) == 2 * 3  # one per layer and dtype
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_lengths_match_torch_gru_on_packed_sequences(batch_first: bool, bidirectional: bool):
@@ -164,15 +201,29 @@ def test_parameters_and_checkpoints_are_nn_grus(bidirectional: bool):
     assert bidirectional == any(name.endswith("_reverse") for name in ours.state_dict())
 
 
-def test_cpu_default_is_torch_kernel(monkeypatch):
+def test_cpu_routes(monkeypatch):
+    """On the CPU without use_scan: training a causal GRU runs _CPURecurrence, inference torch's
+    kernel; neither runs the scan's recurrence, and a bidirectional GRU given no lengths trains
+    on torch's kernel."""
     _, ours = _pair(4, 6, 2, batch_first=True)
-    ours.use_scan = False
+    _, bidirectional = _pair(4, 6, 2, batch_first=True, bidirectional=True)
+    ours.use_scan = bidirectional.use_scan = False
+    calls = []
 
     def fail(*args, **kwargs):
         raise AssertionError("the scan recurrence ran on the CPU without use_scan")
 
+    apply = xla_gru._CPURecurrence.apply
     monkeypatch.setattr(xla_gru._GRURecurrence, "apply", fail)
-    ours(torch.randn(2, 5, 4))
+    monkeypatch.setattr(xla_gru._CPURecurrence, "apply", lambda *a: calls.append(1) or apply(*a))
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        ours(x)
+    assert calls == []
+    ours(x)[0].sum().backward()
+    assert len(calls) == 2  # one per layer
+    bidirectional(x)[0].sum().backward()
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("use_amp", [False, True])
