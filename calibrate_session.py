@@ -99,7 +99,7 @@ from evaluate_model_helpers import BeamSearchOptions, Lexicon, WordBeamDecoder, 
 
 TRAIN_MODES = ("day", "day+head", "all")
 INITS = ("identity", "last", "nearest")
-OBJECTIVES = ("pseudo", "consistency")
+OBJECTIVES = ("pseudo", "consistency", "align")
 N_TIME_MASKS, MAX_MASK_FRACTION = 2, 0.1  # the consistency objective's student: two spans of up to 10% of a trial
 
 
@@ -335,16 +335,16 @@ def consistency_loss(model: nn.Module, batch: dict[str, Tensor], cfg: Config, ge
 # ----------------------------------------------------------------------------- without labels
 
 
-def unlabelled_trial_index(data_dir: str, session: str, split: str, *, day: int, n_trials: int, cfg: Config) -> dict[int, dict]:
-    """The first n_trials trials of the session's split file, indexed as unlabelled trials (features
-    and trial attributes only, whatever else the file holds), under day index `day`."""
+def unlabelled_trial_index(data_dir: str, session: str, split: str, *, day: int, n_trials: int | None, cfg: Config) -> dict[int, dict]:
+    """The first n_trials trials (None: all) of the session's split file, indexed as unlabelled trials
+    (features and trial attributes only, whatever else the file holds), under day index `day`."""
     path = session_files(data_dir, [session], split)[0]
     if path is None:
         raise DataError(f"{os.path.join(data_dir, session)}: session has no data_{split}.hdf5")
     index, _ = train_test_split_indices([path], 0, labelled=False, patch_size=cfg.model.patch_size,
                                         patch_stride=cfg.model.patch_stride, on_bad_trial=cfg.dataset.on_bad_trial)
     entry = index[0]
-    if n_trials > len(entry["trials"]):
+    if n_trials is not None and n_trials > len(entry["trials"]):
         raise DataError(f"{path}: {n_trials} trials asked for, but the session has only {len(entry['trials'])} usable {split} trials")
     trials = entry["trials"][:n_trials]
     return {day: {"trials": trials, "session_path": path, "meta": {t: entry["meta"][t] for t in trials}}}
@@ -470,6 +470,60 @@ def nearest_day_unlabelled(start: Start, session: str, trials: Sequence[Tensor],
     return min(range(len(losses)), key=losses.__getitem__), losses
 
 
+@torch.no_grad()
+def frame_moments(trials: Sequence[Tensor], cfg: Config, shrinkage: float) -> tuple[Tensor, Tensor]:
+    """(mean (D,), covariance (D, D)), float64, of the trials' frames as the day layer reads them
+    (after the validation transforms: smoothing), the covariance shrunk towards its mean variance:
+    (1 - shrinkage) * C + shrinkage * trace(C) / D * I, so that it is invertible from few frames."""
+    frames = []
+    for trial in trials:
+        features, _ = augment_batch(trial[None], torch.tensor([len(trial)], device=trial.device), cfg.dataset.data_transforms,
+                                    training=False, generator=None, static_shapes=False)
+        frames.append(features[0].double().cpu())  # (T_i, D)
+    x = torch.cat(frames)  # (sum T_i, D)
+    mean = x.mean(dim=0)
+    centred = x - mean
+    cov = centred.T @ centred / len(x)
+    eye = torch.eye(len(cov), dtype=cov.dtype)
+    return mean, (1 - shrinkage) * cov + shrinkage * cov.trace() / len(cov) * eye
+
+
+def _matrix_power(matrix: Tensor, power: float) -> Tensor:
+    """A symmetric positive definite matrix to a real power, through its eigendecomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=1e-12).pow(power)) @ vectors.T
+
+
+def coral_map(new: tuple[Tensor, Tensor], reference: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(T, offset): the affine map x -> T x + offset that gives frames of the new day's mean and
+    covariance the reference day's (CORAL: whiten with the new day's covariance, colour with the
+    reference's), T = C_ref^(1/2) C_new^(-1/2), offset = mean_ref - T mean_new."""
+    (mean_new, cov_new), (mean_ref, cov_ref) = new, reference
+    t = _matrix_power(cov_ref, 0.5) @ _matrix_power(cov_new, -0.5)
+    return t, mean_ref - t @ mean_new
+
+
+@torch.no_grad()
+def align_day_layer(model: nn.Module, day: int, t: Tensor, offset: Tensor) -> None:
+    """Compose day `day`'s input layer(s) with x -> T x + offset: W <- W T, b <- b + W offset
+    (both day layers of the triple model)."""
+    params = dict(model.named_parameters())
+    for name, weights in params.items():
+        if name.rpartition(".")[2] != "day_weights":
+            continue
+        if weights.dim() != 3:
+            raise CalibrationError(f"{name}: --objective align expects day layers stacked as (n_days, D, D)")
+        biases = params[name.replace("day_weights", "day_biases")]
+        w = weights[day].double()  # (D, D)
+        biases[day] += (w @ offset.to(w)).to(biases.dtype)[None]  # (D,) -> (1, D)
+        weights[day] = (w @ t.to(w)).to(weights.dtype)
+
+
+def moment_distance(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    """How far two days' frame statistics are apart: the Frobenius norm of the covariances' difference."""
+    return float(torch.linalg.matrix_norm(a[1] - b[1]))
+
+
 def build_pseudo_label_decoder(args: argparse.Namespace, start: Start, lm_dir: Path) -> tuple[WordBeamDecoder, Lexicon, str]:
     """The evaluator's word beam search (build_word_decoder), its text being the training sentences of
     the model's other sessions under --data_dir (never the calibrated session's), or --lm_text / --lm_arpa."""
@@ -557,6 +611,8 @@ def _curve_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _curve_label(result: dict[str, Any]) -> str:
     if result.get("unsupervised"):
+        if result["objective"] == "align":
+            return "N unlabelled, aligned (CORAL), no training"
         what = "pseudo-labels" if result["objective"] == "pseudo" else "consistency, no decoding"
         return f"N unlabelled, {what}, {result['rounds']} round(s) x {result['steps']} steps"
     return f"K labelled, {result['steps']} steps (--train {result['train']})"
@@ -634,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without --unsupervised only train)")
     u.add_argument("--objective", default="pseudo", help=f"{' | '.join(OBJECTIVES)}: train on LM-corrected pseudo-labels, "
                    "or on the consistency of posteriors between a trial and a time-masked noisy copy (no decoding)")
+    u.add_argument("--align_shrinkage", type=float, default=0.1,
+                   help="--objective align: share of each covariance replaced by its mean variance (times identity)")
     u.add_argument("--rounds", type=int, default=1, help="decode, select, train: this many times")
     u.add_argument("--keep_fraction", type=float, default=0.5, help="share of the trials whose pseudo-labels train the layer, most confident first")
     beam = BeamSearchOptions()  # the evaluator's defaults
@@ -668,6 +726,10 @@ def check_args(args: argparse.Namespace) -> list[int]:
         raise CalibrationError(f"--n_sentences {args.n_sentences}: calibration needs at least one sentence")
     if args.steps < 1 or args.batch_size < 1 or args.rounds < 1 or args.check_every < 1:
         raise CalibrationError("--steps, --batch_size, --rounds and --check_every must be >= 1")
+    if args.objective == "align" and args.init == "identity":
+        raise CalibrationError("--objective align maps the day onto a trained day's statistics: use --init last or nearest")
+    if not 0 < args.align_shrinkage <= 1:
+        raise CalibrationError(f"--align_shrinkage {args.align_shrinkage}: expected a share in (0, 1]")
     if not 0 < args.keep_fraction <= 1 or not 0 <= args.holdout_fraction < 1:
         raise CalibrationError("--keep_fraction must be in (0, 1] and --holdout_fraction in [0, 1)")
     return sorted({args.n_sentences, *_parse_sweep(args.sweep)})
@@ -759,6 +821,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               + f" | {seconds:.1f} s")
         return row, model, sessions
 
+    def reference_moments(source_day: int) -> tuple[Tensor, Tensor]:
+        """A trained day's frame moments, from its train file under --data_dir read as unlabelled."""
+        if source_day not in moments:
+            name = start.sessions[source_day]
+            index = unlabelled_trial_index(args.data_dir, name, "train", day=source_day, n_trials=None, cfg=cfg)
+            moments[source_day] = frame_moments(load_trials(index, cfg, device), cfg, args.align_shrinkage)
+        return moments[source_day]
+
+    def one_aligned(n: int) -> tuple[dict[str, Any], nn.Module, list[str]]:
+        began = time.perf_counter()
+        new = frame_moments(all_trials[:n], cfg, args.align_shrinkage) if n else None  # N = 0: nothing to align
+        fixed = fixed_start(known=known, day=day, init=args.init, n_trials=n, n_sessions=len(start.sessions))
+        distances = None
+        if fixed is not None:
+            init_day, init = fixed
+        else:
+            distances = [moment_distance(new, reference_moments(d)) for d in range(len(start.sessions))]
+            init_day, init = min(range(len(distances)), key=distances.__getitem__), "nearest"
+        model, sessions, _ = model_for_session(start, args.session, init_day)
+        model.to(device)
+        reference = reference_moments(init_day)
+        seconds = time.perf_counter() - began
+        per_init, loss_init = val_per(model)
+        began = time.perf_counter()
+        if n:
+            align_day_layer(model, day, *coral_map(new, reference))
+        seconds += time.perf_counter() - began
+        per_after, loss_after = val_per(model)
+        row = {"n": n, "init_used": init, "init_day": start.sessions[init_day], "init_day_distances": distances,
+               "n_train": n, "n_holdout": 0, "per_init": per_init, "per_after": per_after, "val_loss_init": loss_init,
+               "val_loss_after": loss_after, "moment_distance": moment_distance(new, reference) if n else None,
+               "seconds": seconds,
+               "rounds": []}
+        print(f"N {n:>3} | aligned to {row['init_day']} ({init})"
+              + (f" | PER {per_init:.4f} -> {per_after:.4f}" if per_init is not None else "") + f" | {seconds:.1f} s")
+        return row, model, sessions
+
     def one_n(n: int) -> tuple[dict[str, Any], nn.Module, list[str]]:
         n_hold = n_held_out(n, args.holdout_fraction)
         fit, held = all_trials[: n - n_hold], all_trials[n - n_hold : n]
@@ -818,14 +917,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The LM is written to a temporary folder (then copied into --out), so a failure writes nothing.
     lm_dir = tempfile.TemporaryDirectory() if args.unsupervised else None
     try:
+        moments: dict[int, tuple[Tensor, Tensor]] = {}
+        lm_name = None
         if lm_dir is not None:
             all_trials = load_trials(train_index, cfg, device)
+        if lm_dir is not None and args.objective != "align":
             decoder, lexicon, lm_name = build_pseudo_label_decoder(args, start, Path(lm_dir.name))
         identity_model, _, _ = model_for_session(start, args.session, None)
         per_identity = val_per(identity_model.to(device))[0] if not known else None
         rows, saved = [], None
         for k in ks:
-            row, model, sessions = (one_n if args.unsupervised else one_k)(k)
+            row, model, sessions = (one_k if not args.unsupervised else one_aligned if args.objective == "align" else one_n)(k)
             row["per_identity"] = per_identity
             rows.append(row)
             if k == args.n_sentences:
@@ -854,10 +956,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in rows:
             for entry in row["rounds"]:
                 _score_round(entry, trial_ids, truth)
-        result.update(split=split, objective=args.objective, rounds=args.rounds, keep_fraction=args.keep_fraction,
-                      confidence="exp(-CTC(pseudo-label) / frames), the model's mean per-frame likelihood of the "
-                      "beam search's best sentence; the most confident keep_fraction train", lm=lm_name,
-                      labels_available=truth is not None, by_n=rows)
+        result.update(split=split, objective=args.objective, labels_available=truth is not None, by_n=rows)
+        if args.objective == "align":
+            result.update(align="CORAL: W <- W C_ref^(1/2) C_new^(-1/2), b <- b + W (mean_ref - C_ref^(1/2) C_new^(-1/2) "
+                          "mean_new), the moments of the frames the day layer reads, the reference the starting day's train "
+                          "trials", align_shrinkage=args.align_shrinkage)
+        else:
+            result.update(rounds=args.rounds, keep_fraction=args.keep_fraction, lm=lm_name,
+                          confidence="exp(-CTC(pseudo-label) / frames), the model's mean per-frame likelihood of the "
+                          "beam search's best sentence; the most confident keep_fraction train")
     else:
         result["by_k"] = rows
     (out / "calibration.json").write_text(json.dumps(result, indent=2))

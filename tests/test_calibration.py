@@ -203,6 +203,10 @@ def test_calibrated_run_directory_evaluates_and_resumes(holdout_dir: Path, base_
     ("no checkpoint", ["--n_sentences", "5", "--model_path", "EMPTY"], "checkpoint not found"),
     ("test split with labels", ["--n_sentences", "5", "--split", "test"], "--split test: the test split holds no labels"),
     ("objective", ["--n_sentences", "5", "--unsupervised", "--objective", "entropy"], "--objective 'entropy': expected one of"),
+    ("align from identity", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--init", "identity"],
+     "--objective align maps the day onto a trained day's statistics: use --init last or nearest"),
+    ("align, reference day missing", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--data_dir", "ALONE"],
+     r"alone/t15\.2023\.08\.11: session folder does not exist"),
     ("too many unlabelled", ["--n_sentences", "11", "--unsupervised", "--split", "test"], "11 trials asked for, but the session has only 10 usable test"),
     ("no LM text", ["--n_sentences", "5", "--unsupervised", "--data_dir", "ALONE"], "none of the model's other sessions has a data_train.hdf5"),
     ("LM text missing", ["--n_sentences", "5", "--unsupervised", "--lm_text", "MISSING"], "LM text file not found"),
@@ -376,3 +380,59 @@ def test_unlabelled_calibration_of_an_upstream_model_directory(holdout_dir: Path
     calibrated = _weights(out)
     assert all(torch.equal(calibrated[k], v) for k, v in base.items())
     assert not torch.equal(calibrated["day_weights.2"], base["day_weights.1"])
+
+
+# --- alignment of the day's statistics (--objective align) ----------------------------------------
+
+
+def test_coral_map_gives_the_new_days_moments_the_reference_days():
+    g = torch.Generator().manual_seed(0)
+    def moments(d: int):
+        a = torch.randn(d, d, generator=g, dtype=torch.float64)
+        return torch.randn(d, generator=g, dtype=torch.float64), a @ a.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    new, reference = moments(6), moments(6)
+    t, offset = C.coral_map(new, reference)
+    torch.testing.assert_close(t @ new[1] @ t.T, reference[1])
+    torch.testing.assert_close(t @ new[0] + offset, reference[0])
+    # A day layer composed with it: W' x + b' = W (T x + offset) + b for that day, every other day untouched.
+    layer = torch.nn.Module()
+    layer.day_weights = torch.nn.Parameter(torch.randn(2, 6, 6, generator=g))
+    layer.day_biases = torch.nn.Parameter(torch.randn(2, 1, 6, generator=g))
+    before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    C.align_day_layer(layer, 1, t, offset)
+    x = torch.randn(6, generator=g, dtype=torch.float64)
+    want = before["day_weights"][1].double() @ (t @ x + offset) + before["day_biases"][1, 0].double()
+    got = layer.day_weights[1].double() @ x + layer.day_biases[1, 0].double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.day_weights[0], before["day_weights"][0]) and torch.equal(layer.day_biases[0], before["day_biases"][0])
+
+
+def test_align_matches_the_last_days_moments_moves_only_the_new_day_layer_and_reads_no_label(
+        holdout_dir: Path, base_run: Path, tmp_path: Path):
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    for session in TRAIN_SESSIONS:  # the reference day's trials: the model's training sessions
+        (blind / session).symlink_to(holdout_dir / session)
+    (blind / NEW_SESSION).mkdir()
+    _strip_labels(holdout_dir / NEW_SESSION / "data_train.hdf5", blind / NEW_SESSION / "data_train.hdf5")
+    extra = ["--objective", "align", "--n_sentences", "20"]
+    labelled = C.run(_unlabelled_args(base_run, holdout_dir, tmp_path / "labelled", *extra))
+    C.run(_unlabelled_args(base_run, blind, tmp_path / "unlabelled", *extra))
+    a, b = _weights(tmp_path / "labelled"), _weights(tmp_path / "unlabelled")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    base = rnn_model.read_checkpoint(base_run)["model_state_dict"]
+    assert set(a) == set(base) | {"day_weights.2", "day_biases.2"}
+    assert all(torch.equal(a[k], v) for k, v in base.items())
+    row = labelled["by_n"][0]
+    assert row["init_day"] == TRAIN_SESSIONS[-1] and row["rounds"] == [] and labelled["objective"] == "align"
+    # The aligned layer's pre-activations on the new day have the last day layer's on the last day
+    # (moments of the frames as the day layer reads them, shrunk as --align_shrinkage says).
+    start = C.load_start(str(base_run), upstream=False)
+    def moments(session: str, n: int | None):
+        index = C.unlabelled_trial_index(str(holdout_dir), session, "train", day=0, n_trials=n, cfg=start.cfg)
+        return C.frame_moments(C.load_trials(index, start.cfg, torch.device("cpu")), start.cfg, 0.1)
+    (mean_new, cov_new), (mean_ref, cov_ref) = moments(NEW_SESSION, 20), moments(TRAIN_SESSIONS[-1], None)
+    w_new, b_new = a["day_weights.2"].double(), a["day_biases.2"].double()[0]
+    w_ref, b_ref = base["day_weights.1"].double(), base["day_biases.1"].double()[0]
+    torch.testing.assert_close(w_new @ mean_new + b_new, w_ref @ mean_ref + b_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(w_new @ cov_new @ w_new.T, w_ref @ cov_ref @ w_ref.T, rtol=1e-3, atol=1e-3)
