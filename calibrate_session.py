@@ -3,7 +3,7 @@
     python calibrate_session.py --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 25 [--steps 200] [--train day|day+head|all] \
         [--init identity|last|nearest] [--sweep 0,5,10,25,50] [--upstream] --out runs/calibrated
-    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency] \
+    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency|align] \
         [--rounds 3] --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 50 --out runs/calibrated_unlabelled
 
@@ -47,6 +47,20 @@ CTC loss against its own pseudo-labels of the calibration trials. `--objective c
 without decoding: the model's posteriors on a time-masked, noisy copy of each trial (dropout on)
 are pulled towards its posteriors on the trial as validation sees it (KL, no gradient through that
 side).
+`--objective align` neither decodes nor trains: it maps the new day's second-order statistics onto
+a trained day's (CORAL, Sun et al. 2016: second-order distribution alignment, as BCI
+stabilisation methods align a new day's neural statistics to a reference day's). With (mean, covariance) of the frames the day layer
+reads (after the validation transforms), m_new, C_new from the N trials and m_ref, C_ref from the
+starting day's train trials under --data_dir (read as unlabelled), each covariance shrunk by
+--align_shrinkage towards its mean variance, the starting day's layer (W, b) becomes
+W' = W T, b' = b + W (m_ref - T m_new), T = C_ref^(1/2) C_new^(-1/2): the new day's frames then
+reach the layer's softsign with the mean and covariance the starting day's own frames did. It
+needs a trained day to align to (--init last, or nearest: the trained day whose frame covariance
+is closest to the new day's, in Frobenius norm); it takes seconds, and --rounds, --steps and the
+held-out check do not apply. Second-order statistics cannot tell a rotation of the neural latent
+(the same channel pattern coming to mean another phoneme) from no change at all, which is most of
+the demo data's drift: there it lowered one held-out day's PER from the last day's layer but not
+below an identity layer's, and raised the other's (README, Calibrating a new day).
 
 Calibration keeps what it starts from unless it measurably improves: --holdout_fraction of the K (or
 N) trials are held out of training; their CTC loss (against their labels, or their pseudo-labels
@@ -58,7 +72,7 @@ the weights are written, never used), the pseudo-labels' PER against them.
 
 Bad input (unknown session, K beyond the session's trials, a model directory without checkpoint,
 an unknown --train, --init or --objective, --split test without --unsupervised, no text for the
-LM) ends with one line on stderr and exit status 2, before anything is written.
+LM, --objective align from --init identity or without the trained day's train file) ends with one line on stderr and exit status 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -689,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--split", default=None, help="file the N trials come from: train or test (default train; "
                    "without --unsupervised only train)")
     u.add_argument("--objective", default="pseudo", help=f"{' | '.join(OBJECTIVES)}: train on LM-corrected pseudo-labels, "
-                   "or on the consistency of posteriors between a trial and a time-masked noisy copy (no decoding)")
+                   "or on the consistency of posteriors between a trial and a time-masked noisy copy (no decoding), or "
+                   "align the day layer in closed form so the new day's frames reach it with the starting day's mean and "
+                   "covariance (CORAL; no decoding, no training)")
     u.add_argument("--align_shrinkage", type=float, default=0.1,
                    help="--objective align: share of each covariance replaced by its mean variance (times identity)")
     u.add_argument("--rounds", type=int, default=1, help="decode, select, train: this many times")

@@ -311,7 +311,8 @@ def test_pseudo_labels_never_read_a_label(holdout_dir: Path, base_run: Path, tmp
 
 
 @pytest.mark.xfail(strict=True, reason="not yet true: pseudo-labels decoded at ~60% PER (the uncalibrated day) repeat "
-                   "the decoder's own errors and training on them raises the day's PER (README, Calibrating a new day)")
+                   "the decoder's own errors and training on them raises the day's PER; aligning the day's frame "
+                   "moments (--objective align) does not resolve the latent rotation either (README, Calibrating a new day)")
 def test_unlabelled_calibration_lowers_the_new_sessions_per(holdout_dir: Path, base_run: Path, tmp_path: Path):
     out = tmp_path / "unlabelled"
     result = C.run(_unlabelled_args(base_run, holdout_dir, out, "--n_sentences", "30", "--steps", "30", "--rounds", "2",
