@@ -437,3 +437,23 @@ def test_align_matches_the_last_days_moments_moves_only_the_new_day_layer_and_re
     w_ref, b_ref = base["day_weights.1"].double(), base["day_biases.1"].double()[0]
     torch.testing.assert_close(w_new @ mean_new + b_new, w_ref @ mean_ref + b_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(w_new @ cov_new @ w_new.T, w_ref @ cov_ref @ w_ref.T, rtol=1e-3, atol=1e-3)
+
+
+def test_align_composes_both_day_layers_of_the_triple_and_nothing_else(holdout_dir: Path, tmp_path: Path):
+    cfg = make_config(holdout_dir, tmp_path / "triple", f"dataset.sessions=[{','.join(TRAIN_SESSIONS)}]")
+    torch.manual_seed(0)
+    model = rnn_model.build_model(cfg.model, n_days=3)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    d = cfg.model.n_input_features
+    t, offset = torch.eye(d, dtype=torch.float64) + 0.01 * torch.randn(d, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    C.align_day_layer(model, 2, t, offset)
+    after = dict(model.named_parameters())
+    layers = [k for k in before if k.endswith("day_weights")]
+    assert len(layers) == 2
+    for name in layers:
+        bias = name.replace("day_weights", "day_biases")
+        torch.testing.assert_close(after[name][2].double(), before[name][2].double() @ t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after[bias][2, 0].double(), before[bias][2, 0].double() + before[name][2].double() @ offset,
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(after[name][:2], before[name][:2]) and torch.equal(after[bias][:2], before[bias][:2])
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "day_" not in k)
