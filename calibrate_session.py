@@ -591,7 +591,8 @@ class LatentAlignment:
 
 
 def align_latents(model: nn.Module, cfg: Config, *, new_trials: Sequence[Tensor], day: int,
-                  reference_trials: Sequence[Tensor], reference_day: int, dims: int) -> LatentAlignment:
+                  reference_trials: Sequence[Tensor], reference_day: int, dims: int,
+                  seeds: Sequence[nn.Module] = ()) -> LatentAlignment:
     """Align the new day's neural latent to a trained day's, without labels.
 
     Both days' frames are reduced to their leading principal components and whitened, which leaves
@@ -600,6 +601,8 @@ def align_latents(model: nn.Module, cfg: Config, *, new_trials: Sequence[Tensor]
     own layer); the new day's, by the model reading it through its starting layer. A weighted
     Procrustes between the two sets of class means (blank left out) starts the rotation, and EM
     refines it to where the new day's patches are likeliest under the trained day's class mixture.
+    Each model of `seeds` (the same model with other layers for the new day) places the new day's
+    classes once more and starts EM once more; the likeliest rotation of all is kept.
     """
     p, stride = cfg.model.patch_size, cfg.model.patch_stride
     new_frames, reference_frames = read_frames(new_trials, cfg), read_frames(reference_trials, cfg)
@@ -609,13 +612,19 @@ def align_latents(model: nn.Module, cfg: Config, *, new_trials: Sequence[Tensor]
     new_patches = patch_latents(new, new_frames, p, stride)
     n_classes = cfg.model.n_classes
     reference_means, reference_mass = class_means(trial_logits(model, reference_trials, cfg, reference_day), reference_patches, n_classes)
-    new_means, new_mass = class_means(trial_logits(model, new_trials, cfg, day), new_patches, n_classes)
-    weights = (reference_mass * new_mass).sqrt()
-    weights[0] = 0.0  # blank: the resting state as well as every frame between two phonemes' spikes
-    start = procrustes(reference_means, new_means, weights)
-    rotation, log_likelihood = fit_rotation(torch.cat(new_patches), reference_means, reference_mass / reference_mass.sum(), start)
+    points, prior = torch.cat(new_patches), reference_mass / reference_mass.sum()
+    fits = []
+    for seed in [model, *seeds]:
+        new_means, new_mass = class_means(trial_logits(seed, new_trials, cfg, day), new_patches, n_classes)
+        weights = (reference_mass * new_mass).sqrt()
+        weights[0] = 0.0  # blank: the resting state as well as every frame between two phonemes' spikes
+        start = procrustes(reference_means, new_means, weights)
+        fits.append((*fit_rotation(points, reference_means, prior, start), start))
+    best = max(range(len(fits)), key=lambda i: fits[i][1])
+    rotation, log_likelihood, start = fits[best]
     figures = {"dims": len(reference.scales), "spectrum_reference": reference.spectrum[:20], "spectrum_new": new.spectrum[:20],
-               "log_likelihood": log_likelihood, "rotation_moved_by_em": float(torch.linalg.matrix_norm(rotation - start))}
+               "log_likelihood": log_likelihood, "log_likelihood_by_seed": [f[1] for f in fits], "seed_kept": best,
+               "rotation_moved_by_em": float(torch.linalg.matrix_norm(rotation - start))}
     return LatentAlignment(new, reference, reference_means, rotation, figures)
 
 
@@ -942,8 +951,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.objective == "align" and n:
             # The trained day the new one is aligned to: the session's own day when the model knows it, else the last.
             reference_day = day if known else len(start.sessions) - 1
+            # EM starts once from the starting layer's reading of the day and once from each trained day's layer's.
+            seeds = [] if known else [model_for_session(start, args.session, d)[0].to(device) for d in range(len(start.sessions))]
             alignment = align_latents(model, cfg, new_trials=all_trials[:n], day=day, reference_day=reference_day,
-                                      reference_trials=reference_trials(reference_day), dims=args.align_dims)
+                                      reference_trials=reference_trials(reference_day), dims=args.align_dims, seeds=seeds)
             alignment.figures["reference_day"] = start.sessions[reference_day]
         seconds = time.perf_counter() - began
         per_init, loss_init = val_per(model)
