@@ -3,7 +3,7 @@
     python calibrate_session.py --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 25 [--steps 200] [--train day|day+head|all] \
         [--init identity|last|nearest] [--sweep 0,5,10,25,50] [--upstream] --out runs/calibrated
-    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency|align] \
+    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency|align] [--align_dims 0] \
         [--rounds 3] --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 50 --out runs/calibrated_unlabelled
 
@@ -1075,7 +1075,7 @@ def _score_round(entry: dict[str, Any], trial_ids: Sequence[int], truth: dict[in
     trials, edits = [], {"all": [0, 0], "kept": [0, 0]}
     for i, label in enumerate(labels):
         record = {"trial": trial_ids[i], "kept": i in kept, "text": None if label is None else label.text,
-                  "confidence": None if label is None else label.confidence,
+                  "confidence": None if label is None or math.isnan(label.confidence) else label.confidence,
                   "margin": None if label is None or math.isinf(label.margin) else label.margin}
         if truth is not None:
             n_edits, n_ref = count_edits([truth[trial_ids[i]]], [[] if label is None else label.target])
