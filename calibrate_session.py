@@ -3,7 +3,7 @@
     python calibrate_session.py --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 25 [--steps 200] [--train day|day+head|all] \
         [--init identity|last|nearest] [--sweep 0,5,10,25,50] [--upstream] --out runs/calibrated
-    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency] \
+    python calibrate_session.py --unsupervised [--split train|test] [--objective pseudo|consistency|align] [--align_dims 0] \
         [--rounds 3] --model_path trained_models/demo --data_dir data/synthetic_holdout \
         --session t15.2023.09.24 --n_sentences 50 --out runs/calibrated_unlabelled
 
@@ -47,6 +47,20 @@ CTC loss against its own pseudo-labels of the calibration trials. `--objective c
 without decoding: the model's posteriors on a time-masked, noisy copy of each trial (dropout on)
 are pulled towards its posteriors on the trial as validation sees it (KL, no gradient through that
 side).
+`--objective align` gets its first round's labels without decoding, from the day's neural latent
+aligned to a trained day's (the last one; a known session's own), in the spirit of the latent and
+distribution alignment methods that stabilise BCIs across days (Degenhart et al. 2020; Dyer et
+al. 2017). Each day's frames as the day layer reads them are reduced to their leading principal
+components (--align_dims, 0: as many as precede the covariance spectrum's knee) and whitened, so
+the two latents differ by one unknown rotation. The model places each phoneme class in the trained
+day's latent (posterior-weighted means of its patches, read through that day's own layer) and,
+roughly, in the new day's (read through the starting layer); a weighted Procrustes between the two
+sets of class means starts the rotation and EM refines it to where the new day's patches are
+likeliest under the trained day's class mixture. Each trial's phonemes are then read off its
+rotated latent (the nearest class mean per patch, runs merged, blanks dropped) and the day layer
+trains on all of them as on labels; rounds 2.. decode and select as `pseudo` does. It assumes the
+channels respond about linearly to a low-dimensional latent: it helps where the spectrum has a
+knee (the demo data) and not where it has none (README, Calibrating a new day).
 
 Calibration keeps what it starts from unless it measurably improves: --holdout_fraction of the K (or
 N) trials are held out of training; their CTC loss (against their labels, or their pseudo-labels
@@ -58,7 +72,7 @@ the weights are written, never used), the pseudo-labels' PER against them.
 
 Bad input (unknown session, K beyond the session's trials, a model directory without checkpoint,
 an unknown --train, --init or --objective, --split test without --unsupervised, no text for the
-LM) ends with one line on stderr and exit status 2, before anything is written.
+LM, --align_dims out of range, --objective align without the trained day's train file) ends with one line on stderr and exit status 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -99,7 +113,7 @@ from evaluate_model_helpers import BeamSearchOptions, Lexicon, WordBeamDecoder, 
 
 TRAIN_MODES = ("day", "day+head", "all")
 INITS = ("identity", "last", "nearest")
-OBJECTIVES = ("pseudo", "consistency")
+OBJECTIVES = ("pseudo", "consistency", "align")
 N_TIME_MASKS, MAX_MASK_FRACTION = 2, 0.1  # the consistency objective's student: two spans of up to 10% of a trial
 
 
@@ -335,16 +349,16 @@ def consistency_loss(model: nn.Module, batch: dict[str, Tensor], cfg: Config, ge
 # ----------------------------------------------------------------------------- without labels
 
 
-def unlabelled_trial_index(data_dir: str, session: str, split: str, *, day: int, n_trials: int, cfg: Config) -> dict[int, dict]:
-    """The first n_trials trials of the session's split file, indexed as unlabelled trials (features
-    and trial attributes only, whatever else the file holds), under day index `day`."""
+def unlabelled_trial_index(data_dir: str, session: str, split: str, *, day: int, n_trials: int | None, cfg: Config) -> dict[int, dict]:
+    """The first n_trials trials (None: all) of the session's split file, indexed as unlabelled trials
+    (features and trial attributes only, whatever else the file holds), under day index `day`."""
     path = session_files(data_dir, [session], split)[0]
     if path is None:
         raise DataError(f"{os.path.join(data_dir, session)}: session has no data_{split}.hdf5")
     index, _ = train_test_split_indices([path], 0, labelled=False, patch_size=cfg.model.patch_size,
                                         patch_stride=cfg.model.patch_stride, on_bad_trial=cfg.dataset.on_bad_trial)
     entry = index[0]
-    if n_trials > len(entry["trials"]):
+    if n_trials is not None and n_trials > len(entry["trials"]):
         raise DataError(f"{path}: {n_trials} trials asked for, but the session has only {len(entry['trials'])} usable {split} trials")
     trials = entry["trials"][:n_trials]
     return {day: {"trials": trials, "session_path": path, "meta": {t: entry["meta"][t] for t in trials}}}
@@ -470,6 +484,150 @@ def nearest_day_unlabelled(start: Start, session: str, trials: Sequence[Tensor],
     return min(range(len(losses)), key=losses.__getitem__), losses
 
 
+# ----------------------------------------------------------------------------- latent alignment
+
+MAX_LATENT_DIMS = 50  # --align_dims 0 looks for the spectrum's knee among this many leading components
+EM_ITERATIONS, EM_VARIANCE = 60, (4.0, 0.5)  # the rotation's EM: iterations, variance annealed from/to (whitened units)
+
+
+@dataclass
+class Latent:
+    """A day's neural latent: the leading principal components of its frames as the day layer reads them."""
+
+    mean: Tensor  # (D,)
+    basis: Tensor  # (D, k) the components
+    scales: Tensor  # (k,) their standard deviations
+    spectrum: list[float]  # the covariance's leading eigenvalues, for the record
+
+
+@torch.no_grad()
+def read_frames(trials: Sequence[Tensor], cfg: Config) -> list[Tensor]:
+    """Each trial's frames (T_i, D) as the day layer reads them (after the validation transforms), float64 on the CPU."""
+    frames = []
+    for trial in trials:
+        features, _ = augment_batch(trial[None], torch.tensor([len(trial)], device=trial.device), cfg.dataset.data_transforms,
+                                    training=False, generator=None, static_shapes=False)
+        frames.append(features[0].double().cpu())
+    return frames
+
+
+def fit_latent(frames: Sequence[Tensor], dims: int) -> Latent:
+    """PCA of the frames; dims 0: as many components as precede the largest ratio between neighbouring
+    eigenvalues among the first MAX_LATENT_DIMS (the knee between the latent and the channel noise)."""
+    x = torch.cat(list(frames))  # (sum T_i, D)
+    mean = x.mean(dim=0)
+    centred = x - mean
+    values, vectors = torch.linalg.eigh(centred.T @ centred / len(x))
+    values, vectors = values.flip(0).clamp(min=1e-12), vectors.flip(1)  # descending
+    if dims == 0:
+        head = values[: MAX_LATENT_DIMS + 1]
+        dims = int((head[:-1] / head[1:]).argmax()) + 1
+    return Latent(mean, vectors[:, :dims], values[:dims].sqrt(), values[:MAX_LATENT_DIMS].tolist())
+
+
+def patch_latents(latent: Latent, frames: Sequence[Tensor], patch_size: int, patch_stride: int) -> list[Tensor]:
+    """Each trial's whitened latent (T_i, k), averaged over the bins of each of the model's patches: (T'_i, k)."""
+    out = []
+    for x in frames:
+        z = (x - latent.mean) @ latent.basis / latent.scales  # (T, D) -> (T, k)
+        n = int(rnn_model.n_patches(len(x), patch_size, patch_stride))
+        out.append(z.unfold(0, patch_size, patch_stride)[:n].mean(dim=-1))  # (T', k, P) -> (T', k)
+    return out
+
+
+def class_means(logits: Sequence[Tensor], patches: Sequence[Tensor], n_classes: int) -> tuple[Tensor, Tensor]:
+    """(means (C, k), mass (C,)): each class's latent averaged over patches weighted by the model's posterior of it."""
+    k = patches[0].shape[1]
+    total, mass = torch.zeros(n_classes, k, dtype=torch.float64), torch.zeros(n_classes, dtype=torch.float64)
+    for frame_logits, z in zip(logits, patches):
+        n = min(len(frame_logits), len(z))
+        posterior = frame_logits[:n].double().softmax(dim=-1)  # (T', C)
+        total += posterior.T @ z[:n]  # (C, T') @ (T', k) -> (C, k)
+        mass += posterior.sum(dim=0)
+    return total / mass.clamp(min=1e-9)[:, None], mass
+
+
+def procrustes(target: Tensor, source: Tensor, weights: Tensor) -> Tensor:
+    """The rotation O (k, k) that maximises sum_i weights_i target_i . (O source_i) (orthogonal Procrustes)."""
+    u, _, vh = torch.linalg.svd((target * weights[:, None]).T @ source)  # (k, k)
+    return u @ vh
+
+
+def fit_rotation(points: Tensor, means: Tensor, prior: Tensor, rotation: Tensor) -> tuple[Tensor, float]:
+    """EM for the rotation under which the points (n, k) are likeliest under the mixture of isotropic
+    Gaussians at `means` (C, k) with weights `prior` (C,): responsibilities, then a weighted
+    Procrustes step, the variance annealed over EM_VARIANCE; returns it and the final mean log-likelihood."""
+    log_prior = prior.clamp(min=1e-9).log()
+    for i in range(EM_ITERATIONS):
+        variance = EM_VARIANCE[0] * (EM_VARIANCE[1] / EM_VARIANCE[0]) ** (i / (EM_ITERATIONS - 1))
+        scores = log_prior - torch.cdist(points @ rotation.T, means).pow(2) / (2 * variance)  # (n, C)
+        responsibilities = scores.softmax(dim=-1)
+        rotation = procrustes(responsibilities @ means, points, torch.ones(len(points), dtype=points.dtype))
+    scores = log_prior - torch.cdist(points @ rotation.T, means).pow(2) / (2 * EM_VARIANCE[1])
+    k = points.shape[1]
+    return rotation, float(scores.logsumexp(dim=-1).mean()) - k / 2 * math.log(2 * math.pi * EM_VARIANCE[1])
+
+
+@dataclass
+class LatentAlignment:
+    """The new day's latent rotated onto a trained day's, where the trained day's phoneme classes sit."""
+
+    new: Latent
+    reference: Latent
+    means: Tensor  # (C, k) each class's mean in the reference latent
+    rotation: Tensor  # (k, k) new whitened latent -> reference whitened latent
+    figures: dict[str, Any]
+
+    def labels(self, frames: Sequence[Tensor], patch_size: int, patch_stride: int) -> list[PseudoLabel | None]:
+        """Each trial's phonemes read off its rotated latent: the nearest class mean per patch, runs
+        merged and blanks dropped (None where that leaves nothing or too many for CTC to align)."""
+        labels: list[PseudoLabel | None] = []
+        for z in patch_latents(self.new, frames, patch_size, patch_stride):
+            nearest = torch.cdist(z @ self.rotation.T, self.means).argmin(dim=-1).tolist()
+            target = [c for i, c in enumerate(nearest) if c != 0 and (i == 0 or c != nearest[i - 1])]
+            ok = target and ctc_frames_needed(target) <= len(z)
+            labels.append(PseudoLabel("", target, math.nan, math.inf) if ok else None)
+        return labels
+
+
+def align_latents(model: nn.Module, cfg: Config, *, new_trials: Sequence[Tensor], day: int,
+                  reference_trials: Sequence[Tensor], reference_day: int, dims: int,
+                  seeds: Sequence[nn.Module] = ()) -> LatentAlignment:
+    """Align the new day's neural latent to a trained day's, without labels.
+
+    Both days' frames are reduced to their leading principal components and whitened, which leaves
+    one rotation between the two latents unknown. The trained day's phoneme classes are placed in
+    its latent by the model's own posteriors (class_means, the model reading that day through its
+    own layer); the new day's, by the model reading it through its starting layer. A weighted
+    Procrustes between the two sets of class means (blank left out) starts the rotation, and EM
+    refines it to where the new day's patches are likeliest under the trained day's class mixture.
+    Each model of `seeds` (the same model with other layers for the new day) places the new day's
+    classes once more and starts EM once more; the likeliest rotation of all is kept.
+    """
+    p, stride = cfg.model.patch_size, cfg.model.patch_stride
+    new_frames, reference_frames = read_frames(new_trials, cfg), read_frames(reference_trials, cfg)
+    reference = fit_latent(reference_frames, dims)
+    new = fit_latent(new_frames, len(reference.scales))
+    reference_patches = patch_latents(reference, reference_frames, p, stride)
+    new_patches = patch_latents(new, new_frames, p, stride)
+    n_classes = cfg.model.n_classes
+    reference_means, reference_mass = class_means(trial_logits(model, reference_trials, cfg, reference_day), reference_patches, n_classes)
+    points, prior = torch.cat(new_patches), reference_mass / reference_mass.sum()
+    fits = []
+    for seed in [model, *seeds]:
+        new_means, new_mass = class_means(trial_logits(seed, new_trials, cfg, day), new_patches, n_classes)
+        weights = (reference_mass * new_mass).sqrt()
+        weights[0] = 0.0  # blank: the resting state as well as every frame between two phonemes' spikes
+        start = procrustes(reference_means, new_means, weights)
+        fits.append((*fit_rotation(points, reference_means, prior, start), start))
+    best = max(range(len(fits)), key=lambda i: fits[i][1])
+    rotation, log_likelihood, start = fits[best]
+    figures = {"dims": len(reference.scales), "spectrum_reference": reference.spectrum[:20], "spectrum_new": new.spectrum[:20],
+               "log_likelihood": log_likelihood, "log_likelihood_by_seed": [f[1] for f in fits], "seed_kept": best,
+               "rotation_moved_by_em": float(torch.linalg.matrix_norm(rotation - start))}
+    return LatentAlignment(new, reference, reference_means, rotation, figures)
+
+
 def build_pseudo_label_decoder(args: argparse.Namespace, start: Start, lm_dir: Path) -> tuple[WordBeamDecoder, Lexicon, str]:
     """The evaluator's word beam search (build_word_decoder), its text being the training sentences of
     the model's other sessions under --data_dir (never the calibrated session's), or --lm_text / --lm_arpa."""
@@ -557,6 +715,8 @@ def _curve_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _curve_label(result: dict[str, Any]) -> str:
     if result.get("unsupervised"):
+        if result["objective"] == "align":
+            return f"N unlabelled, latent aligned, then pseudo-labels, {result['rounds']} round(s) x {result['steps']} steps"
         what = "pseudo-labels" if result["objective"] == "pseudo" else "consistency, no decoding"
         return f"N unlabelled, {what}, {result['rounds']} round(s) x {result['steps']} steps"
     return f"K labelled, {result['steps']} steps (--train {result['train']})"
@@ -633,7 +793,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--split", default=None, help="file the N trials come from: train or test (default train; "
                    "without --unsupervised only train)")
     u.add_argument("--objective", default="pseudo", help=f"{' | '.join(OBJECTIVES)}: train on LM-corrected pseudo-labels, "
-                   "or on the consistency of posteriors between a trial and a time-masked noisy copy (no decoding)")
+                   "or on the consistency of posteriors between a trial and a time-masked noisy copy (no decoding), or "
+                   "(align) train round 1 on phonemes read off the new day's neural latent aligned to a trained day's "
+                   "(no decoding), later rounds as pseudo")
+    u.add_argument("--align_dims", type=int, default=0,
+                   help="--objective align: dimension of the neural latent (0: the covariance spectrum's knee)")
     u.add_argument("--rounds", type=int, default=1, help="decode, select, train: this many times")
     u.add_argument("--keep_fraction", type=float, default=0.5, help="share of the trials whose pseudo-labels train the layer, most confident first")
     beam = BeamSearchOptions()  # the evaluator's defaults
@@ -668,6 +832,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
         raise CalibrationError(f"--n_sentences {args.n_sentences}: calibration needs at least one sentence")
     if args.steps < 1 or args.batch_size < 1 or args.rounds < 1 or args.check_every < 1:
         raise CalibrationError("--steps, --batch_size, --rounds and --check_every must be >= 1")
+    if not 0 <= args.align_dims <= MAX_LATENT_DIMS:
+        raise CalibrationError(f"--align_dims {args.align_dims}: expected 0 (the spectrum's knee) to {MAX_LATENT_DIMS}")
     if not 0 < args.keep_fraction <= 1 or not 0 <= args.holdout_fraction < 1:
         raise CalibrationError("--keep_fraction must be in (0, 1] and --holdout_fraction in [0, 1)")
     return sorted({args.n_sentences, *_parse_sweep(args.sweep)})
@@ -759,6 +925,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               + f" | {seconds:.1f} s")
         return row, model, sessions
 
+    def reference_trials(source_day: int) -> list[Tensor]:
+        """A trained day's train trials under --data_dir, read as unlabelled (cached)."""
+        if source_day not in references:
+            index = unlabelled_trial_index(args.data_dir, start.sessions[source_day], "train", day=source_day, n_trials=None, cfg=cfg)
+            references[source_day] = load_trials(index, cfg, device)
+        return references[source_day]
+
+    references: dict[int, list[Tensor]] = {}
+
     def one_n(n: int) -> tuple[dict[str, Any], nn.Module, list[str]]:
         n_hold = n_held_out(n, args.holdout_fraction)
         fit, held = all_trials[: n - n_hold], all_trials[n - n_hold : n]
@@ -772,31 +947,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             init = "nearest"
         model, sessions, _ = model_for_session(start, args.session, init_day)
         model.to(device)
+        alignment = None
+        if args.objective == "align" and n:
+            # The trained day the new one is aligned to: the session's own day when the model knows it, else the last.
+            reference_day = day if known else len(start.sessions) - 1
+            # EM starts once from the starting layer's reading of the day and once from each trained day's layer's.
+            seeds = [] if known else [model_for_session(start, args.session, d)[0].to(device) for d in range(len(start.sessions))]
+            alignment = align_latents(model, cfg, new_trials=all_trials[:n], day=day, reference_day=reference_day,
+                                      reference_trials=reference_trials(reference_day), dims=args.align_dims, seeds=seeds)
+            alignment.figures["reference_day"] = start.sessions[reference_day]
         seconds = time.perf_counter() - began
         per_init, loss_init = val_per(model)
         rounds = []
         for r in range(args.rounds if n else 0):
             began = time.perf_counter()
-            fit_labels = pseudo_labels(model, fit, decoder, lexicon, cfg, day)
-            held_labels = pseudo_labels(model, held, decoder, lexicon, cfg, day)
-            kept = most_confident(fit_labels, args.keep_fraction) if args.objective == "pseudo" else list(range(len(fit)))
+            from_latent = alignment is not None and r == 0
+            if from_latent:  # the first round's labels are read off the aligned latent, not decoded
+                p, stride = cfg.model.patch_size, cfg.model.patch_stride
+                fit_labels = alignment.labels(read_frames(fit, cfg), p, stride)
+                held_labels = alignment.labels(read_frames(held, cfg), p, stride)
+            else:
+                fit_labels = pseudo_labels(model, fit, decoder, lexicon, cfg, day)
+                held_labels = pseudo_labels(model, held, decoder, lexicon, cfg, day)
+            select = args.objective == "pseudo" or (args.objective == "align" and not from_latent)
+            if args.objective == "consistency":
+                kept = list(range(len(fit)))
+            elif select:
+                kept = most_confident(fit_labels, args.keep_fraction)
+            else:
+                kept = [i for i, label in enumerate(fit_labels) if label is not None]
             held_batches = pseudo_labelled_batches(held, held_labels, cfg, day)
-            targets = [fit_labels[i].target for i in kept] if args.objective == "pseudo" else None
+            targets = None if args.objective == "consistency" else [fit_labels[i].target for i in kept]
             figures, best = {}, None
             if kept:
                 batches = draw_batches([fit[i] for i in kept], targets, day=day, n_steps=args.steps,
                                        batch_size=args.batch_size, seed=args.seed + 1000 * r)
                 figures, best = calibrate(model, train_batches=batches, cfg=cfg, train=args.train, day=day, lr=lr,
-                                          seed=args.seed + r, objective="ctc" if args.objective == "pseudo" else "consistency",
+                                          seed=args.seed + r, objective="consistency" if args.objective == "consistency" else "ctc",
                                           holdout_batches=held_batches, check_every=args.check_every)
             round_seconds = time.perf_counter() - began
             seconds += round_seconds
             per_last = val_per(model)[0] if best is not None else None
             restore_best(model, best)
             per_round = val_per(model)[0]
-            confident = [fit_labels[i].confidence for i in kept] if args.objective == "pseudo" else []
+            confident = [fit_labels[i].confidence for i in kept] if select else []
             rounds.append({
-                "round": r + 1, "n_decoded": len(fit), "n_pseudo_labelled": sum(x is not None for x in fit_labels),
+                "round": r + 1, "labels": "latent" if from_latent else "beam search" if targets is not None else None, "n_decoded": len(fit), "n_pseudo_labelled": sum(x is not None for x in fit_labels),
                 "n_kept": len(kept), "confidence_threshold": min(confident) if confident else None,
                 "n_holdout_labelled": sum(x is not None for x in held_labels), "per_last_step": per_last,
                 "per_after": per_round, "seconds": round_seconds, **figures,
@@ -809,6 +1005,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_after, loss_after = val_per(model)
         row = {"n": n, "init_used": init, "init_day": None if init_day is None else start.sessions[init_day],
                "init_day_losses": day_losses, "n_train": n - n_hold, "n_holdout": n_hold,
+               "alignment": None if alignment is None else alignment.figures,
                "per_init": per_init, "per_after": per_after, "val_loss_init": loss_init, "val_loss_after": loss_after,
                "seconds": seconds, "rounds": rounds}
         print(f"N {n:>3} | init {init} ({row['init_day']})"
@@ -818,8 +1015,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The LM is written to a temporary folder (then copied into --out), so a failure writes nothing.
     lm_dir = tempfile.TemporaryDirectory() if args.unsupervised else None
     try:
+        lm_name = None
         if lm_dir is not None:
             all_trials = load_trials(train_index, cfg, device)
+        # Decoding is needed unless every round is the aligned latent's (align, one round, a fixed start).
+        if lm_dir is not None and not (args.objective == "align" and args.rounds == 1 and args.init != "nearest"):
             decoder, lexicon, lm_name = build_pseudo_label_decoder(args, start, Path(lm_dir.name))
         identity_model, _, _ = model_for_session(start, args.session, None)
         per_identity = val_per(identity_model.to(device))[0] if not known else None
@@ -854,10 +1054,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in rows:
             for entry in row["rounds"]:
                 _score_round(entry, trial_ids, truth)
-        result.update(split=split, objective=args.objective, rounds=args.rounds, keep_fraction=args.keep_fraction,
+        result.update(split=split, objective=args.objective, labels_available=truth is not None, by_n=rows)
+        result.update(rounds=args.rounds, keep_fraction=args.keep_fraction, lm=lm_name,
                       confidence="exp(-CTC(pseudo-label) / frames), the model's mean per-frame likelihood of the "
-                      "beam search's best sentence; the most confident keep_fraction train", lm=lm_name,
-                      labels_available=truth is not None, by_n=rows)
+                      "beam search's best sentence; the most confident keep_fraction train")
+        if args.objective == "align":
+            result.update(align_dims=args.align_dims, align="round 1 trains on the phonemes read off the new day's "
+                          "latent rotated onto a trained day's (align_latents); later rounds decode as 'pseudo'")
     else:
         result["by_k"] = rows
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
@@ -872,7 +1075,7 @@ def _score_round(entry: dict[str, Any], trial_ids: Sequence[int], truth: dict[in
     trials, edits = [], {"all": [0, 0], "kept": [0, 0]}
     for i, label in enumerate(labels):
         record = {"trial": trial_ids[i], "kept": i in kept, "text": None if label is None else label.text,
-                  "confidence": None if label is None else label.confidence,
+                  "confidence": None if label is None or math.isnan(label.confidence) else label.confidence,
                   "margin": None if label is None or math.isinf(label.margin) else label.margin}
         if truth is not None:
             n_edits, n_ref = count_edits([truth[trial_ids[i]]], [[] if label is None else label.target])

@@ -203,6 +203,10 @@ def test_calibrated_run_directory_evaluates_and_resumes(holdout_dir: Path, base_
     ("no checkpoint", ["--n_sentences", "5", "--model_path", "EMPTY"], "checkpoint not found"),
     ("test split with labels", ["--n_sentences", "5", "--split", "test"], "--split test: the test split holds no labels"),
     ("objective", ["--n_sentences", "5", "--unsupervised", "--objective", "entropy"], "--objective 'entropy': expected one of"),
+    ("align dims", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--align_dims", "51"],
+     "--align_dims 51: expected 0 \\(the spectrum's knee\\) to 50"),
+    ("align, trained day missing", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--init", "last",
+                                    "--data_dir", "ALONE"], r"alone/t15\.2023\.08\.13: session folder does not exist"),
     ("too many unlabelled", ["--n_sentences", "11", "--unsupervised", "--split", "test"], "11 trials asked for, but the session has only 10 usable test"),
     ("no LM text", ["--n_sentences", "5", "--unsupervised", "--data_dir", "ALONE"], "none of the model's other sessions has a data_train.hdf5"),
     ("LM text missing", ["--n_sentences", "5", "--unsupervised", "--lm_text", "MISSING"], "LM text file not found"),
@@ -306,12 +310,13 @@ def test_pseudo_labels_never_read_a_label(holdout_dir: Path, base_run: Path, tmp
         [t["text"] for r in unlabelled["by_n"][0]["rounds"] for t in r["trials"]]
 
 
-@pytest.mark.xfail(strict=True, reason="not yet true: pseudo-labels decoded at ~60% PER (the uncalibrated day) repeat "
-                   "the decoder's own errors and training on them raises the day's PER (README, Calibrating a new day)")
+@pytest.mark.xfail(strict=True, reason="not true on this tiny high-SNR data: its channels respond nonlinearly and the "
+                   "frame covariance shows no latent (no spectral knee), so the aligned latent's labels are ~70% PER and "
+                   "training on them raises PER; on the demo data the same method lowers it (README, Calibrating a new day)")
 def test_unlabelled_calibration_lowers_the_new_sessions_per(holdout_dir: Path, base_run: Path, tmp_path: Path):
     out = tmp_path / "unlabelled"
-    result = C.run(_unlabelled_args(base_run, holdout_dir, out, "--n_sentences", "30", "--steps", "30", "--rounds", "2",
-                                    "--sweep", "0"))
+    result = C.run(_unlabelled_args(base_run, holdout_dir, out, "--objective", "align", "--n_sentences", "30", "--steps", "30",
+                                    "--rounds", "2", "--sweep", "0"))
     before, row = result["by_n"]
     assert before["n"] == 0 and before["per_after"] == before["per_init"]  # N = 0: the uncalibrated day
     assert row["per_after"] < row["per_init"] and row["per_after"] < row["per_identity"], row
@@ -376,3 +381,59 @@ def test_unlabelled_calibration_of_an_upstream_model_directory(holdout_dir: Path
     calibrated = _weights(out)
     assert all(torch.equal(calibrated[k], v) for k, v in base.items())
     assert not torch.equal(calibrated["day_weights.2"], base["day_weights.1"])
+
+
+# --- calibration from the aligned neural latent (--objective align) -------------------------------
+
+
+def test_fit_latent_keeps_the_components_before_the_spectrums_knee():
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(4000, 5, generator=g, dtype=torch.float64) * torch.tensor([4.0, 3.5, 3.0, 2.5, 2.0], dtype=torch.float64)
+    mixing = torch.linalg.qr(torch.randn(40, 5, generator=g, dtype=torch.float64))[0]  # (40, 5) orthonormal
+    frames = signal @ mixing.T + 0.5 * torch.randn(4000, 40, generator=g, dtype=torch.float64)
+    latent = C.fit_latent([frames[:2000], frames[2000:]], 0)
+    assert latent.basis.shape == (40, 5)
+    # The components span the signal's subspace, and their scales are its standard deviations (plus the noise's).
+    assert torch.linalg.matrix_norm(latent.basis.T @ mixing, ord=2) > 0.99
+    torch.testing.assert_close(latent.scales, torch.tensor([4.0, 3.5, 3.0, 2.5, 2.0], dtype=torch.float64), rtol=0.1, atol=0.0)
+    assert C.fit_latent([frames], 3).basis.shape == (40, 3)
+
+
+def test_procrustes_and_em_recover_the_rotation_between_two_days_latents():
+    g = torch.Generator().manual_seed(0)
+    k, n_classes = 6, 20
+    means = 2.0 * torch.randn(n_classes, k, generator=g, dtype=torch.float64)  # the trained day's classes
+    truth = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]  # new day -> trained day
+    classes = torch.randint(n_classes, (3000,), generator=g)
+    points = (means[classes] + 0.3 * torch.randn(3000, k, generator=g, dtype=torch.float64)) @ truth  # the new day's latent
+    weights = torch.ones(n_classes, dtype=torch.float64)
+    torch.testing.assert_close(C.procrustes(means, means @ truth, weights), truth)  # exact class means: exact rotation
+    # Class means of the new day as a poor decoder places them (a third of the way to other classes'):
+    # Procrustes starts near the truth, EM ends on it.
+    blurred = (2 * means + means[torch.randperm(n_classes, generator=g)]) / 3 @ truth
+    start = C.procrustes(means, blurred, weights)
+    rotation, _ = C.fit_rotation(points, means, weights / n_classes, start)
+    assert torch.linalg.matrix_norm(rotation - truth) < 0.1 < torch.linalg.matrix_norm(start - truth)
+
+
+def test_align_reads_no_label_and_moves_only_the_new_day_layer(holdout_dir: Path, base_run: Path, tmp_path: Path):
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    for session in TRAIN_SESSIONS:  # the trained day aligned to: the model's last session
+        (blind / session).symlink_to(holdout_dir / session)
+    (blind / NEW_SESSION).mkdir()
+    _strip_labels(holdout_dir / NEW_SESSION / "data_train.hdf5", blind / NEW_SESSION / "data_train.hdf5")
+    extra = ["--objective", "align", "--n_sentences", "20", "--steps", "10", "--align_dims", "8"]
+    labelled = C.run(_unlabelled_args(base_run, holdout_dir, tmp_path / "labelled", *extra))
+    unlabelled = C.run(_unlabelled_args(base_run, blind, tmp_path / "unlabelled", *extra))
+    a, b = _weights(tmp_path / "labelled"), _weights(tmp_path / "unlabelled")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    base = rnn_model.read_checkpoint(base_run)["model_state_dict"]
+    assert set(a) == set(base) | {"day_weights.2", "day_biases.2"}
+    assert all(torch.equal(a[k], v) for k, v in base.items())
+    assert not torch.equal(a["day_weights.2"], base["day_weights.1"])
+    row = labelled["by_n"][0]
+    assert row["alignment"]["dims"] == 8 and row["alignment"]["reference_day"] == TRAIN_SESSIONS[-1]
+    assert row["rounds"][0]["labels"] == "latent" and row["rounds"][0]["n_kept"] == row["rounds"][0]["n_pseudo_labelled"]
+    assert 0 <= row["rounds"][0]["pseudo_per"] and unlabelled["by_n"][0]["rounds"][0]["pseudo_per"] is None
+    assert labelled["lm"] is None  # one round from a fixed start: nothing decoded, no LM built
