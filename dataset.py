@@ -613,20 +613,55 @@ class _CachedSplit:
         return self._features
 
 
-def _batch_buffer(shape: tuple[int, ...], *, pin_memory: bool) -> tuple[torch.Tensor, bool]:
-    """(float32 batch, whether it holds zeros), allocated where it will travel: in shared memory in
-    a DataLoader worker (sending it to the main process then copies nothing), pinned in the main
-    process for a CUDA device (the copy to the device then needs no staging copy), else by calloc.
+class _BatchBuffers:
+    """The float32 batch buffers of one process, refilled in place once nothing holds them.
 
-    A new shared-memory file and a large calloc are zero pages the kernel fills on first touch, so
-    padding costs nothing there: only the trials' bytes are ever written.
+    Under static shapes a step's batches come in a few (rows, bucket, features) shapes, and a fresh
+    buffer costs about as much as the batch itself: the kernel zeroes every page of it on first
+    touch, then the trials are copied over the zeros, so a bucket-padded batch is written twice.
+    A buffer is handed out as torch.from_numpy(array), so every live tensor over it (views too)
+    holds one reference to the array: when its count is back to the pool's own, the consumer has
+    let go of that batch and the buffer is refilled: the trials' bins are copied and only the bins
+    that held data last time and are padding now are zeroed. `extent[i]` is how many leading time
+    steps of row i may be non-zero.
     """
+
+    def __init__(self, n_kept: int = 8):
+        self.n_kept = n_kept
+        self._kept: list[list] = []  # [array, extent, the pool's own references to array]; oldest first
+
+    @staticmethod
+    def _references(entry: list) -> int:
+        return sys.getrefcount(entry[0])  # one call site for both counts: the same temporaries
+
+    def take(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
+        """(buffer of `shape`, its per-row extent): a free kept buffer of that shape, else a new one
+        of zeros. The least recently used beyond n_kept are dropped (a held one lives on with its holder)."""
+        free = [k for k, e in enumerate(self._kept) if e[0].shape == shape and self._references(e) == e[2]]
+        if free:
+            entry = self._kept.pop(free[0])
+        else:
+            entry = [np.zeros(shape, dtype=np.float32), np.zeros(shape[0], dtype=np.int64), 0]
+            entry[2] = self._references(entry)
+        self._kept = (self._kept + [entry])[-self.n_kept :]
+        return torch.from_numpy(entry[0]), entry[1]
+
+
+def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool, kept: _BatchBuffers | None) -> tuple[torch.Tensor, np.ndarray]:
+    """(float32 batch, how many leading time steps of each row may be non-zero), allocated where it
+    will travel: in shared memory in a DataLoader worker (sending it to the main process then copies
+    nothing; the main process holds it, so it is never refilled), pinned in the main process for a
+    CUDA device (the copy to the device then needs no staging copy), else from `kept` when given
+    (static shapes) or by calloc. New shared-memory files and large callocs are zero pages."""
+    zeros = np.zeros(shape[0], dtype=np.int64)
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), True
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), zeros
     if pin_memory:
-        return torch.empty(shape, dtype=torch.float32, pin_memory=True), False
-    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), True
+        return torch.empty(shape, dtype=torch.float32, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64)
+    if kept is not None:
+        return kept.take(shape)
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), zeros
 
 
 class BrainToTextDataset(Dataset):
@@ -702,6 +737,7 @@ class BrainToTextDataset(Dataset):
         self._labels: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._caches: dict[str, _CachedSplit] = {}
         self._files_pid = os.getpid()
+        self._buffers = _BatchBuffers()
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
         """Trials longer than the largest bucket or with too many labels cannot be padded."""
@@ -730,6 +766,7 @@ class BrainToTextDataset(Dataset):
         state["_files"] = {}  # h5py handles cannot cross processes; each worker opens its own
         state["_labels"] = {}
         state["_caches"] = {}  # each worker maps the cache itself (the page cache still holds one copy)
+        state["_buffers"] = _BatchBuffers()  # a worker's batches go out in shared memory instead
         return state
 
     def batch_trials(self, idx: int) -> list[tuple[int, int]]:
@@ -820,6 +857,7 @@ class BrainToTextDataset(Dataset):
         into one graph, so batches left in different buckets would compile a graph per combination
         of buckets. Each is allocated at that length, not padded again afterwards."""
         lengths = [self._n_time(idx) for idx in indices]
+        self._buffers.n_kept = max(self._buffers.n_kept, 2 * len(indices))  # this step's and the one held before it
         return [self._batch(idx, max(lengths) if self.static_shapes else n) for idx, n in zip(indices, lengths)]
 
     def _n_time(self, idx: int) -> int:
@@ -833,7 +871,8 @@ class BrainToTextDataset(Dataset):
         n_rows = self.batch_size if self.static_shapes else len(plan)
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
-        features, zeroed = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory)
+        features, extent = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory,
+                                         kept=self._buffers if self.static_shapes else None)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -846,6 +885,8 @@ class BrainToTextDataset(Dataset):
         }
         row_mask = np.arange(n_rows) < len(plan)
         finite = np.ones(n_rows, dtype=bool)
+        filled, stale = np.where(row_mask, lengths, 0), extent.copy()
+        extent[:] = np.maximum(stale, filled)  # holds if reading fails half-way
         by_cache: dict[str, list[int]] = {}
         for i, (day, trial) in enumerate(plan):
             folder = self.trial_indices[day].get("cache")
@@ -860,17 +901,16 @@ class BrainToTextDataset(Dataset):
                 transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
         for folder, members in by_cache.items():
             self._gather_cached(self._cache(folder), members, metas, features, labels, transcriptions, finite)
-        if not zeroed:
-            for i, n in enumerate(lengths[: len(plan)].tolist()):
-                features[i, n:] = 0.0  # pad each row in place, up to the bucket
-            features[len(plan) :] = 0.0
+        for i in np.flatnonzero(stale > filled).tolist():
+            features[i, filled[i] : stale[i]] = 0.0  # pad in place: only bins that held data before
+        extent[:] = filled
         for i in np.flatnonzero(~finite):
             day, trial = plan[i]
             problem = f"{self.trial_indices[day]['session_path']} trial_{trial:04d}: input_features contain NaN or inf"
             if self.on_bad_trial == "error":
                 raise DataError(problem + " (set dataset.on_bad_trial=skip to drop such trials)")
             warnings.warn(f"skipped 1 bad trial: {problem}", stacklevel=2)
-            features[i], row_mask[i] = 0.0, False
+            features[i], row_mask[i], extent[i] = 0.0, False, 0
             ints["n_time_steps"][i], ints["phone_seq_lens"][i] = n_time, 1
         # Rows without a trial carry one label, so CTC stays finite; row_mask excludes them.
         labels[~row_mask] = 0

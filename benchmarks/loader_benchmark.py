@@ -80,9 +80,11 @@ def needed_trials_per_s() -> dict[str, dict[str, dict[str, float]]]:
 def _upstream_loader(upstream_dir: str, paths: list[str], *, n_batches: int, batch_size: int, days_per_batch: int,
                      seed: int, n_workers: int) -> DataLoader:
     """Upstream's training loader over the same files, as its rnn_trainer.py builds it."""
-    source = Path(upstream_dir) / "model_training" / "dataset.py"
+    folder = Path(upstream_dir)
+    source = folder / "dataset.py" if folder.name == "model_training" else folder / "model_training" / "dataset.py"
     if not source.is_file():
-        raise SystemExit(f"loader_benchmark.py: {source}: not found (--upstream takes a checkout of upstream's repository)")
+        raise SystemExit(f"loader_benchmark.py: {source}: not found (--upstream takes upstream's repository or its "
+                         "model_training folder)")
     spec = importlib.util.spec_from_file_location("upstream_dataset", source)
     upstream = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(upstream)
@@ -101,10 +103,13 @@ def _trials(item: Any) -> int:
 
 
 def _time_batches(steps: Any, n_items: int) -> float:
-    """Trials per second over the next n_items items of an iterator."""
-    start, n_trials = time.perf_counter(), 0
+    """Trials per second over the next n_items items of an iterator, each item held while the next
+    is drawn, as a training loop holds its step's batches."""
+    start, n_trials, item = time.perf_counter(), 0, None
     for _ in range(n_items):
-        n_trials += _trials(next(steps))
+        item = next(steps)
+        n_trials += _trials(item)
+    del item
     return n_trials / (time.perf_counter() - start)
 
 
@@ -127,7 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--config_path", default="rnn_args.yaml", help="the trainer's config (its dataset section)")
-    parser.add_argument("--upstream", default=None, metavar="UPSTREAM_DIR", help="checkout of upstream's repository")
+    parser.add_argument("--upstream", default=None, metavar="UPSTREAM_DIR",
+                        help="checkout of upstream's repository, or its model_training folder")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--n_batches", type=int, default=20, help="timed batches per round and loader")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, then upstream's)")
