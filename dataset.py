@@ -613,55 +613,105 @@ class _CachedSplit:
         return self._features
 
 
+class _Buffer:
+    """One batch buffer of a _BatchBuffers pool."""
+
+    __slots__ = ("array", "extent", "own_references", "in_use")
+
+    def __init__(self, array: Any, in_use: torch.Tensor | None):
+        self.array, self.in_use = array, in_use  # a numpy array, or a tensor in shared memory with its flag
+        self.extent = np.zeros(array.shape[0], dtype=np.int64)  # leading time steps of each row that may be non-zero
+        self.own_references = 0
+
+
 class _BatchBuffers:
     """The float32 batch buffers of one process, refilled in place once nothing holds them.
 
     Under static shapes a step's batches come in a few (rows, bucket, features) shapes, and a fresh
     buffer costs about as much as the batch itself: the kernel zeroes every page of it on first
-    touch, then the trials are copied over the zeros, so a bucket-padded batch is written twice.
-    A buffer is handed out as torch.from_numpy(array), so every live tensor over it (views too)
-    holds one reference to the array: when its count is back to the pool's own, the consumer has
-    let go of that batch and the buffer is refilled: the trials' bins are copied and only the bins
-    that held data last time and are padding now are zeroed. `extent[i]` is how many leading time
-    steps of row i may be non-zero.
+    touch (a DataLoader worker's shared memory, 4 KiB pages, several times slower), then the trials
+    are copied over the zeros. A free kept buffer is instead refilled: the trials' bins are copied
+    and only the bins that held data last time and are padding now are zeroed.
+
+    When is a buffer free? In the main process it is handed out as torch.from_numpy(array), so every
+    live tensor over it (views too) holds one reference to the array: free when the count is back
+    to the pool's own. In a worker (shared=True) it lives in shared memory with a shared in_use
+    flag, set when handed out; the batch travels as a _SharedFeatures that the main process
+    unpickles as a tensor whose last view, when gone, clears the flag.
     """
 
-    def __init__(self, n_kept: int = 8):
-        self.n_kept = n_kept
-        self._kept: list[list] = []  # [array, extent, the pool's own references to array]; oldest first
+    def __init__(self, n_kept: int = 8, *, shared: bool = False):
+        self.n_kept, self.shared = n_kept, shared
+        self._kept: list[_Buffer] = []  # least recently used first
 
     @staticmethod
-    def _references(entry: list) -> int:
-        return sys.getrefcount(entry[0])  # one call site for both counts: the same temporaries
+    def _references(buffer: _Buffer) -> int:
+        return sys.getrefcount(buffer.array)  # one call site for both counts: the same temporaries
 
-    def take(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
-        """(buffer of `shape`, its per-row extent): a free kept buffer of that shape, else a new one
-        of zeros. The least recently used beyond n_kept are dropped (a held one lives on with its holder)."""
-        free = [k for k, e in enumerate(self._kept) if e[0].shape == shape and self._references(e) == e[2]]
-        if free:
-            entry = self._kept.pop(free[0])
-        else:
-            entry = [np.zeros(shape, dtype=np.float32), np.zeros(shape[0], dtype=np.int64), 0]
-            entry[2] = self._references(entry)
-        self._kept = (self._kept + [entry])[-self.n_kept :]
-        return torch.from_numpy(entry[0]), entry[1]
+    def _is_free(self, buffer: _Buffer) -> bool:
+        if buffer.in_use is not None:
+            return not bool(buffer.in_use[0])
+        return self._references(buffer) == buffer.own_references
+
+    def _new(self, shape: tuple[int, int, int]) -> _Buffer:
+        if not self.shared:
+            # Not np.zeros: numpy asks for huge pages, whose first touch can stall the process for
+            # seconds compacting memory when the page cache fills it (measured right after a cache build).
+            buffer = _Buffer(torch.empty(shape, dtype=torch.float32).numpy(), None)
+            buffer.extent[:] = shape[1]  # any content
+            buffer.own_references = self._references(buffer)
+            return buffer
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # zero pages
+        return _Buffer(torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), torch.zeros(1, dtype=torch.int32).share_memory_())
+
+    def take(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """(buffer of `shape`, its per-row extent, its in_use flag or None): a free kept buffer of
+        that shape, else a new one of zeros. The least recently used beyond n_kept are dropped
+        (one still held lives on with its holder)."""
+        free = [k for k, b in enumerate(self._kept) if tuple(b.array.shape) == shape and self._is_free(b)]
+        buffer = self._kept.pop(free[0]) if free else self._new(shape)
+        self._kept = (self._kept + [buffer])[-self.n_kept :]
+        if buffer.in_use is None:
+            return torch.from_numpy(buffer.array), buffer.extent, None
+        buffer.in_use.fill_(1)
+        return buffer.array, buffer.extent, buffer.in_use
 
 
-def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool, kept: _BatchBuffers | None) -> tuple[torch.Tensor, np.ndarray]:
-    """(float32 batch, how many leading time steps of each row may be non-zero), allocated where it
-    will travel: in shared memory in a DataLoader worker (sending it to the main process then copies
-    nothing; the main process holds it, so it is never refilled), pinned in the main process for a
-    CUDA device (the copy to the device then needs no staging copy), else from `kept` when given
-    (static shapes) or by calloc. New shared-memory files and large callocs are zero pages."""
+class _SharedFeatures:
+    """A worker's batch features in a kept shared-memory buffer, on their way to the main process,
+    which unpickles them as a plain tensor (see _received_features)."""
+
+    def __init__(self, tensor: torch.Tensor, in_use: torch.Tensor):
+        self.tensor, self.in_use = tensor, in_use
+
+    def __reduce__(self) -> tuple:
+        return _received_features, (self.tensor, self.in_use)
+
+
+def _received_features(tensor: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
+    """The features over the worker's shared memory; when the last tensor over them is gone, the
+    worker may refill the buffer."""
+    array = tensor.numpy()  # every tensor made from it holds it
+    weakref.finalize(array, in_use.fill_, 0)
+    return torch.from_numpy(array)
+
+
+def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool,
+                  kept: _BatchBuffers | None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+    """(float32 batch, how many leading time steps of each row may be non-zero, in_use flag of a
+    worker's kept buffer or None): from `kept` when given (static shapes); else allocated where it
+    will travel: in shared memory in a DataLoader worker (sending it to the main process then
+    copies nothing), pinned in the main process for a CUDA device (the copy to the device then
+    needs no staging copy), else by calloc. New shared-memory files and large callocs are zero pages."""
+    if kept is not None:
+        return kept.take(shape)
     zeros = np.zeros(shape[0], dtype=np.int64)
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), zeros
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), zeros, None
     if pin_memory:
-        return torch.empty(shape, dtype=torch.float32, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64)
-    if kept is not None:
-        return kept.take(shape)
-    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), zeros
+        return torch.empty(shape, dtype=torch.float32, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64), None
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), zeros, None
 
 
 class BrainToTextDataset(Dataset):
@@ -737,7 +787,7 @@ class BrainToTextDataset(Dataset):
         self._labels: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._caches: dict[str, _CachedSplit] = {}
         self._files_pid = os.getpid()
-        self._buffers = _BatchBuffers()
+        self._buffers, self._buffers_pid = _BatchBuffers(), os.getpid()
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
         """Trials longer than the largest bucket or with too many labels cannot be padded."""
@@ -766,7 +816,8 @@ class BrainToTextDataset(Dataset):
         state["_files"] = {}  # h5py handles cannot cross processes; each worker opens its own
         state["_labels"] = {}
         state["_caches"] = {}  # each worker maps the cache itself (the page cache still holds one copy)
-        state["_buffers"] = _BatchBuffers()  # a worker's batches go out in shared memory instead
+        state["_buffers_pid"] = None  # each process keeps its own buffers
+        state["_buffers"] = None
         return state
 
     def batch_trials(self, idx: int) -> list[tuple[int, int]]:
@@ -796,6 +847,11 @@ class BrainToTextDataset(Dataset):
         if path not in self._files:
             self._files[path] = _open_hdf5(path)
         return self._files[path]
+
+    def _kept_buffers(self) -> _BatchBuffers:
+        if self._buffers_pid != os.getpid():  # a forked worker: its own pool, in shared memory
+            self._buffers, self._buffers_pid = _BatchBuffers(shared=get_worker_info() is not None), os.getpid()
+        return self._buffers
 
     def _cache(self, folder: str) -> _CachedSplit:
         if self._files_pid != os.getpid():
@@ -857,7 +913,8 @@ class BrainToTextDataset(Dataset):
         into one graph, so batches left in different buckets would compile a graph per combination
         of buckets. Each is allocated at that length, not padded again afterwards."""
         lengths = [self._n_time(idx) for idx in indices]
-        self._buffers.n_kept = max(self._buffers.n_kept, 2 * len(indices))  # this step's and the one held before it
+        kept = self._kept_buffers()
+        kept.n_kept = max(kept.n_kept, 2 * len(indices))  # this step's and the one held before it
         return [self._batch(idx, max(lengths) if self.static_shapes else n) for idx, n in zip(indices, lengths)]
 
     def _n_time(self, idx: int) -> int:
@@ -871,8 +928,8 @@ class BrainToTextDataset(Dataset):
         n_rows = self.batch_size if self.static_shapes else len(plan)
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
-        features, extent = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory,
-                                         kept=self._buffers if self.static_shapes else None)
+        kept = self._kept_buffers() if self.static_shapes and not (self.pin_memory and get_worker_info() is None) else None
+        features, extent, in_use = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory, kept=kept)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -915,7 +972,8 @@ class BrainToTextDataset(Dataset):
         # Rows without a trial carry one label, so CTC stays finite; row_mask excludes them.
         labels[~row_mask] = 0
         labels[~row_mask, 0] = 1
-        batch = {"input_features": features, "seq_class_ids": torch.from_numpy(labels)}
+        batch = {"input_features": features if in_use is None else _SharedFeatures(features, in_use),
+                 "seq_class_ids": torch.from_numpy(labels)}
         batch.update({k: torch.from_numpy(v) for k, v in ints.items()})
         batch["transcriptions"] = torch.from_numpy(transcriptions)
         batch["row_mask"] = torch.from_numpy(row_mask)
@@ -965,8 +1023,16 @@ def _join_shards(items: list[dict[str, torch.Tensor]], *, n_shards: int) -> list
     """One step's micro-batches for a loader feeding n_shards devices: items holds, micro-batch by
     micro-batch, n_shards replicas' batches (static shapes, allocated at one length by __getitems__);
     each group of n_shards is concatenated along rows, replica r's rows at [r * B, (r + 1) * B)."""
-    return [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
-            for i in range(0, len(items), n_shards)]
+    shared = []
+    for item in items:  # a worker's kept buffers: joined here, so never sent
+        if isinstance(item["input_features"], _SharedFeatures):
+            shared.append(item["input_features"])
+            item["input_features"] = item["input_features"].tensor
+    joined = [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
+              for i in range(0, len(items), n_shards)]
+    for features in shared:  # copied out: a worker's buffers may be refilled
+        features.in_use.fill_(0)
+    return joined
 
 
 def _loader(dataset: BrainToTextDataset, *, n_workers: int, seed: int, pin_memory: bool, **grouping: Any) -> DataLoader:
