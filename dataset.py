@@ -867,10 +867,12 @@ class BrainToTextDataset(Dataset):
         transcriptions and the finiteness of each feature come precomputed from the index columns."""
         rows = np.array([metas[i]["row"] for i in members])
         c = cache.columns
-        source, subset = cache.features(), self._subset_tensor
+        out, source, subset = features, cache.features(), self._subset_tensor
+        if subset is None and source.dtype == torch.float32:
+            out, source = features.numpy(), source.numpy()  # numpy's copy is a memcpy: measured ~10% faster
         for i, start, n in zip(members, c["offset"][rows].tolist(), c["n_rows"][rows].tolist()):
             trial = source[start : start + n]  # (n, 512)
-            features[i, :n] = trial if subset is None else trial.index_select(1, subset)  # -> (n, D)
+            out[i, :n] = trial if subset is None else trial.index_select(1, subset)  # -> (n, D)
         row_finite = c["finite"][rows]
         finite[members] = (row_finite if self.feature_subset is None else row_finite[:, self.feature_subset]).all(axis=1)
         if self.labelled:
