@@ -636,8 +636,8 @@ class _BatchBuffers:
     When is a buffer free? In the main process it is handed out as torch.from_numpy(array), so every
     live tensor over it (views too) holds one reference to the array: free when the count is back
     to the pool's own. In a worker (shared=True) it lives in shared memory with a shared in_use
-    flag, set when handed out; the batch travels as a _SharedFeatures that the main process
-    unpickles as a tensor whose last view, when gone, clears the flag.
+    flag, set when handed out; the batch travels as a _SharedBatch that the main process
+    unpickles as the batch dict, whose features' last tensor, when gone, clears the flag.
     """
 
     def __init__(self, n_kept: int = 8, *, shared: bool = False):
@@ -677,23 +677,35 @@ class _BatchBuffers:
         return buffer.array, buffer.extent, buffer.in_use
 
 
-class _SharedFeatures:
-    """A worker's batch features in a kept shared-memory buffer, on their way to the main process,
-    which unpickles them as a plain tensor (see _received_features)."""
+class _SharedBatch:
+    """A worker's batch on its way to the main process: the features in a kept shared-memory buffer,
+    the small fields packed into one int64 tensor, so two shared-memory files are passed instead of
+    one per tensor (most of the transfer's cost at short trials). Small fields sent by value
+    instead would make messages larger than a pipe holds, and a worker blocked writing one never
+    sees the end of a run. The main process unpickles it as the batch dict (_received_batch)."""
 
-    def __init__(self, tensor: torch.Tensor, in_use: torch.Tensor):
-        self.tensor, self.in_use = tensor, in_use
+    def __init__(self, batch: dict[str, torch.Tensor], in_use: torch.Tensor):
+        self.batch, self.in_use = batch, in_use
 
     def __reduce__(self) -> tuple:
-        return _received_features, (self.tensor, self.in_use)
+        small = {k: v for k, v in self.batch.items() if k != "input_features"}
+        packed = torch.cat([v.reshape(-1).to(torch.int64) for v in small.values()])
+        layout = [(k, v.dtype, tuple(v.shape)) for k, v in small.items()]
+        return _received_batch, (self.batch["input_features"], self.in_use, packed, layout)
 
 
-def _received_features(tensor: torch.Tensor, in_use: torch.Tensor) -> torch.Tensor:
-    """The features over the worker's shared memory; when the last tensor over them is gone, the
-    worker may refill the buffer."""
-    array = tensor.numpy()  # every tensor made from it holds it
+def _received_batch(features: torch.Tensor, in_use: torch.Tensor, packed: torch.Tensor,
+                    layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """The batch, its features over the worker's shared memory: when the last tensor over them is
+    gone, the worker may refill the buffer."""
+    array = features.numpy()  # every tensor made from it holds it
     weakref.finalize(array, in_use.fill_, 0)
-    return torch.from_numpy(array)
+    batch, start = {"input_features": torch.from_numpy(array)}, 0
+    for key, dtype, shape in layout:
+        n = math.prod(shape)
+        batch[key] = packed[start : start + n].view(shape).to(dtype)
+        start += n
+    return batch
 
 
 def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool,
@@ -924,7 +936,7 @@ class BrainToTextDataset(Dataset):
         longest = max(self.trial_indices[d]["meta"][t]["n_time_steps"] for d, t in self.batch_trials(idx))
         return next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
 
-    def _batch(self, idx: int, n_time: int) -> dict[str, torch.Tensor]:
+    def _batch(self, idx: int, n_time: int) -> "dict[str, torch.Tensor] | _SharedBatch":
         plan = self.batch_trials(idx)
         metas = [self.trial_indices[d]["meta"][t] for d, t in plan]
         n_rows = self.batch_size if self.static_shapes else len(plan)
@@ -974,15 +986,14 @@ class BrainToTextDataset(Dataset):
         # Rows without a trial carry one label, so CTC stays finite; row_mask excludes them.
         labels[~row_mask] = 0
         labels[~row_mask, 0] = 1
-        batch = {"input_features": features if in_use is None else _SharedFeatures(features, in_use),
-                 "seq_class_ids": torch.from_numpy(labels)}
+        batch = {"input_features": features, "seq_class_ids": torch.from_numpy(labels)}
         batch.update({k: torch.from_numpy(v) for k, v in ints.items()})
         batch["transcriptions"] = torch.from_numpy(transcriptions)
         batch["row_mask"] = torch.from_numpy(row_mask)
         if not self.labelled:
             for key in ("seq_class_ids", "phone_seq_lens", "transcriptions"):
                 del batch[key]
-        return batch
+        return batch if in_use is None else _SharedBatch(batch, in_use)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -1025,15 +1036,12 @@ def _join_shards(items: list[dict[str, torch.Tensor]], *, n_shards: int) -> list
     """One step's micro-batches for a loader feeding n_shards devices: items holds, micro-batch by
     micro-batch, n_shards replicas' batches (static shapes, allocated at one length by __getitems__);
     each group of n_shards is concatenated along rows, replica r's rows at [r * B, (r + 1) * B)."""
-    shared = []
-    for item in items:  # a worker's kept buffers: joined here, so never sent
-        if isinstance(item["input_features"], _SharedFeatures):
-            shared.append(item["input_features"])
-            item["input_features"] = item["input_features"].tensor
+    shared = [item for item in items if isinstance(item, _SharedBatch)]  # a worker's kept buffers
+    items = [item.batch if isinstance(item, _SharedBatch) else item for item in items]
     joined = [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
               for i in range(0, len(items), n_shards)]
-    for features in shared:  # copied out: a worker's buffers may be refilled
-        features.in_use.fill_(0)
+    for item in shared:  # copied out: the worker may refill its buffers
+        item.in_use.fill_(0)
     return joined
 
 
