@@ -735,7 +735,8 @@ class BrainToTextDataset(Dataset):
     Use with DataLoader(dataset, batch_size=None). Days whose index entry names a trial cache
     ("cache", see train_test_split_indices) gather features from its memory map, one slice copy
     per trial straight into the padded batch; other days read their HDF5 file. Caches and files
-    are opened lazily, once per process (each DataLoader worker), and kept open. pin_memory:
+    are opened lazily, once per process (each DataLoader worker), and kept open. Under static
+    shapes, batch buffers nothing holds any more are refilled (_BatchBuffers). pin_memory:
     batches built in the main process are allocated in pinned memory (for a CUDA device).
     """
 
