@@ -613,20 +613,117 @@ class _CachedSplit:
         return self._features
 
 
-def _batch_buffer(shape: tuple[int, ...], *, pin_memory: bool) -> tuple[torch.Tensor, bool]:
-    """(float32 batch, whether it holds zeros), allocated where it will travel: in shared memory in
-    a DataLoader worker (sending it to the main process then copies nothing), pinned in the main
-    process for a CUDA device (the copy to the device then needs no staging copy), else by calloc.
+class _Buffer:
+    """One batch buffer of a _BatchBuffers pool."""
 
-    A new shared-memory file and a large calloc are zero pages the kernel fills on first touch, so
-    padding costs nothing there: only the trials' bytes are ever written.
+    __slots__ = ("array", "extent", "own_references", "in_use")
+
+    def __init__(self, array: Any, in_use: torch.Tensor | None):
+        self.array, self.in_use = array, in_use  # a numpy array, or a tensor in shared memory with its flag
+        self.extent = np.zeros(array.shape[0], dtype=np.int64)  # leading time steps of each row that may be non-zero
+        self.own_references = 0
+
+
+class _BatchBuffers:
+    """The float32 batch buffers of one process, refilled in place once nothing holds them.
+
+    Under static shapes a step's batches come in a few (rows, bucket, features) shapes, and a fresh
+    buffer costs about as much as the batch itself: the kernel zeroes every page of it on first
+    touch (a DataLoader worker's shared memory, 4 KiB pages, several times slower), then the trials
+    are copied over the zeros. A free kept buffer is instead refilled: the trials' bins are copied
+    and only the bins that held data last time and are padding now are zeroed.
+
+    When is a buffer free? In the main process it is handed out as torch.from_numpy(array), so every
+    live tensor over it (views too) holds one reference to the array: free when the count is back
+    to the pool's own. In a worker (shared=True) it lives in shared memory with a shared in_use
+    flag, set when handed out; the batch travels as a _SharedBatch that the main process
+    unpickles as the batch dict, whose features' last tensor, when gone, clears the flag.
     """
+
+    def __init__(self, n_kept: int = 8, *, shared: bool = False):
+        self.n_kept, self.shared = n_kept, shared
+        self._kept: list[_Buffer] = []  # least recently used first
+
+    @staticmethod
+    def _references(buffer: _Buffer) -> int:
+        return sys.getrefcount(buffer.array)  # one call site for both counts: the same temporaries
+
+    def _is_free(self, buffer: _Buffer) -> bool:
+        if buffer.in_use is not None:
+            return not bool(buffer.in_use[0])
+        return self._references(buffer) == buffer.own_references
+
+    def _new(self, shape: tuple[int, int, int]) -> _Buffer:
+        if not self.shared:
+            # Not np.zeros: numpy asks for huge pages, whose first touch can stall the process for
+            # seconds compacting memory when the page cache fills it (measured right after a cache build).
+            buffer = _Buffer(torch.empty(shape, dtype=torch.float32).numpy(), None)
+            buffer.extent[:] = shape[1]  # any content
+            buffer.own_references = self._references(buffer)
+            return buffer
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # zero pages
+        return _Buffer(torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), torch.zeros(1, dtype=torch.int32).share_memory_())
+
+    def take(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """(buffer of `shape`, its per-row extent, its in_use flag or None): a free kept buffer of
+        that shape, else a new one of zeros. The least recently used beyond n_kept are dropped
+        (one still held lives on with its holder)."""
+        free = [k for k, b in enumerate(self._kept) if tuple(b.array.shape) == shape and self._is_free(b)]
+        buffer = self._kept.pop(free[0]) if free else self._new(shape)
+        self._kept = (self._kept + [buffer])[-self.n_kept :]
+        if buffer.in_use is None:
+            return torch.from_numpy(buffer.array), buffer.extent, None
+        buffer.in_use.fill_(1)
+        return buffer.array, buffer.extent, buffer.in_use
+
+
+class _SharedBatch:
+    """A worker's batch on its way to the main process: the features in a kept shared-memory buffer,
+    the small fields packed into one int64 tensor, so two shared-memory files are passed instead of
+    one per tensor (most of the transfer's cost at short trials). Small fields sent by value
+    instead would make messages larger than a pipe holds, and a worker blocked writing one never
+    sees the end of a run. The main process unpickles it as the batch dict (_received_batch)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], in_use: torch.Tensor):
+        self.batch, self.in_use = batch, in_use
+
+    def __reduce__(self) -> tuple:
+        small = {k: v for k, v in self.batch.items() if k != "input_features"}
+        packed = torch.cat([v.reshape(-1).to(torch.int64) for v in small.values()])
+        layout = [(k, v.dtype, tuple(v.shape)) for k, v in small.items()]
+        return _received_batch, (self.batch["input_features"], self.in_use, packed, layout)
+
+
+def _received_batch(features: torch.Tensor, in_use: torch.Tensor, packed: torch.Tensor,
+                    layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """The batch, its features over the worker's shared memory: when the last tensor over them is
+    gone, the worker may refill the buffer."""
+    array = features.numpy()  # every tensor made from it holds it
+    weakref.finalize(array, in_use.fill_, 0)
+    batch, start = {"input_features": torch.from_numpy(array)}, 0
+    for key, dtype, shape in layout:
+        n = math.prod(shape)
+        batch[key] = packed[start : start + n].view(shape).to(dtype)
+        start += n
+    return batch
+
+
+def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool,
+                  kept: _BatchBuffers | None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+    """(float32 batch, how many leading time steps of each row may be non-zero, in_use flag of a
+    worker's kept buffer or None): from `kept` when given (static shapes); else allocated where it
+    will travel: in shared memory in a DataLoader worker (sending it to the main process then
+    copies nothing), pinned in the main process for a CUDA device (the copy to the device then
+    needs no staging copy), else by calloc. New shared-memory files and large callocs are zero pages."""
+    if kept is not None:
+        return kept.take(shape)
+    zeros = np.zeros(shape[0], dtype=np.int64)
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), True
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), zeros, None
     if pin_memory:
-        return torch.empty(shape, dtype=torch.float32, pin_memory=True), False
-    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), True
+        return torch.empty(shape, dtype=torch.float32, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64), None
+    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), zeros, None
 
 
 class BrainToTextDataset(Dataset):
@@ -638,7 +735,8 @@ class BrainToTextDataset(Dataset):
     Use with DataLoader(dataset, batch_size=None). Days whose index entry names a trial cache
     ("cache", see train_test_split_indices) gather features from its memory map, one slice copy
     per trial straight into the padded batch; other days read their HDF5 file. Caches and files
-    are opened lazily, once per process (each DataLoader worker), and kept open. pin_memory:
+    are opened lazily, once per process (each DataLoader worker), and kept open. Under static
+    shapes, batch buffers nothing holds any more are refilled (_BatchBuffers). pin_memory:
     batches built in the main process are allocated in pinned memory (for a CUDA device).
     """
 
@@ -702,6 +800,7 @@ class BrainToTextDataset(Dataset):
         self._labels: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._caches: dict[str, _CachedSplit] = {}
         self._files_pid = os.getpid()
+        self._buffers, self._buffers_pid = _BatchBuffers(), os.getpid()
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
         """Trials longer than the largest bucket or with too many labels cannot be padded."""
@@ -730,6 +829,8 @@ class BrainToTextDataset(Dataset):
         state["_files"] = {}  # h5py handles cannot cross processes; each worker opens its own
         state["_labels"] = {}
         state["_caches"] = {}  # each worker maps the cache itself (the page cache still holds one copy)
+        state["_buffers_pid"] = None  # each process keeps its own buffers
+        state["_buffers"] = None
         return state
 
     def batch_trials(self, idx: int) -> list[tuple[int, int]]:
@@ -760,6 +861,11 @@ class BrainToTextDataset(Dataset):
             self._files[path] = _open_hdf5(path)
         return self._files[path]
 
+    def _kept_buffers(self) -> _BatchBuffers:
+        if self._buffers_pid != os.getpid():  # a forked worker: its own pool, in shared memory
+            self._buffers, self._buffers_pid = _BatchBuffers(shared=get_worker_info() is not None), os.getpid()
+        return self._buffers
+
     def _cache(self, folder: str) -> _CachedSplit:
         if self._files_pid != os.getpid():
             self._files, self._caches, self._files_pid = {}, {}, os.getpid()
@@ -774,10 +880,12 @@ class BrainToTextDataset(Dataset):
         transcriptions and the finiteness of each feature come precomputed from the index columns."""
         rows = np.array([metas[i]["row"] for i in members])
         c = cache.columns
-        source, subset = cache.features(), self._subset_tensor
+        out, source, subset = features, cache.features(), self._subset_tensor
+        if subset is None and source.dtype == torch.float32:
+            out, source = features.numpy(), source.numpy()  # numpy's copy is a memcpy: measured ~10% faster
         for i, start, n in zip(members, c["offset"][rows].tolist(), c["n_rows"][rows].tolist()):
             trial = source[start : start + n]  # (n, 512)
-            features[i, :n] = trial if subset is None else trial.index_select(1, subset)  # -> (n, D)
+            out[i, :n] = trial if subset is None else trial.index_select(1, subset)  # -> (n, D)
         row_finite = c["finite"][rows]
         finite[members] = (row_finite if self.feature_subset is None else row_finite[:, self.feature_subset]).all(axis=1)
         if self.labelled:
@@ -820,6 +928,8 @@ class BrainToTextDataset(Dataset):
         into one graph, so batches left in different buckets would compile a graph per combination
         of buckets. Each is allocated at that length, not padded again afterwards."""
         lengths = [self._n_time(idx) for idx in indices]
+        kept = self._kept_buffers()
+        kept.n_kept = max(kept.n_kept, 2 * len(indices))  # this step's and the one held before it
         return [self._batch(idx, max(lengths) if self.static_shapes else n) for idx, n in zip(indices, lengths)]
 
     def _n_time(self, idx: int) -> int:
@@ -827,13 +937,14 @@ class BrainToTextDataset(Dataset):
         longest = max(self.trial_indices[d]["meta"][t]["n_time_steps"] for d, t in self.batch_trials(idx))
         return next(b for b in self.time_buckets if b >= longest) if self.static_shapes else longest
 
-    def _batch(self, idx: int, n_time: int) -> dict[str, torch.Tensor]:
+    def _batch(self, idx: int, n_time: int) -> "dict[str, torch.Tensor] | _SharedBatch":
         plan = self.batch_trials(idx)
         metas = [self.trial_indices[d]["meta"][t] for d, t in plan]
         n_rows = self.batch_size if self.static_shapes else len(plan)
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
-        features, zeroed = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory)
+        kept = self._kept_buffers() if self.static_shapes and not (self.pin_memory and get_worker_info() is None) else None
+        features, extent, in_use = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory, kept=kept)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -846,6 +957,8 @@ class BrainToTextDataset(Dataset):
         }
         row_mask = np.arange(n_rows) < len(plan)
         finite = np.ones(n_rows, dtype=bool)
+        filled, stale = np.where(row_mask, lengths, 0), extent.copy()
+        extent[:] = np.maximum(stale, filled)  # holds if reading fails half-way
         by_cache: dict[str, list[int]] = {}
         for i, (day, trial) in enumerate(plan):
             folder = self.trial_indices[day].get("cache")
@@ -860,17 +973,16 @@ class BrainToTextDataset(Dataset):
                 transcriptions[i, : min(len(transcription), TRANSCRIPTION_LENGTH)] = transcription[:TRANSCRIPTION_LENGTH]
         for folder, members in by_cache.items():
             self._gather_cached(self._cache(folder), members, metas, features, labels, transcriptions, finite)
-        if not zeroed:
-            for i, n in enumerate(lengths[: len(plan)].tolist()):
-                features[i, n:] = 0.0  # pad each row in place, up to the bucket
-            features[len(plan) :] = 0.0
+        for i in np.flatnonzero(stale > filled).tolist():
+            features[i, filled[i] : stale[i]] = 0.0  # pad in place: only bins that held data before
+        extent[:] = filled
         for i in np.flatnonzero(~finite):
             day, trial = plan[i]
             problem = f"{self.trial_indices[day]['session_path']} trial_{trial:04d}: input_features contain NaN or inf"
             if self.on_bad_trial == "error":
                 raise DataError(problem + " (set dataset.on_bad_trial=skip to drop such trials)")
             warnings.warn(f"skipped 1 bad trial: {problem}", stacklevel=2)
-            features[i], row_mask[i] = 0.0, False
+            features[i], row_mask[i], extent[i] = 0.0, False, 0
             ints["n_time_steps"][i], ints["phone_seq_lens"][i] = n_time, 1
         # Rows without a trial carry one label, so CTC stays finite; row_mask excludes them.
         labels[~row_mask] = 0
@@ -882,7 +994,7 @@ class BrainToTextDataset(Dataset):
         if not self.labelled:
             for key in ("seq_class_ids", "phone_seq_lens", "transcriptions"):
                 del batch[key]
-        return batch
+        return batch if in_use is None else _SharedBatch(batch, in_use)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -925,8 +1037,13 @@ def _join_shards(items: list[dict[str, torch.Tensor]], *, n_shards: int) -> list
     """One step's micro-batches for a loader feeding n_shards devices: items holds, micro-batch by
     micro-batch, n_shards replicas' batches (static shapes, allocated at one length by __getitems__);
     each group of n_shards is concatenated along rows, replica r's rows at [r * B, (r + 1) * B)."""
-    return [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
-            for i in range(0, len(items), n_shards)]
+    shared = [item for item in items if isinstance(item, _SharedBatch)]  # a worker's kept buffers
+    items = [item.batch if isinstance(item, _SharedBatch) else item for item in items]
+    joined = [{key: torch.cat([item[key] for item in items[i : i + n_shards]]) for key in items[i]}
+              for i in range(0, len(items), n_shards)]
+    for item in shared:  # copied out: the worker may refill its buffers
+        item.in_use.fill_(0)
+    return joined
 
 
 def _loader(dataset: BrainToTextDataset, *, n_workers: int, seed: int, pin_memory: bool, **grouping: Any) -> DataLoader:

@@ -1,7 +1,7 @@
 """Training-loader throughput: trials per second of the trainer's loader, side by side with upstream's.
 
     python benchmarks/loader_benchmark.py --dataset_dir data/synthetic45 [--upstream ../nejm-brain-to-text]
-        [--config_path rnn_args.yaml --n_batches 20 --rounds 3 --num_workers 0 --cache_dtype float32]
+        [--config_path rnn_args.yaml --n_batches 20 --rounds 3 --warmup_rounds 1 --num_workers 0 --cache_dtype float32]
 
 Builds the trial cache of the train and val splits into a temporary folder (its seconds are
 `cache_build_s`; the folder is removed at the end), then builds the training loader with
@@ -9,7 +9,10 @@ dataset.build_dataloaders at batch 64 exactly as the trainer does (one item per 
 the config's static shapes and buckets) and times, in `rounds` alternating rounds, n_batches of it
 and, with --upstream, n_batches of upstream's BrainToTextDataset (its model_training/dataset.py,
 imported from UPSTREAM_DIR, which is never copied here) in a DataLoader as upstream's trainer
-makes it, over the same files and with the same workers. `first_batch_s` is the wait for the
+makes it, over the same files and with the same workers; each item is held while the next is
+drawn, as a training loop holds its step's batches. `warmup_rounds` alternating rounds go first,
+reported apart (`*warmup*`): workers start, pages of the cache are mapped, and the loader's
+kept batch buffers are allocated there. `first_batch_s` is the wait for the
 first item of a fresh iterator (workers starting included), `index_s` the loader build with a
 fresh cache and `hdf5_index_s` the same without the cache (indices read from the HDF5 files, as
 before the cache): with the cache build, the time to the first training step. --index_only
@@ -80,9 +83,11 @@ def needed_trials_per_s() -> dict[str, dict[str, dict[str, float]]]:
 def _upstream_loader(upstream_dir: str, paths: list[str], *, n_batches: int, batch_size: int, days_per_batch: int,
                      seed: int, n_workers: int) -> DataLoader:
     """Upstream's training loader over the same files, as its rnn_trainer.py builds it."""
-    source = Path(upstream_dir) / "model_training" / "dataset.py"
+    folder = Path(upstream_dir)
+    source = folder / "dataset.py" if folder.name == "model_training" else folder / "model_training" / "dataset.py"
     if not source.is_file():
-        raise SystemExit(f"loader_benchmark.py: {source}: not found (--upstream takes a checkout of upstream's repository)")
+        raise SystemExit(f"loader_benchmark.py: {source}: not found (--upstream takes upstream's repository or its "
+                         "model_training folder)")
     spec = importlib.util.spec_from_file_location("upstream_dataset", source)
     upstream = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(upstream)
@@ -101,10 +106,13 @@ def _trials(item: Any) -> int:
 
 
 def _time_batches(steps: Any, n_items: int) -> float:
-    """Trials per second over the next n_items items of an iterator."""
-    start, n_trials = time.perf_counter(), 0
+    """Trials per second over the next n_items items of an iterator, each item held while the next
+    is drawn, as a training loop holds its step's batches."""
+    start, n_trials, item = time.perf_counter(), 0, None
     for _ in range(n_items):
-        n_trials += _trials(next(steps))
+        item = next(steps)
+        n_trials += _trials(item)
+    del item
     return n_trials / (time.perf_counter() - start)
 
 
@@ -127,10 +135,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--config_path", default="rnn_args.yaml", help="the trainer's config (its dataset section)")
-    parser.add_argument("--upstream", default=None, metavar="UPSTREAM_DIR", help="checkout of upstream's repository")
+    parser.add_argument("--upstream", default=None, metavar="UPSTREAM_DIR",
+                        help="checkout of upstream's repository, or its model_training folder")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--n_batches", type=int, default=20, help="timed batches per round and loader")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (ours, then upstream's)")
+    parser.add_argument("--warmup_rounds", type=int, default=1,
+                        help="rounds before the timed ones (reported apart): workers start, batch buffers fill")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--cache_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--index_only", action="store_true", help="time the cache and index builds only")
@@ -151,13 +162,14 @@ def main() -> None:
         cfg = load_config(REPO / args.config_path, overrides)
         accum = cfg.gradient_accumulation_steps
         n_items = -(-args.n_batches // accum)
+        n_rounds = args.warmup_rounds + args.rounds + 1
         start = time.perf_counter()
         # The loader training iterates: one item per optimizer step, the step's micro-batches.
-        train_loader, val_loader, _ = build_dataloaders(cfg, n_steps=(args.rounds + 1) * n_items, batches_per_step=accum)
+        train_loader, val_loader, _ = build_dataloaders(cfg, n_steps=n_rounds * n_items, batches_per_step=accum)
         index_s = time.perf_counter() - start
         start = time.perf_counter()
         build_dataloaders(load_config(REPO / args.config_path, overrides + ["dataset.trial_cache=false"]),
-                          n_steps=(args.rounds + 1) * n_items, batches_per_step=accum)
+                          n_steps=n_rounds * n_items, batches_per_step=accum)
         hdf5_index_s = time.perf_counter() - start
         if args.index_only:
             print(json.dumps({"cache_build_s": round(cache_build_s, 2), "index_s": round(index_s, 3),
@@ -173,7 +185,7 @@ def main() -> None:
         theirs, upstream_first_s = None, None
         if args.upstream:
             paths = session_files(args.dataset_dir, sessions, "train")
-            loader = _upstream_loader(args.upstream, paths, n_batches=(args.rounds + 1) * args.n_batches,
+            loader = _upstream_loader(args.upstream, paths, n_batches=n_rounds * args.n_batches,
                                       batch_size=args.batch_size, days_per_batch=cfg.dataset.days_per_batch,
                                       seed=cfg.dataset.loader_seed, n_workers=args.num_workers)
             start = time.perf_counter()
@@ -181,17 +193,20 @@ def main() -> None:
             _trials(next(theirs))
             upstream_first_s = time.perf_counter() - start
         rates: dict[str, list[float]] = {"ours": [], "upstream": []}
-        for _ in range(args.rounds):
+        for _ in range(args.warmup_rounds + args.rounds):
             rates["ours"].append(_time_batches(ours, n_items))
             if theirs is not None:
                 rates["upstream"].append(_time_batches(theirs, args.n_batches))
         memory = _rss_mb()
+        warmup = {name: values[: args.warmup_rounds] for name, values in rates.items()}
+        rates = {name: values[args.warmup_rounds :] for name, values in rates.items()}
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
     median = statistics.median(rates["ours"])
     report = {
         "trials_per_s": round(median),
         "trials_per_s_rounds": [round(r) for r in rates["ours"]],
+        "warmup_trials_per_s_rounds": [round(r) for r in warmup["ours"]],
         "cache_build_s": round(cache_build_s, 2),
         "index_s": round(index_s, 3),
         "hdf5_index_s": round(hdf5_index_s, 3),
@@ -210,6 +225,7 @@ def main() -> None:
         report.update({
             "upstream_trials_per_s": round(upstream),
             "upstream_trials_per_s_rounds": [round(r) for r in rates["upstream"]],
+            "upstream_warmup_trials_per_s_rounds": [round(r) for r in warmup["upstream"]],
             "upstream_first_batch_s": round(upstream_first_s, 3),
             "ratio_to_upstream": round(median / upstream, 1),  # of the medians
             "ratio_to_upstream_rounds": [round(a / b, 1) for a, b in zip(rates["ours"], rates["upstream"])],

@@ -264,3 +264,39 @@ def test_a_float16_cache_refuses_values_beyond_its_range(data_dir: str):
         D.build_trial_cache(data_dir, "val", "float16")
     assert D.find_trial_cache(data_dir, "val", "float16") is None
     assert D.build_trial_cache(data_dir, "val", "bfloat16").endswith("val.bfloat16")
+
+
+@pytest.mark.parametrize("n_workers,n_shards", [(0, 1), (2, 1), (2, 2)])
+def test_refilled_batch_buffers_give_the_hdf5_batches_and_a_held_batch_is_never_refilled(
+        data_dir: str, n_workers: int, n_shards: int, monkeypatch: pytest.MonkeyPatch):
+    """Under static shapes each process refills the batch buffers its consumer has let go of (only
+    the bins that held data before are zeroed): drawn one step at a time they equal batches read
+    from HDF5 and all held, a batch (a view of it) still held is left alone, and buffers are reused."""
+    import multiprocessing
+
+    n_new = multiprocessing.Value("i", 0)  # counts in forked workers too
+    real_new = D._BatchBuffers._new
+
+    def counted_new(self, shape):
+        with n_new.get_lock():
+            n_new.value += 1
+        return real_new(self, shape)
+
+    monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
+    static = {"static_shapes": True, "time_buckets": [256, 320, 384, 512], "max_seq_elements": None}
+    kwargs = {"n_steps": 24, "batches_per_step": 2, "n_replicas": n_shards, "n_shards": n_shards}
+    expected = _batches(D.build_dataloaders(_config(data_dir, trial_cache=False, **static), **kwargs)[0])  # all held
+    n_new.value = 0
+    train, _, _ = D.build_dataloaders(_config(data_dir, num_dataloader_workers=n_workers, **static), **kwargs)
+    n_batches, held = 0, None
+    for step, item in enumerate(train):
+        for batch in item:
+            _assert_same_batches([batch], [expected[n_batches]])
+            n_batches += 1
+        if step == 1:
+            held, held_copy = item[0]["input_features"][1:3], item[0]["input_features"][1:3].clone()
+        del item, batch  # as a training loop lets go of a step's batches
+    assert n_batches == len(expected) == 48
+    assert torch.equal(held, held_copy)
+    print("NNEW", n_workers, n_shards, n_new.value, n_batches)
+    assert n_new.value < n_batches * n_shards // 2, n_new.value  # kept buffers were refilled
