@@ -766,6 +766,10 @@ class BrainToTextDataset(Dataset):
         self._subset_tensor = torch.tensor(self.feature_subset) if self.feature_subset else None
         self.static_shapes, self.max_seq_elements, self.on_bad_trial = static_shapes, max_seq_elements, on_bad_trial
         self.pin_memory = pin_memory
+        # Batches sharing one time length per step, counted from batch 0; 0: the batches of each
+        # __getitems__ call. Set by build_dataloaders on a pod slice, where every host must pad a
+        # step alike (one global batch) while loading only its own batches of it.
+        self.step_span = 0
         # Seed -1 means "not reproducible", but items must still agree across worker processes.
         self.seed = random_seed if random_seed != -1 else int(np.random.SeedSequence().entropy % (2**63))
         self.trial_indices = {d: dict(v, meta=dict(v.get("meta", {}))) for d, v in trial_indices.items()}
@@ -926,11 +930,16 @@ class BrainToTextDataset(Dataset):
         """Batches `indices` (one optimizer step's micro-batches, from a batch_sampler). Under
         static shapes they share the largest of their time buckets: a step traces its micro-batches
         into one graph, so batches left in different buckets would compile a graph per combination
-        of buckets. Each is allocated at that length, not padded again afterwards."""
+        of buckets. Each is allocated at that length, not padded again afterwards. With step_span
+        the length is the largest over all step_span batches of the step, loaded or not."""
         lengths = [self._n_time(idx) for idx in indices]
+        step_length = max(lengths)
+        if self.step_span:
+            first = indices[0] - indices[0] % self.step_span
+            step_length = max(self._n_time(idx) for idx in range(first, first + self.step_span))
         kept = self._kept_buffers()
         kept.n_kept = max(kept.n_kept, 2 * len(indices))  # this step's and the one held before it
-        return [self._batch(idx, max(lengths) if self.static_shapes else n) for idx, n in zip(indices, lengths)]
+        return [self._batch(idx, step_length if self.static_shapes else n) for idx, n in zip(indices, lengths)]
 
     def _n_time(self, idx: int) -> int:
         """Padded time length of batch idx: its longest trial, or the bucket holding it."""
@@ -1083,8 +1092,10 @@ def build_dataloaders(
     With n_shards > 1 (one loader per host feeding n_shards devices as one SPMD program, spmd.py),
     replicas rank .. rank + n_shards - 1 are this loader's: each micro-batch holds their batches
     stacked along rows, and the val loader yields the host's share (every batch on one host).
-    With n_hosts > 1 (the hosts of one SPMD program over a pod slice) every host's val loader
-    yields every val batch: a replicated input must be the same on every host.
+    With n_hosts > 1 (the hosts of one SPMD program over a pod slice) a step's batches are padded
+    to the longest bucket among all replicas' batches of the step, every host's alike (the hosts'
+    rows form one global batch), and every host's val loader yields every val batch: a replicated
+    input must be the same on every host.
     """
     d = cfg.dataset
     if n_shards > 1 and not (batches_per_step and d.static_shapes):
@@ -1118,6 +1129,8 @@ def build_dataloaders(
         train_indices, n_steps * per_step * n_replicas, "train", d.batch_size, d.days_per_batch,
         must_include_days=d.must_include_days, **common,
     )
+    if n_hosts > 1:  # each host loads its devices' rows of one global batch: all pad to its length
+        train_set.step_span = per_step * n_replicas
     val_set = BrainToTextDataset(val_indices, 0, "val", d.val_batch_size, 1, **common)
     indices = [(step * per_step + micro) * n_replicas + rank + shard
                for step in range(start_step, n_steps) for micro in range(per_step) for shard in range(n_shards)]

@@ -40,6 +40,30 @@ def test_a_host_loader_stacks_the_replicas_batches_along_rows(data_dir, tmp_path
     assert n_steps == 2
 
 
+def test_the_hosts_of_a_pod_slice_load_their_rows_of_one_global_batch(data_dir, tmp_path):
+    """Two hosts of 2 devices: host h's rows are rows 2h.. of what one host of 4 devices loads,
+    padded to the same length (the step's longest bucket over both hosts), and each host's val
+    loader yields every val batch (replicated inputs are the same on every host)."""
+    cfg = make_config(data_dir, tmp_path, "dataset.static_shapes=true", "dataset.time_buckets=[128,192,256,384,512]",
+                      "dataset.num_dataloader_workers=0", "dataset.batch_size=1")
+    kwargs = {"n_steps": 6, "batches_per_step": 2, "n_replicas": 4}
+    whole, val_whole, _ = build_dataloaders(cfg, n_shards=4, **kwargs)
+    hosts = [build_dataloaders(cfg, rank=2 * h, n_shards=2, n_hosts=2, **kwargs) for h in range(2)]
+    alone = build_dataloaders(cfg, rank=2, n_shards=2, **kwargs)[0]  # host 1 padding for itself only
+    n_rows = cfg.dataset.batch_size
+    padded_for_the_other_host = 0
+    for step, (global_step, step0, step1, own) in enumerate(zip(whole, hosts[0][0], hosts[1][0], alone)):
+        for micro, batch in enumerate(global_step):
+            for h, host_step in enumerate((step0, step1)):
+                for key, value in host_step[micro].items():
+                    assert torch.equal(value, batch[key][2 * h * n_rows : 2 * (h + 1) * n_rows]), (step, micro, h, key)
+        padded_for_the_other_host += step1[0]["input_features"].shape[1] > own[0]["input_features"].shape[1]
+    assert padded_for_the_other_host > 0  # the data exercise it: host 1 alone would have padded less
+    val_batches = [batch["trial_nums"].tolist() for batch in val_whole]
+    for _, val_loader, _ in hosts:
+        assert [batch["trial_nums"].tolist() for batch in val_loader] == val_batches
+
+
 def test_a_host_loader_needs_static_shapes(data_dir, tmp_path):
     from config import ConfigError
 
