@@ -365,6 +365,13 @@ _CACHE_FORMAT = 1
 # numpy has no bfloat16: its bit patterns are stored as int16 and viewed as torch.bfloat16.
 _STORAGE_DTYPES = {"float32": np.float32, "bfloat16": np.int16, "float16": np.float16}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as a numpy array (bfloat16, which numpy lacks, as its int16 bit patterns)."""
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
 _INDEX_COLUMNS = ("source", "trial_key", "offset", "n_rows", "n_time_steps", "block_num", "trial_num", "seq_len",
                   "has_meta", "has_sentence", "sentence_label", "labels", "transcriptions", "finite")
 
@@ -608,24 +615,24 @@ class _CachedSplit:
         """(n_rows, 512) features as a tensor over the memory map (copy-on-write: never written)."""
         if self._features is None:
             array = np.load(os.path.join(self.folder, "features.npy"), mmap_mode="c")
-            tensor = torch.from_numpy(array)
-            self._features = tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+            self._features = torch.from_numpy(array).view(_TORCH_DTYPES[self.dtype])
         return self._features
 
 
 class _Buffer:
     """One batch buffer of a _BatchBuffers pool."""
 
-    __slots__ = ("array", "extent", "own_references", "in_use")
+    __slots__ = ("array", "dtype", "extent", "own_references", "in_use")
 
-    def __init__(self, array: Any, in_use: torch.Tensor | None):
+    def __init__(self, array: Any, dtype: str, in_use: torch.Tensor | None):
         self.array, self.in_use = array, in_use  # a numpy array, or a tensor in shared memory with its flag
+        self.dtype = dtype  # the batch's: a numpy array holds bfloat16 as int16
         self.extent = np.zeros(array.shape[0], dtype=np.int64)  # leading time steps of each row that may be non-zero
         self.own_references = 0
 
 
 class _BatchBuffers:
-    """The float32 batch buffers of one process, refilled in place once nothing holds them.
+    """The batch buffers of one process, refilled in place once nothing holds them.
 
     Under static shapes a step's batches come in a few (rows, bucket, features) shapes, and a fresh
     buffer costs about as much as the batch itself: the kernel zeroes every page of it on first
@@ -653,26 +660,29 @@ class _BatchBuffers:
             return not bool(buffer.in_use[0])
         return self._references(buffer) == buffer.own_references
 
-    def _new(self, shape: tuple[int, int, int]) -> _Buffer:
+    def _new(self, shape: tuple[int, int, int], dtype: str) -> _Buffer:
+        torch_dtype = _TORCH_DTYPES[dtype]
         if not self.shared:
             # Not np.zeros: numpy asks for huge pages, whose first touch can stall the process for
             # seconds compacting memory when the page cache fills it (measured right after a cache build).
-            buffer = _Buffer(torch.empty(shape, dtype=torch.float32).numpy(), None)
+            buffer = _Buffer(_as_numpy(torch.empty(shape, dtype=torch_dtype)), dtype, None)
             buffer.extent[:] = shape[1]  # any content
             buffer.own_references = self._references(buffer)
             return buffer
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)  # zero pages
-        return _Buffer(torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), torch.zeros(1, dtype=torch.int32).share_memory_())
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch_dtype.itemsize)  # zero pages
+        in_use = torch.zeros(1, dtype=torch.int32).share_memory_()
+        return _Buffer(torch.empty(0, dtype=torch_dtype).set_(storage, 0, shape), dtype, in_use)
 
-    def take(self, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
-        """(buffer of `shape`, its per-row extent, its in_use flag or None): a free kept buffer of
-        that shape, else a new one of zeros. The least recently used beyond n_kept are dropped
-        (one still held lives on with its holder)."""
-        free = [k for k, b in enumerate(self._kept) if tuple(b.array.shape) == shape and self._is_free(b)]
-        buffer = self._kept.pop(free[0]) if free else self._new(shape)
+    def take(self, shape: tuple[int, int, int], dtype: str) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        """(buffer of `shape` and `dtype`, its per-row extent, its in_use flag or None): a free kept
+        buffer of that shape and dtype, else a new one of zeros. The least recently used beyond
+        n_kept are dropped (one still held lives on with its holder)."""
+        free = [k for k, b in enumerate(self._kept)
+                if tuple(b.array.shape) == shape and b.dtype == dtype and self._is_free(b)]
+        buffer = self._kept.pop(free[0]) if free else self._new(shape, dtype)
         self._kept = (self._kept + [buffer])[-self.n_kept :]
-        if buffer.in_use is None:
-            return torch.from_numpy(buffer.array), buffer.extent, None
+        if buffer.in_use is None:  # the tensor over the array holds it (a view shares that storage)
+            return torch.from_numpy(buffer.array).view(_TORCH_DTYPES[dtype]), buffer.extent, None
         buffer.in_use.fill_(1)
         return buffer.array, buffer.extent, buffer.in_use
 
@@ -698,9 +708,9 @@ def _received_batch(features: torch.Tensor, in_use: torch.Tensor, packed: torch.
                     layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
     """The batch, its features over the worker's shared memory: when the last tensor over them is
     gone, the worker may refill the buffer."""
-    array = features.numpy()  # every tensor made from it holds it
+    array = _as_numpy(features)  # every tensor made from it holds it
     weakref.finalize(array, in_use.fill_, 0)
-    batch, start = {"input_features": torch.from_numpy(array)}, 0
+    batch, start = {"input_features": torch.from_numpy(array).view(features.dtype)}, 0
     for key, dtype, shape in layout:
         n = math.prod(shape)
         batch[key] = packed[start : start + n].view(shape).to(dtype)
@@ -708,22 +718,22 @@ def _received_batch(features: torch.Tensor, in_use: torch.Tensor, packed: torch.
     return batch
 
 
-def _batch_buffer(shape: tuple[int, int, int], *, pin_memory: bool,
+def _batch_buffer(shape: tuple[int, int, int], dtype: str, *, pin_memory: bool,
                   kept: _BatchBuffers | None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
-    """(float32 batch, how many leading time steps of each row may be non-zero, in_use flag of a
+    """(batch features of `dtype`, how many leading time steps of each row may be non-zero, in_use flag of a
     worker's kept buffer or None): from `kept` when given (static shapes); else allocated where it
     will travel: in shared memory in a DataLoader worker (sending it to the main process then
     copies nothing), pinned in the main process for a CUDA device (the copy to the device then
     needs no staging copy), else by calloc. New shared-memory files and large callocs are zero pages."""
     if kept is not None:
-        return kept.take(shape)
-    zeros = np.zeros(shape[0], dtype=np.int64)
+        return kept.take(shape, dtype)
+    torch_dtype, zeros = _TORCH_DTYPES[dtype], np.zeros(shape[0], dtype=np.int64)
     if get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape), zeros, None
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch_dtype.itemsize)
+        return torch.empty(0, dtype=torch_dtype).set_(storage, 0, shape), zeros, None
     if pin_memory:
-        return torch.empty(shape, dtype=torch.float32, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64), None
-    return torch.from_numpy(np.zeros(shape, dtype=np.float32)), zeros, None
+        return torch.empty(shape, dtype=torch_dtype, pin_memory=True), np.full(shape[0], shape[1], dtype=np.int64), None
+    return torch.from_numpy(np.zeros(shape, dtype=_STORAGE_DTYPES[dtype])).view(torch_dtype), zeros, None
 
 
 class BrainToTextDataset(Dataset):
@@ -738,6 +748,9 @@ class BrainToTextDataset(Dataset):
     are opened lazily, once per process (each DataLoader worker), and kept open. Under static
     shapes, batch buffers nothing holds any more are refilled (_BatchBuffers). pin_memory:
     batches built in the main process are allocated in pinned memory (for a CUDA device).
+    features_dtype: the dtype of input_features. 'float32' widens half-precision cache values
+    while copying; 'bfloat16' or 'float16' (every day reading a cache of that dtype) copies the
+    cache's values as stored, half the bytes, for a consumer that widens them itself (exact).
     """
 
     def __init__(
@@ -755,6 +768,7 @@ class BrainToTextDataset(Dataset):
         max_seq_elements: int = 500,
         on_bad_trial: str = "error",
         pin_memory: bool = False,
+        features_dtype: str = "float32",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -765,7 +779,7 @@ class BrainToTextDataset(Dataset):
         self.feature_subset = list(feature_subset) if feature_subset else None
         self._subset_tensor = torch.tensor(self.feature_subset) if self.feature_subset else None
         self.static_shapes, self.max_seq_elements, self.on_bad_trial = static_shapes, max_seq_elements, on_bad_trial
-        self.pin_memory = pin_memory
+        self.pin_memory, self.features_dtype = pin_memory, features_dtype
         # Batches sharing one time length per step, counted from batch 0; 0: the batches of each
         # __getitems__ call. Set by build_dataloaders on a pod slice, where every host must pad a
         # step alike (one global batch) while loading only its own batches of it.
@@ -781,6 +795,7 @@ class BrainToTextDataset(Dataset):
         self.days = [d for d in sorted(self.trial_indices) if self.trial_indices[d]["trials"]]
         if not self.days:
             raise DataError(f"the {split} split is empty: no trials in any of {len(trial_indices)} session(s)")
+        self._check_features_dtype()
 
         if split == "train":
             if days_per_batch > len(self.days):
@@ -805,6 +820,19 @@ class BrainToTextDataset(Dataset):
         self._caches: dict[str, _CachedSplit] = {}
         self._files_pid = os.getpid()
         self._buffers, self._buffers_pid = _BatchBuffers(), os.getpid()
+
+    def _check_features_dtype(self) -> None:
+        """Batches in a half precision carry a cache's values as stored: every day must read one."""
+        if self.features_dtype not in CACHE_DTYPES:
+            raise ValueError(f"features_dtype must be one of {CACHE_DTYPES}, got {self.features_dtype!r}")
+        if self.features_dtype == "float32":
+            return
+        for day in self.days:
+            folder = self.trial_indices[day].get("cache")
+            cached = (_read_manifest(folder) or {}).get("dtype") if folder else None
+            if cached != self.features_dtype:
+                raise ValueError(f"{self.trial_indices[day]['session_path']}: {self.features_dtype} batches need its "
+                                 f"trials from a {self.features_dtype} trial cache, not {cached or 'the HDF5 file'}")
 
     def _drop_unbatchable_trials(self, time_buckets: Sequence[int] | None) -> None:
         """Trials longer than the largest bucket or with too many labels cannot be padded."""
@@ -880,13 +908,13 @@ class BrainToTextDataset(Dataset):
     def _gather_cached(self, cache: _CachedSplit, members: list[int], metas: list[dict], features: torch.Tensor,
                        labels: np.ndarray, transcriptions: np.ndarray, finite: np.ndarray) -> None:
         """Rows `members` of the batch from one cache: each trial's features are one contiguous
-        slice of the memory map, copied (and widened to float32) into its padded row; labels,
+        slice of the memory map, copied (and widened to float32 for float32 batches) into its padded row; labels,
         transcriptions and the finiteness of each feature come precomputed from the index columns."""
         rows = np.array([metas[i]["row"] for i in members])
         c = cache.columns
         out, source, subset = features, cache.features(), self._subset_tensor
-        if subset is None and source.dtype == torch.float32:
-            out, source = features.numpy(), source.numpy()  # numpy's copy is a memcpy: measured ~10% faster
+        if subset is None and source.dtype == features.dtype:
+            out, source = _as_numpy(features), _as_numpy(source)  # numpy's copy is a memcpy: measured ~10% faster
         for i, start, n in zip(members, c["offset"][rows].tolist(), c["n_rows"][rows].tolist()):
             trial = source[start : start + n]  # (n, 512)
             out[i, :n] = trial if subset is None else trial.index_select(1, subset)  # -> (n, D)
@@ -953,7 +981,8 @@ class BrainToTextDataset(Dataset):
         n_labels = self.max_seq_elements if self.static_shapes else max(m.get("seq_len", 1) for m in metas)
         n_features = len(self.feature_subset) if self.feature_subset else N_FEATURES
         kept = self._kept_buffers() if self.static_shapes and not (self.pin_memory and get_worker_info() is None) else None
-        features, extent, in_use = _batch_buffer((n_rows, n_time, n_features), pin_memory=self.pin_memory, kept=kept)
+        features, extent, in_use = _batch_buffer((n_rows, n_time, n_features), self.features_dtype,
+                                                 pin_memory=self.pin_memory, kept=kept)
         labels = np.zeros((n_rows, n_labels), dtype=np.int64)
         transcriptions = np.zeros((n_rows, TRANSCRIPTION_LENGTH), dtype=np.int64)
         lengths = np.array([m["n_time_steps"] for m in metas] + [n_time] * (n_rows - len(plan)), dtype=np.int64)
@@ -1089,6 +1118,9 @@ def build_dataloaders(
     dataset.max_seq_elements None pads labels (static shapes) to derived_label_padding of both splits.
     dataset.trial_cache: features come from the train and val splits' caches, built here when
     missing or stale (every process of a run may call this: one builds, the others wait for it).
+    Training batches carry input_features in dataset.trial_cache_dtype, so a half-precision cache
+    costs half the bytes to copy and send; the trainer widens them to float32 on the device, which
+    gives the float32 values the host would have made (exact). Val batches are float32.
     With n_shards > 1 (one loader per host feeding n_shards devices as one SPMD program, spmd.py),
     replicas rank .. rank + n_shards - 1 are this loader's: each micro-batch holds their batches
     stacked along rows, and the val loader yields the host's share (every batch on one host).
@@ -1127,7 +1159,8 @@ def build_dataloaders(
     per_step = batches_per_step or 1
     train_set = BrainToTextDataset(
         train_indices, n_steps * per_step * n_replicas, "train", d.batch_size, d.days_per_batch,
-        must_include_days=d.must_include_days, **common,
+        must_include_days=d.must_include_days, features_dtype=d.trial_cache_dtype if d.trial_cache else "float32",
+        **common,
     )
     if n_hosts > 1:  # each host loads its devices' rows of one global batch: all pad to its length
         train_set.step_span = per_step * n_replicas

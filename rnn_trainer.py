@@ -292,8 +292,11 @@ def train_step(
         # the model is not DDP-wrapped and no_sync is a no-op.
         is_last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            # A half-precision trial cache's batches arrive in its dtype (half the bytes sent):
+            # widened here, on the device (in the step's graph on XLA), to the float32 values the
+            # host would have made; a no-op for float32 batches.
             features, n_time_steps = augment_batch(
-                batch["input_features"], batch["n_time_steps"], cfg.dataset.data_transforms,
+                batch["input_features"].float(), batch["n_time_steps"], cfg.dataset.data_transforms,
                 training=True, generator=generator, static_shapes=cfg.dataset.static_shapes,
             )
             batch = {**batch, "input_features": features, "n_time_steps": n_time_steps}

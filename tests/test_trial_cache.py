@@ -88,13 +88,103 @@ def test_resumed_loader_draws_the_same_batches_from_the_cache(data_dir: str):
 def test_half_precision_caches_round_the_float32_batches(data_dir: str):
     exact = _batches(D.build_dataloaders(_config(data_dir), n_steps=3)[0])
     for dtype, relative in (("bfloat16", 2**-8), ("float16", 2**-11)):
-        train, _, _ = D.build_dataloaders(_config(data_dir, trial_cache_dtype=dtype), n_steps=3)
+        train, val, _ = D.build_dataloaders(_config(data_dir, trial_cache_dtype=dtype), n_steps=3)
         assert train.dataset.trial_indices[0]["cache"].endswith(f"train.{dtype}")
         for a, b in zip(_batches(train), exact):
-            assert a["input_features"].dtype == torch.float32
-            assert torch.allclose(a["input_features"], b["input_features"], rtol=relative, atol=1e-6)
-            assert not torch.equal(a["input_features"], b["input_features"])
+            assert a["input_features"].dtype == getattr(torch, dtype)  # widened by the trainer, on the device
+            features = a["input_features"].float()
+            assert torch.allclose(features, b["input_features"], rtol=relative, atol=1e-6)
+            assert not torch.equal(features, b["input_features"])
             assert torch.equal(a["seq_class_ids"], b["seq_class_ids"])
+        assert all(batch["input_features"].dtype == torch.float32 for batch in _batches(val))
+
+
+class _Float32Batches(D.BrainToTextDataset):
+    """The training dataset as it was before half-precision batches: float32 whatever the cache."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "features_dtype": "float32"})
+
+
+def _bits(features: torch.Tensor) -> torch.Tensor:
+    return features.view(torch.int32)  # float32 bit patterns: -0.0 and 0.0 differ, as NaNs would
+
+
+@pytest.mark.parametrize("dtype,n_workers,n_shards,static", [
+    ("bfloat16", 0, 1, False), ("bfloat16", 0, 1, True), ("bfloat16", 2, 1, True), ("float16", 2, 2, True),
+])
+def test_half_precision_batches_widen_to_the_float32_batches_of_the_same_cache(
+        data_dir: str, dtype: str, n_workers: int, n_shards: int, static: bool, monkeypatch: pytest.MonkeyPatch):
+    """A half cache's training batches carry its dtype (half the bytes to copy and send): widened,
+    they equal bit for bit the float32 batches the loader made from the same cache, whether built in
+    the main process or in workers, in kept buffers refilled in place (static shapes) or not."""
+    import multiprocessing
+
+    n_new = multiprocessing.Value("i", 0)  # counts in forked workers too
+    real_new = D._BatchBuffers._new
+
+    def counted_new(self, shape, buffer_dtype):
+        with n_new.get_lock():
+            n_new.value += 1
+        return real_new(self, shape, buffer_dtype)
+
+    options = {"trial_cache_dtype": dtype, "feature_subset": None}
+    if static:
+        options.update(static_shapes=True, time_buckets=[256, 320, 384, 512], max_seq_elements=None)
+    kwargs = {"n_steps": 24, "batches_per_step": 2, "n_replicas": n_shards, "n_shards": n_shards}
+    with monkeypatch.context() as patched:
+        patched.setattr(D, "BrainToTextDataset", _Float32Batches)
+        expected = _batches(D.build_dataloaders(_config(data_dir, **options), **kwargs)[0])  # all held
+    monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
+    train, _, _ = D.build_dataloaders(_config(data_dir, num_dataloader_workers=n_workers, **options), **kwargs)
+    n_batches = 0
+    for item in train:
+        for batch in item:
+            want = expected[n_batches]
+            assert batch["input_features"].dtype == getattr(torch, dtype) and want["input_features"].dtype == torch.float32
+            assert torch.equal(_bits(batch["input_features"].float()), _bits(want["input_features"]))
+            _assert_same_batches([{k: v for k, v in batch.items() if k != "input_features"}],
+                                 [{k: v for k, v in want.items() if k != "input_features"}])
+            n_batches += 1
+        del item, batch  # as a training loop lets go of a step's batches
+    assert n_batches == len(expected) == 48
+    if static:
+        assert 0 < n_new.value < n_batches * n_shards // 2, n_new.value  # kept half-precision buffers were refilled
+
+
+def test_a_run_from_half_precision_batches_trains_the_weights_of_float32_batches(
+        data_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The trainer widens a bf16 cache's batches on the device: a short run (augmentation, dropout,
+    adversarial terms) ends with the weights and AdamW moments of the run fed float32 batches made
+    on the host from the same cache, bit for bit."""
+    from accelerate.state import AcceleratorState
+
+    import rnn_trainer
+    from config import config_from_dict
+    from conftest import assert_same_training_state
+
+    seen: list[torch.dtype] = []
+    real_step = rnn_trainer.train_step
+
+    def recording_step(**kwargs):
+        seen.extend(batch["input_features"].dtype for batch in kwargs["micro_batches"])
+        return real_step(**kwargs)
+
+    monkeypatch.setattr(rnn_trainer, "train_step", recording_step)
+    checkpoints = {}
+    for route in ("bfloat16", "float32"):
+        values = tiny_config_dict(data_dir, str(tmp_path / route))
+        values.update({"num_training_batches": 3, "batches_per_val_step": 3, "gradient_accumulation_steps": 2})
+        values["dataset"]["trial_cache_dtype"] = "bfloat16"
+        with monkeypatch.context() as patched:
+            if route == "float32":
+                patched.setattr(D, "BrainToTextDataset", _Float32Batches)
+            AcceleratorState._reset_state(reset_partial_state=True)
+            rnn_trainer.train(config_from_dict(values))
+            AcceleratorState._reset_state(reset_partial_state=True)
+        checkpoints[route] = torch.load(tmp_path / route / "checkpoint" / "last_checkpoint.pt", weights_only=False)
+    assert seen == [torch.bfloat16] * 6 + [torch.float32] * 6
+    assert_same_training_state(checkpoints["bfloat16"], checkpoints["float32"])
 
 
 def test_a_changed_source_file_rebuilds_the_cache(data_dir: str):
@@ -277,10 +367,10 @@ def test_refilled_batch_buffers_give_the_hdf5_batches_and_a_held_batch_is_never_
     n_new = multiprocessing.Value("i", 0)  # counts in forked workers too
     real_new = D._BatchBuffers._new
 
-    def counted_new(self, shape):
+    def counted_new(self, shape, dtype):
         with n_new.get_lock():
             n_new.value += 1
-        return real_new(self, shape)
+        return real_new(self, shape, dtype)
 
     monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
     static = {"static_shapes": True, "time_buckets": [256, 320, 384, 512], "max_seq_elements": None}
