@@ -1,20 +1,23 @@
 """Training-loader throughput: trials per second of the trainer's loader, side by side with upstream's.
 
     python benchmarks/loader_benchmark.py --dataset_dir data/synthetic45 [--upstream ../nejm-brain-to-text]
-        [--config_path rnn_args.yaml --n_batches 20 --rounds 3 --warmup_rounds 1 --num_workers 0 --cache_dtype float32]
+        [--config_path rnn_args.yaml --n_batches 20 --rounds 3 --warmup_rounds 1 --num_workers 0
+         --cache_dtype float32 bfloat16]
 
-Builds the trial cache of the train and val splits into a temporary folder (its seconds are
-`cache_build_s`; the folder is removed at the end), then builds the training loader with
-dataset.build_dataloaders at batch 64 exactly as the trainer does (one item per optimizer step,
-the config's static shapes and buckets) and times, in `rounds` alternating rounds, n_batches of it
-and, with --upstream, n_batches of upstream's BrainToTextDataset (its model_training/dataset.py,
+For each --cache_dtype, builds the trial cache of the train and val splits into a temporary folder
+(its seconds are `cache_build_s`; the folder is removed at the end), then builds the training loader
+with dataset.build_dataloaders at batch 64 exactly as the trainer does (one item per optimizer step,
+the config's static shapes and buckets; a half-precision cache's batches in its dtype, widened by the
+trainer on the device) and times, in `rounds` alternating rounds, n_batches of each and,
+with --upstream, n_batches of upstream's BrainToTextDataset (its model_training/dataset.py,
 imported from UPSTREAM_DIR, which is never copied here) in a DataLoader as upstream's trainer
 makes it, over the same files and with the same workers; each item is held while the next is
 drawn, as a training loop holds its step's batches. `warmup_rounds` alternating rounds go first,
 reported apart (`*warmup*`): workers start, pages of the cache are mapped, and the loader's
-kept batch buffers are allocated there. `first_batch_s` is the wait for the
+kept batch buffers are allocated there. Per cache dtype (`by_cache_dtype`): trials/s (median of the
+rounds), its ratio to upstream's (of the medians, and per round), `first_batch_s`, the wait for the
 first item of a fresh iterator (workers starting included), `index_s` the loader build with a
-fresh cache and `hdf5_index_s` the same without the cache (indices read from the HDF5 files, as
+fresh cache; `hdf5_index_s` is the same without the cache (indices read from the HDF5 files, as
 before the cache): with the cache build, the time to the first training step. --index_only
 stops there, for sets made with make_synthetic_data.py --full_size --unwritten_features (real
 trial counts and lengths, features never written: reading them would time nothing). RSS is this process's (and its workers' at their peak), split into anonymous memory
@@ -143,45 +146,56 @@ def main() -> None:
     parser.add_argument("--warmup_rounds", type=int, default=1,
                         help="rounds before the timed ones (reported apart): workers start, batch buffers fill")
     parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--cache_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--cache_dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16", "float16"),
+                        help="one loader per cache dtype, timed in the same alternating rounds")
     parser.add_argument("--index_only", action="store_true", help="time the cache and index builds only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sessions = discover_sessions(args.dataset_dir)
+    dtypes = list(dict.fromkeys(args.cache_dtype))
     cache_root = tempfile.mkdtemp(prefix="loader_benchmark_cache_")
+    ours: dict[str, dict[str, Any]] = {}
     try:
-        start = time.perf_counter()
-        for split in ("train", "val"):
-            build_trial_cache(args.dataset_dir, split, args.cache_dtype, cache_root)
-        cache_build_s = time.perf_counter() - start
-        overrides = [
+        base = [
             f"dataset.dataset_dir={args.dataset_dir}", f"dataset.sessions=[{','.join(sessions)}]",
             f"dataset.batch_size={args.batch_size}", f"dataset.num_dataloader_workers={args.num_workers}",
-            f"dataset.trial_cache_dtype={args.cache_dtype}", f"dataset.trial_cache_dir={cache_root}",
+            f"dataset.trial_cache_dir={cache_root}",
         ]
-        cfg = load_config(REPO / args.config_path, overrides)
+        cfg = load_config(REPO / args.config_path, base)
         accum = cfg.gradient_accumulation_steps
         n_items = -(-args.n_batches // accum)
         n_rounds = args.warmup_rounds + args.rounds + 1
+        for dtype in dtypes:
+            start = time.perf_counter()
+            for split in ("train", "val"):
+                build_trial_cache(args.dataset_dir, split, dtype, cache_root)
+            cache_build_s = time.perf_counter() - start
+            start = time.perf_counter()
+            # The loader training iterates: one item per optimizer step, the step's micro-batches.
+            train_loader, val_loader, _ = build_dataloaders(
+                load_config(REPO / args.config_path, base + [f"dataset.trial_cache_dtype={dtype}"]),
+                n_steps=n_rounds * n_items, batches_per_step=accum)
+            ours[dtype] = {"loader": train_loader, "val_loader": val_loader, "cache_build_s": cache_build_s,
+                           "index_s": time.perf_counter() - start, "rates": []}
         start = time.perf_counter()
-        # The loader training iterates: one item per optimizer step, the step's micro-batches.
-        train_loader, val_loader, _ = build_dataloaders(cfg, n_steps=n_rounds * n_items, batches_per_step=accum)
-        index_s = time.perf_counter() - start
-        start = time.perf_counter()
-        build_dataloaders(load_config(REPO / args.config_path, overrides + ["dataset.trial_cache=false"]),
+        build_dataloaders(load_config(REPO / args.config_path, base + ["dataset.trial_cache=false"]),
                           n_steps=n_rounds * n_items, batches_per_step=accum)
         hdf5_index_s = time.perf_counter() - start
+        first = ours[dtypes[0]]
+        counts = {"n_sessions": len(sessions),
+                  "n_train_trials": sum(len(e["trials"]) for e in first["loader"].dataset.trial_indices.values())}
         if args.index_only:
-            print(json.dumps({"cache_build_s": round(cache_build_s, 2), "index_s": round(index_s, 3),
-                              "hdf5_index_s": round(hdf5_index_s, 3), "n_sessions": len(sessions),
-                              "n_train_trials": sum(len(e["trials"]) for e in train_loader.dataset.trial_indices.values()),
-                              "n_val_trials": sum(len(e["trials"]) for e in val_loader.dataset.trial_indices.values()),
+            print(json.dumps({"cache_build_s": {d: round(o["cache_build_s"], 2) for d, o in ours.items()},
+                              "index_s": {d: round(o["index_s"], 3) for d, o in ours.items()},
+                              "hdf5_index_s": round(hdf5_index_s, 3), **counts,
+                              "n_val_trials": sum(len(e["trials"]) for e in first["val_loader"].dataset.trial_indices.values()),
                               **_rss_mb()}))
             return
-        start = time.perf_counter()
-        ours = iter(train_loader)
-        _trials(next(ours))
-        first_batch_s = time.perf_counter() - start
+        for o in ours.values():
+            start = time.perf_counter()
+            o["steps"] = iter(o["loader"])
+            _trials(next(o["steps"]))
+            o["first_batch_s"] = time.perf_counter() - start
         theirs, upstream_first_s = None, None
         if args.upstream:
             paths = session_files(args.dataset_dir, sessions, "train")
@@ -192,50 +206,58 @@ def main() -> None:
             theirs = iter(loader)
             _trials(next(theirs))
             upstream_first_s = time.perf_counter() - start
-        rates: dict[str, list[float]] = {"ours": [], "upstream": []}
+        upstream_rates: list[float] = []
         for _ in range(args.warmup_rounds + args.rounds):
-            rates["ours"].append(_time_batches(ours, n_items))
+            for o in ours.values():
+                o["rates"].append(_time_batches(o["steps"], n_items))
             if theirs is not None:
-                rates["upstream"].append(_time_batches(theirs, args.n_batches))
+                upstream_rates.append(_time_batches(theirs, args.n_batches))
         memory = _rss_mb()
-        warmup = {name: values[: args.warmup_rounds] for name, values in rates.items()}
-        rates = {name: values[args.warmup_rounds :] for name, values in rates.items()}
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
-    median = statistics.median(rates["ours"])
+    needed = needed_trials_per_s()
+    upstream = statistics.median(upstream_rates[args.warmup_rounds :]) if theirs is not None else None
+    by_dtype = {}
+    for dtype, o in ours.items():
+        rates, warmup = o["rates"][args.warmup_rounds :], o["rates"][: args.warmup_rounds]
+        median = statistics.median(rates)
+        entry = {
+            "trials_per_s": round(median),
+            "trials_per_s_rounds": [round(r) for r in rates],
+            "warmup_trials_per_s_rounds": [round(r) for r in warmup],
+            "cache_build_s": round(o["cache_build_s"], 2),
+            "index_s": round(o["index_s"], 3),
+            "first_batch_s": round(o["first_batch_s"], 3),
+        }
+        if upstream is not None:
+            theirs_rounds = upstream_rates[args.warmup_rounds :]
+            entry.update({
+                "ratio_to_upstream": round(median / upstream, 1),  # of the medians
+                "ratio_to_upstream_rounds": [round(a / b, 1) for a, b in zip(rates, theirs_rounds)],
+                "median_round_ratio": round(statistics.median(a / b for a, b in zip(rates, theirs_rounds)), 1),
+            })
+        entry["input_bound_at_this_rate"] = sorted(
+            f"{model} on {tpu}" for model, row in needed.items() for tpu, v in row.items() if v["trials_per_s"] > median
+        )
+        by_dtype[dtype] = entry
     report = {
-        "trials_per_s": round(median),
-        "trials_per_s_rounds": [round(r) for r in rates["ours"]],
-        "warmup_trials_per_s_rounds": [round(r) for r in warmup["ours"]],
-        "cache_build_s": round(cache_build_s, 2),
-        "index_s": round(index_s, 3),
+        "by_cache_dtype": by_dtype,
         "hdf5_index_s": round(hdf5_index_s, 3),
-        "first_batch_s": round(first_batch_s, 3),
         **memory,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "cache_dtype": args.cache_dtype,
         "static_shapes": cfg.dataset.static_shapes,
-        "n_sessions": len(sessions),
-        "n_train_trials": sum(len(e["trials"]) for e in train_loader.dataset.trial_indices.values()),
+        **counts,
         "cpu_count": os.cpu_count(),
     }
-    if theirs is not None:
-        upstream = statistics.median(rates["upstream"])
+    if upstream is not None:
         report.update({
             "upstream_trials_per_s": round(upstream),
-            "upstream_trials_per_s_rounds": [round(r) for r in rates["upstream"]],
-            "upstream_warmup_trials_per_s_rounds": [round(r) for r in warmup["upstream"]],
+            "upstream_trials_per_s_rounds": [round(r) for r in upstream_rates[args.warmup_rounds :]],
+            "upstream_warmup_trials_per_s_rounds": [round(r) for r in upstream_rates[: args.warmup_rounds]],
             "upstream_first_batch_s": round(upstream_first_s, 3),
-            "ratio_to_upstream": round(median / upstream, 1),  # of the medians
-            "ratio_to_upstream_rounds": [round(a / b, 1) for a, b in zip(rates["ours"], rates["upstream"])],
-            "median_round_ratio": round(statistics.median(a / b for a, b in zip(rates["ours"], rates["upstream"])), 1),
         })
-    needed = needed_trials_per_s()
     report["needed_trials_per_s_per_host"] = needed
-    report["input_bound_at_this_rate"] = sorted(
-        f"{model} on {tpu}" for model, row in needed.items() for tpu, v in row.items() if v["trials_per_s"] > median
-    )
     print(json.dumps(report))
 
 
