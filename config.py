@@ -86,7 +86,7 @@ class DatasetConfig:
     static_shapes: bool = False
     time_buckets: list[int] = field(default_factory=list)
     trial_cache: bool = True  # read features from a memory-mapped cache of the HDF5 files (built on first use)
-    trial_cache_dtype: str = "float32"  # 'float32', 'bfloat16' or 'float16': precision of the cached features
+    trial_cache_dtype: str = "float32"  # 'float32', 'bfloat16' or 'float16': cached features and training batches
     trial_cache_dir: str | None = None  # None: <dataset_dir>/.trial_cache, or the user cache dir when read-only
     data_transforms: TransformsConfig = field(default_factory=TransformsConfig)
 

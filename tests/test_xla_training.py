@@ -33,10 +33,11 @@ def _report(argv: list[str]) -> dict:
 
 
 @requires_xla
-@pytest.mark.parametrize("use_amp", ["false", "true"])  # true: the TPU config's bf16 autocast
-def test_xla_training_compiles_once_per_bucket_without_fallbacks_or_syncs(use_amp: str):
-    report = _report(["--steps", "6", "--log_every", "2", *TINY_MODEL,
-                      "--set", "dataset.time_buckets=[256,384,512,768]", "--set", f"use_amp={use_amp}"])
+# true: the TPU config's bf16 autocast; a bfloat16 trial cache sends bf16 batches, widened in the step's graph
+@pytest.mark.parametrize("use_amp,cache_dtype", [("false", "float32"), ("true", "float32"), ("true", "bfloat16")])
+def test_xla_training_compiles_once_per_bucket_without_fallbacks_or_syncs(use_amp: str, cache_dtype: str):
+    report = _report(["--steps", "6", "--log_every", "2", *TINY_MODEL, "--set", "dataset.time_buckets=[256,384,512,768]",
+                      "--set", f"use_amp={use_amp}", "--set", f"dataset.trial_cache_dtype={cache_dtype}"])
     assert report["aten_fallbacks"] == {}, report  # dense CTC and the masked step keep everything in XLA
     assert report["local_scalar_dense"] == 0, report  # no .item() anywhere in the run
     # One setup graph (weights placed on the device), one graph per training bucket, one more for
