@@ -207,7 +207,7 @@ def test_calibrated_run_directory_evaluates_and_resumes(holdout_dir: Path, base_
     ("align dims", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--align_dims", "51"],
      "--align_dims 51: expected 0 \\(the spectrum's knee\\) to 50"),
     ("align, trained day missing", ["--n_sentences", "5", "--unsupervised", "--objective", "align", "--init", "last",
-                                    "--data_dir", "ALONE"], r"alone/t15\.2023\.08\.13: session folder does not exist"),
+                                    "--holdout_fraction", "0", "--data_dir", "ALONE"], r"alone/t15\.2023\.08\.13: session folder does not exist"),
     ("too many unlabelled", ["--n_sentences", "11", "--unsupervised", "--split", "test"], "11 trials asked for, but the session has only 10 usable test"),
     ("no LM text", ["--n_sentences", "5", "--unsupervised", "--data_dir", "ALONE"], "none of the model's other sessions has a data_train.hdf5"),
     ("LM text missing", ["--n_sentences", "5", "--unsupervised", "--lm_text", "MISSING"], "LM text file not found"),
