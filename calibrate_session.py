@@ -65,10 +65,15 @@ knee (the demo data) and not where it has none (README, Calibrating a new day).
 Calibration keeps what it starts from unless it measurably improves: --holdout_fraction of the K (or
 N) trials are held out of training; their CTC loss (against their labels, or their pseudo-labels
 from the round's starting model) is measured at the start and every --check_every steps, and the
-day layer of the lowest one, the start included, is what stays. calibration.json records both
-(held-out losses, val PER of the last step and of the layer kept). Without labels it also records,
-per round, the number of trials kept and, only when the file happens to hold labels (read after
-the weights are written, never used), the pseudo-labels' PER against them.
+day layer of the lowest one, the start included, is what stays (within each round without labels).
+Pseudo-labels favour the layer that decoded them, so without labels the layer kept in the end is
+chosen among the start and each round's by a score no layer's pseudo-labels enter (keep_better):
+lm_agreement, how many of the layer's greedy phonemes of the held-out trials the word beam search
+(lexicon and LM) keeps in its best sentence, per frame, each layer decoding for itself; the highest
+wins, the start on a tie. calibration.json records the held-out losses, val PER of the last step
+and of the layer kept and, without labels, each candidate's agreement and the round kept;
+also, per round, the number of trials kept and, only when the file happens to hold labels (read
+after the weights are written, never used), the pseudo-labels' PER against them.
 
 Bad input (unknown session, K beyond the session's trials, a model directory without checkpoint,
 an unknown --train, --init or --objective, --split test without --unsupervised, no text for the
@@ -107,7 +112,7 @@ from config import Config, ConfigError, save_config  # noqa: E402
 from ctc_loss import ctc_frames_needed, ctc_loss  # noqa: E402
 from data_augmentations import augment_batch  # noqa: E402
 from dataset import (  # noqa: E402
-    SIL_ID, BrainToTextDataset, DataError, day_sources, session_files, session_trial_index, train_test_split_indices,
+    BLANK_ID, SIL_ID, BrainToTextDataset, DataError, day_sources, session_files, session_trial_index, train_test_split_indices,
 )
 from evaluate_model_helpers import BeamSearchOptions, Lexicon, WordBeamDecoder, count_edits  # noqa: E402
 
@@ -449,6 +454,47 @@ def pseudo_labels(model: nn.Module, trials: Sequence[Tensor], decoder: WordBeamD
     return labels
 
 
+def _common_subsequence_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of a and b (dynamic programming, O(len(a) len(b)))."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def lm_agreement(logits: Sequence[Tensor], decoder: WordBeamDecoder) -> dict[str, float]:
+    """How many of a day layer's own phonemes the word beam search (lexicon and n-gram LM) confirms,
+    per output frame of the unlabelled trials: for each trial, the greedy phonemes (argmax per frame,
+    runs merged, blanks dropped) that the phonemes of its best sentence keep (each word followed by a
+    silence, as labels are written; their longest common subsequence; none without a sentence).
+    Higher is better.
+
+    Each layer is scored by its own decoding, so no layer is favoured for having produced the
+    pseudo-labels; counting confirmed phonemes rather than the share confirmed makes a layer that
+    reads little (mostly blank frames, as training on poor pseudo-labels leaves it) score low, and
+    one that reads much but unlike any sentence of the lexicon and LM score low too.
+    logits: each trial's (T'_i, C).
+    """
+    n_confirmed = n_greedy = n_frames = 0
+    for frame_logits in logits:
+        greedy = [p for p in torch.unique_consecutive(frame_logits.argmax(dim=-1)).tolist() if p != BLANK_ID]
+        best = decoder.decode_nbest(frame_logits, 1)
+        n_confirmed += _common_subsequence_length(greedy, best[0].phonemes if best else ())
+        n_greedy += len(greedy)
+        n_frames += len(frame_logits)
+    return {"lm_agreement": n_confirmed / max(n_frames, 1), "n_confirmed": n_confirmed, "n_greedy_phonemes": n_greedy,
+            "n_frames": n_frames}
+
+
+def keep_better(candidates: Sequence[dict[str, Any]]) -> int:
+    """Position of the candidate layer (the start first, then each round's) with the highest
+    lm_agreement on the held-out trials; on a tie the earlier, so the start stays unless beaten."""
+    return max(range(len(candidates)), key=lambda i: (candidates[i]["lm_agreement"], -i))
+
+
 def most_confident(labels: Sequence[PseudoLabel | None], keep_fraction: float) -> list[int]:
     """Positions of the ceil(keep_fraction * n) most confident pseudo-labels (of those there are), in trial order."""
     ranked = sorted((i for i, label in enumerate(labels) if label is not None), key=lambda i: -labels[i].confidence)
@@ -783,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the batch draw, augmentation and dropout")
     p.add_argument("--holdout_fraction", type=float, default=0.2,
                    help="share of the K (or N) trials held out of training; the day layer with their lowest CTC loss, "
-                   "the start included, is kept (0: train on all, keep the last step)")
+                   "the start included, is kept (within each round without labels; then the start's or a round's layer, "
+                   "whichever has the most of its greedy phonemes of those trials confirmed by the LM-constrained beam "
+                   "search: lm_agreement) (0: train on all, keep the last step)")
     p.add_argument("--check_every", type=int, default=10, help="steps between held-out checks")
     p.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
                    help="earlier calibration runs whose calibration.json curves are drawn in calibration.png too")
@@ -958,6 +1006,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             alignment.figures["reference_day"] = start.sessions[reference_day]
         seconds = time.perf_counter() - began
         per_init, loss_init = val_per(model)
+        candidates: list[dict[str, Any]] = []  # the start and each round's layer, for keep_better
+        states: list[dict[str, Tensor]] = []
+
+        def add_candidate(r: int, per: float | None) -> None:
+            if held and decoder is not None:
+                candidates.append({"round": r, **lm_agreement(trial_logits(model, held, cfg, day), decoder), "per": per})
+                states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+        add_candidate(0, per_init)
         rounds = []
         for r in range(args.rounds if n else 0):
             began = time.perf_counter()
@@ -990,6 +1047,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_last = val_per(model)[0] if best is not None else None
             restore_best(model, best)
             per_round = val_per(model)[0]
+            add_candidate(r + 1, per_round)
             confident = [fit_labels[i].confidence for i in kept] if select else []
             rounds.append({
                 "round": r + 1, "labels": "latent" if from_latent else "beam search" if targets is not None else None, "n_decoded": len(fit), "n_pseudo_labelled": sum(x is not None for x in fit_labels),
@@ -1002,8 +1060,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   + (f" | PER {per_round:.4f}" if per_round is not None else "")
                   + (f" (last step {per_last:.4f}, kept step {figures['kept_step']})" if per_last is not None else "")
                   + f" | {round_seconds:.1f} s")
+        kept_round = None
+        if candidates:
+            kept = keep_better(candidates)
+            kept_round = candidates[kept]["round"]
+            model.load_state_dict(states[kept])
+            print(f"N {n:>3} | kept round {kept_round} of 0-{candidates[-1]['round']}: LM-confirmed phonemes of {len(held)} "
+                  "held-out trials " + " / ".join(str(c["n_confirmed"]) for c in candidates))
         per_after, loss_after = val_per(model)
-        row = {"n": n, "init_used": init, "init_day": None if init_day is None else start.sessions[init_day],
+        row = {"n": n, "candidates": candidates, "kept_round": kept_round, "init_used": init, "init_day": None if init_day is None else start.sessions[init_day],
                "init_day_losses": day_losses, "n_train": n - n_hold, "n_holdout": n_hold,
                "alignment": None if alignment is None else alignment.figures,
                "per_init": per_init, "per_after": per_after, "val_loss_init": loss_init, "val_loss_after": loss_after,
@@ -1019,7 +1084,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if lm_dir is not None:
             all_trials = load_trials(train_index, cfg, device)
         # Decoding is needed unless every round is the aligned latent's (align, one round, a fixed start).
-        if lm_dir is not None and not (args.objective == "align" and args.rounds == 1 and args.init != "nearest"):
+        # Decoding is needed unless every round is the aligned latent's (align, one round, a fixed
+        # start) and no held-out trials are scored (keep_better decodes them).
+        decoder = lexicon = None
+        if lm_dir is not None and not (args.objective == "align" and args.rounds == 1 and args.init != "nearest"
+                                       and args.holdout_fraction == 0):
             decoder, lexicon, lm_name = build_pseudo_label_decoder(args, start, Path(lm_dir.name))
         identity_model, _, _ = model_for_session(start, args.session, None)
         per_identity = val_per(identity_model.to(device))[0] if not known else None
@@ -1056,6 +1125,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _score_round(entry, trial_ids, truth)
         result.update(split=split, objective=args.objective, labels_available=truth is not None, by_n=rows)
         result.update(rounds=args.rounds, keep_fraction=args.keep_fraction, lm=lm_name,
+                      keep="of the start (round 0) and each round's layer, the highest lm_agreement on the held-out "
+                      "trials: the layer's greedy phonemes that its beam search's best sentence keeps (longest common "
+                      "subsequence), per output frame (keep_better)",
                       confidence="exp(-CTC(pseudo-label) / frames), the model's mean per-frame likelihood of the "
                       "beam search's best sentence; the most confident keep_fraction train")
         if args.objective == "align":
