@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -106,6 +107,22 @@ class _Float32Batches(D.BrainToTextDataset):
         super().__init__(*args, **{**kwargs, "features_dtype": "float32"})
 
 
+def _count_new_buffers(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Count batch buffers allocated from now on (a shared counter: forked workers count too)."""
+    import multiprocessing
+
+    n_new = multiprocessing.Value("i", 0)
+    real_new = D._BatchBuffers._new
+
+    def counted_new(self, shape, dtype):
+        with n_new.get_lock():
+            n_new.value += 1
+        return real_new(self, shape, dtype)
+
+    monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
+    return n_new
+
+
 def _bits(features: torch.Tensor) -> torch.Tensor:
     return features.view(torch.int32)  # float32 bit patterns: -0.0 and 0.0 differ, as NaNs would
 
@@ -118,16 +135,6 @@ def test_half_precision_batches_widen_to_the_float32_batches_of_the_same_cache(
     """A half cache's training batches carry its dtype (half the bytes to copy and send): widened,
     they equal bit for bit the float32 batches the loader made from the same cache, whether built in
     the main process or in workers, in kept buffers refilled in place (static shapes) or not."""
-    import multiprocessing
-
-    n_new = multiprocessing.Value("i", 0)  # counts in forked workers too
-    real_new = D._BatchBuffers._new
-
-    def counted_new(self, shape, buffer_dtype):
-        with n_new.get_lock():
-            n_new.value += 1
-        return real_new(self, shape, buffer_dtype)
-
     options = {"trial_cache_dtype": dtype, "feature_subset": None}
     if static:
         options.update(static_shapes=True, time_buckets=[256, 320, 384, 512], max_seq_elements=None)
@@ -135,7 +142,7 @@ def test_half_precision_batches_widen_to_the_float32_batches_of_the_same_cache(
     with monkeypatch.context() as patched:
         patched.setattr(D, "BrainToTextDataset", _Float32Batches)
         expected = _batches(D.build_dataloaders(_config(data_dir, **options), **kwargs)[0])  # all held
-    monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
+    n_new = _count_new_buffers(monkeypatch)
     train, _, _ = D.build_dataloaders(_config(data_dir, num_dataloader_workers=n_workers, **options), **kwargs)
     n_batches = 0
     for item in train:
@@ -362,17 +369,7 @@ def test_refilled_batch_buffers_give_the_hdf5_batches_and_a_held_batch_is_never_
     """Under static shapes each process refills the batch buffers its consumer has let go of (only
     the bins that held data before are zeroed): drawn one step at a time they equal batches read
     from HDF5 and all held, a batch (a view of it) still held is left alone, and buffers are reused."""
-    import multiprocessing
-
-    n_new = multiprocessing.Value("i", 0)  # counts in forked workers too
-    real_new = D._BatchBuffers._new
-
-    def counted_new(self, shape, dtype):
-        with n_new.get_lock():
-            n_new.value += 1
-        return real_new(self, shape, dtype)
-
-    monkeypatch.setattr(D._BatchBuffers, "_new", counted_new)
+    n_new = _count_new_buffers(monkeypatch)
     static = {"static_shapes": True, "time_buckets": [256, 320, 384, 512], "max_seq_elements": None}
     kwargs = {"n_steps": 24, "batches_per_step": 2, "n_replicas": n_shards, "n_shards": n_shards}
     expected = _batches(D.build_dataloaders(_config(data_dir, trial_cache=False, **static), **kwargs)[0])  # all held
@@ -388,5 +385,4 @@ def test_refilled_batch_buffers_give_the_hdf5_batches_and_a_held_batch_is_never_
         del item, batch  # as a training loop lets go of a step's batches
     assert n_batches == len(expected) == 48
     assert torch.equal(held, held_copy)
-    print("NNEW", n_workers, n_shards, n_new.value, n_batches)
     assert n_new.value < n_batches * n_shards // 2, n_new.value  # kept buffers were refilled

@@ -66,17 +66,22 @@ def test_matches_torch_gru_outputs_states_and_all_gradients(batch_first: bool, b
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("with_lengths", [False, True])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_recurrence_gradients_are_exact_in_float64(reverse: bool, with_lengths: bool):
+def _recurrence_inputs(n_steps: int, *, batch: int, hidden: int) -> tuple[torch.Tensor, ...]:
+    """Seeded float64 (gi, h0, w_hh, b_hh) of a recurrence, for gradcheck."""
     torch.manual_seed(0)
-    n_steps, batch, hidden = 5, 3, 4
-    inputs = (
+    return (
         torch.randn(n_steps, batch, 3 * hidden, dtype=torch.float64, requires_grad=True),  # gi
         torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True),  # h0
         torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
         torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
     )
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_recurrence_gradients_are_exact_in_float64(reverse: bool, with_lengths: bool):
+    n_steps = 5
+    inputs = _recurrence_inputs(n_steps, batch=3, hidden=4)
     # Rows of 5, 2 and 0 real steps: past its end a row holds its state.
     valid = (torch.arange(n_steps)[:, None] < torch.tensor([5, 2, 0])).unsqueeze(-1) if with_lengths else None
     apply = lambda *a: xla_gru._GRURecurrence.apply(*a, torch.float64, reverse, valid)  # noqa: E731
@@ -84,14 +89,7 @@ def test_recurrence_gradients_are_exact_in_float64(reverse: bool, with_lengths: 
 
 
 def test_cpu_recurrence_gradients_are_exact_in_float64():
-    torch.manual_seed(0)
-    n_steps, batch, hidden = 6, 3, 4
-    inputs = (
-        torch.randn(n_steps, batch, 3 * hidden, dtype=torch.float64, requires_grad=True),  # gi
-        torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True),  # h0
-        torch.randn(3 * hidden, hidden, dtype=torch.float64, requires_grad=True),  # w_hh
-        torch.randn(3 * hidden, dtype=torch.float64, requires_grad=True),  # b_hh
-    )
+    inputs = _recurrence_inputs(6, batch=3, hidden=4)
     assert torch.autograd.gradcheck(xla_gru._CPURecurrence.apply, inputs)
 
 
