@@ -289,7 +289,10 @@ def gru_scan(
         else:  # both directions' input projections in one matmul
             w_ih = torch.cat([d[0] for d in directions])  # D x (3H, I) -> (D*3H, I)
             b_ih = torch.cat([d[2] for d in directions])  # D x (3H,) -> (D*3H,)
-        gi = torch.einsum("tbi,gi->tbg", layer_input, w_ih) + b_ih  # all steps at once: (T, B, I) -> (T, B, D*3H)
+        if cpu_kernel:  # one addmm; its weight gradient comes out in w_ih's layout, with no transposed copy
+            gi = F.linear(layer_input, w_ih, b_ih)  # all steps at once: (T, B, I) -> (T, B, 3H)
+        else:
+            gi = torch.einsum("tbi,gi->tbg", layer_input, w_ih) + b_ih  # all steps at once: (T, B, I) -> (T, B, D*3H)
         outputs = []
         for direction, (gi_d, (_, w_hh, _, b_hh)) in enumerate(zip(gi.chunk(len(directions), dim=-1), directions)):
             reverse = direction == 1
