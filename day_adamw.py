@@ -40,7 +40,10 @@ call per day over that day's rows (views into the stacked tensors, each with its
 step counts as its step). What a step leaves unchanged is passed as the kernel's `found_inf`
 (1.0: the call returns before touching anything), and each step count grows by its update flag
 before the call, so weights, moments and step counts of absent days and of non-finite steps stay
-bit-unchanged, as on the foreach path; the gradients are not modified. The update then equals
+bit-unchanged, as on the foreach path; the gradients are not modified. A day layer's gradient may
+be sparse (rnn_model.use_sparse_day_gradients: rows of the batch's days only): the fused path reads
+its rows, a day without one gets a zero row (what its dense gradient holds); the foreach path
+makes it dense first. The update then equals
 torch's fused AdamW bit for bit, and torch's single-tensor AdamW (and the foreach path) with the
 first moment to the bit and the second moment and weights to float32 rounding (the kernel forms
 the second moment in another operation order than addcmul). `_kernels` alone picks the path:
@@ -166,6 +169,10 @@ class DayAdamW(torch.optim.Optimizer):
             for (group, params), keep in zip(groups, updates):
                 self._fused_update_group(group, params, update=keep)
             return loss
+        for _, params in groups:  # the foreach ops mask gradients in place: sparse day rows made dense
+            for p in params:
+                if p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
         # lr and 1 - lr * wd of every group, computed in float64 as torch's AdamW does and sent as
         # one (n_groups, 2) tensor: torch_xla keeps a transferred tensor of rank > 0 as data, so no
         # value (0 at the first step, 1.0 while lr * wd is tiny) becomes a graph constant.
@@ -201,14 +208,15 @@ class DayAdamW(torch.optim.Optimizer):
         skip = (~update).to(torch.float32)  # the kernel's found_inf: 1.0 returns before any write
         lists = (
             params,
-            [p.grad.contiguous() for p in params],  # laid out as the parameter, which the kernel assumes
+            # Laid out as the parameter, which the kernel assumes; a sparse day gradient is split below.
+            [p.grad if p.grad.is_sparse and group["per_day"] else _dense(p.grad).contiguous() for p in params],
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             steps,
         )
         if group["per_day"]:
             # Day d's rows of every list, views into the stacked tensors: (n_days, ...) -> n_days x (...).
-            rows = [[t.unbind(0) for t in tensors] for tensors in lists]
+            rows = [[_day_rows(t, self.n_days) for t in tensors] for tensors in lists]
             calls = [tuple([r[d] for r in rows_of_list] for rows_of_list in rows) for d in range(self.n_days)]
             skips = skip.view(self.n_days).unbind(0)
         else:
@@ -288,6 +296,23 @@ class DayAdamW(torch.optim.Optimizer):
                 if state and "step" in state:
                     step = state["step"].to(device=p.device, dtype=torch.float32)
                     state["step"] = step.reshape(self._step_shape(group)) if is_per_day else step
+
+
+def _dense(grad: Tensor) -> Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def _day_rows(tensor: Tensor, n_days: int) -> list[Tensor]:
+    """A per_day tensor's n_days rows, views into it; for a sparse gradient (rnn_model._DayRows),
+    its rows where it holds one and a zero row for the days it does not hold, the dense gradient's
+    rows."""
+    if not tensor.is_sparse:
+        return list(tensor.unbind(0))  # (n_days, ...) -> n_days x (...)
+    tensor = tensor.coalesce()  # micro-batches' gradients add up uncoalesced
+    rows = [torch.zeros(tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)] * n_days
+    for day, row in zip(tensor.indices()[0].tolist(), tensor.values().unbind(0)):
+        rows[day] = row
+    return rows
 
 
 def _check_torch_options(group: dict[str, Any], *, index: int, loaded: bool) -> None:

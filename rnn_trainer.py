@@ -198,6 +198,24 @@ def compute_loss(
 # ----------------------------------------------------------------------------- training step
 
 
+def clip_grad_norm(*, accelerator: Accelerator, model: nn.Module, max_norm: float) -> Tensor:
+    """accelerator.clip_grad_norm_ (torch's clip_grad_norm_ after its unscaling and, on XLA, its
+    gradient all-reduce); with sparse day-layer gradients (rnn_model.use_sparse_day_gradients),
+    which torch's norm does not take, the same clipping over the rows they hold: the total 2-norm
+    of every gradient, each scaled by min(1, max_norm / (norm + 1e-6)). Returns the pre-clip norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    accelerator.unscale_gradients()
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # micro-batches' gradients add up uncoalesced
+    grads = [p.grad.values() if p.grad.is_sparse else p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
 @torch.no_grad()
 def _masked_optimizer_step(
     optimizer: torch.optim.Optimizer, finite: Tensor, days_present: Tensor | None = None
@@ -315,7 +333,7 @@ def train_step(
     # A clip value of 0 means no clipping, as upstream (it clips only when > 0); an infinite max norm
     # still returns the norm and, on XLA, still all-reduces the gradients inside Accelerate.
     max_norm = cfg.optimizer.grad_norm_clip_value or math.inf
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(accelerator=accelerator, model=model, max_norm=max_norm)
     finite = finite & torch.isfinite(grad_norm)
     if accelerator.num_processes > 1:
         # Every replica must take the same skip decision, or the weights drift apart; the logged
@@ -678,6 +696,8 @@ def _set_up(cfg: Config, resume_dir: str | None, *, fresh_without_checkpoint: bo
     _barrier(accelerator)
 
     model = _build_replica_model(cfg, n_days=len(sessions), sessions=sessions, device=device, rank=rank, broadcast=is_xla and world > 1)
+    if device.type == "cpu" and world == 1:
+        rnn_model.use_sparse_day_gradients(model)  # no 47 MB dense day-layer gradient per step
     optimizer = build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)

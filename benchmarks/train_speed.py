@@ -99,9 +99,10 @@ def _host_batches(cfg: Any, n: int) -> list[dict[str, torch.Tensor]]:
     return [rnn_trainer._to_device(train_loader.dataset[i], torch.device("cpu")) for i in range(n)]
 
 
-def _ours(cfg: Any, *, accelerator: Any, n_days: int, fused: bool) -> dict[str, Any]:
+def _ours(cfg: Any, *, accelerator: Any, n_days: int, fused: bool, sparse: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = rnn_model.build_model(cfg.model, n_days=n_days)
+    rnn_model.use_sparse_day_gradients(model, sparse)  # as rnn_trainer.train in one CPU process
     optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     optimizer.fused = fused
     scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)

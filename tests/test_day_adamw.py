@@ -197,6 +197,39 @@ def test_non_finite_step_leaves_everything_bit_unchanged(kernels: str):
     assert optimizer.state[model.day_weights]["step"].flatten().tolist() == [2.0, 1.0, 2.0]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_sparse_day_gradients_update_as_their_dense_gradients(kernels: str):
+    # rnn_model.use_sparse_day_gradients: a day layer's gradient holds rows of the batch's days only,
+    # uncoalesced when micro-batches add up. Against the same gradients made dense (zero rows for
+    # the other days): weights, moments and step counts bit-equal, including a day marked present
+    # without a row (a zero gradient, as its dense row) and a non-finite step.
+    sparse_model, dense_model = _day_model(), _day_model()
+    sparse_opt, dense_opt = _optimizer(sparse_model, kernels), _optimizer(dense_model, kernels)
+    generator = torch.Generator().manual_seed(2)
+    for step, days in enumerate(DAY_SETS):
+        present = torch.tensor([d in days or d == step % N_DAYS for d in range(N_DAYS)])
+        for name in ("day_weights", "day_biases"):
+            shape = getattr(sparse_model, name).shape
+            rows = [days[i % len(days)] for i in range(len(days) + 1)]  # a repeated day: summed on coalescing
+            values = torch.randn(len(rows), *shape[1:], generator=generator)
+            grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, shape)
+            assert not grad.is_coalesced()
+            getattr(sparse_model, name).grad = grad
+            getattr(dense_model, name).grad = grad.to_dense()
+        shared = torch.randn(5, generator=generator)
+        sparse_model.shared.grad, dense_model.shared.grad = shared.clone(), shared.clone()
+        for optimizer in (sparse_opt, dense_opt):
+            optimizer.days_present = present
+            optimizer.finite = torch.tensor(step != 3)
+            optimizer.step()
+        for (name, a), b in zip(sparse_model.named_parameters(), dense_model.parameters()):
+            assert torch.equal(a, b), (step, name)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(sparse_opt.state[a][key], dense_opt.state[b][key]), (step, name, key)
+    # Steps 0-5 but the non-finite step 3: day 0 present in 0, 2, 4; days 1 and 2 in four of them.
+    assert sparse_opt.state[sparse_model.day_weights]["step"].flatten().tolist() == [3.0, 4.0, 4.0]
+
+
 def test_fused_kernel_and_foreach_ops_agree_and_the_device_picks():
     # The same run (day sets, warm-up from lr 0, one non-finite step) through both paths: step counts
     # and first moments to the bit, second moments and weights to float32 rounding, and each path

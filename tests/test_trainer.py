@@ -80,6 +80,46 @@ def test_overfitting_one_batch_reduces_the_loss(data_dir: Path, tmp_path: Path, 
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_sparse_day_gradients_train_as_the_dense_ones(data_dir: Path, tmp_path: Path, monkeypatch):
+    # The triple (two day layers), two micro-batches of different days, clipping active: three steps
+    # with sparse day-layer gradients (rnn_model.use_sparse_day_gradients) against dense ones.
+    cfg = make_config(data_dir, tmp_path, "model.input_dropout=0.0", "model.rnn_dropout=0.0",
+                      "optimizer.grad_norm_clip_value=0.5", "gradient_accumulation_steps=2")
+    cfg.dataset.data_transforms = _quiet_transforms()
+    batch = _first_batch(cfg)
+    n_rows = batch["day_indices"].shape[0]
+    micro_batches = [{**batch, "day_indices": torch.tensor([days[i % len(days)] for i in range(n_rows)])}
+                     for days in [(0, 2), (2,)]]
+    runs = {}
+    for sparse in (False, True):
+        accelerator, model, opt, scheduler = _setup(cfg)
+        unwrapped = accelerator.unwrap_model(model)
+        rnn_model.use_sparse_day_gradients(unwrapped, sparse)
+        counters = (torch.tensor(0), torch.tensor(0))
+        norms = [float(_step(accelerator, model, opt, scheduler, cfg, micro_batches, counters)["grad_norm"])
+                 for _ in range(3)]
+        assert norms[0] > 0.5  # clipping scales the gradients
+        runs[sparse] = (norms, unwrapped, opt.optimizer)
+    (dense_norms, dense, dense_opt), (sparse_norms, sparse, sparse_opt) = runs[False], runs[True]
+    assert sparse_norms == pytest.approx(dense_norms, rel=1e-6)
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sparse_opt.state[a][key], dense_opt.state[b][key], rtol=1e-5, atol=1e-8)
+    assert torch.equal(sparse.clean_model.day_layer.day_weights[1], dense.clean_model.day_layer.day_weights[1])
+    # Only the rows of the batch's days: the backward's gradient is sparse.
+    sparse.zero_grad(set_to_none=True)
+    outputs = sparse(micro_batches[1]["input_features"], micro_batches[1]["day_indices"], mode="full")
+    sum(o.square().mean() for o in outputs).backward()
+    grad = sparse.clean_model.day_layer.day_weights.grad
+    assert grad.is_sparse and grad.coalesce().indices().tolist() == [[2]]
+    # train() turns them on for a CPU run in one process.
+    turned_on = []
+    monkeypatch.setattr(rnn_model, "use_sparse_day_gradients", lambda model, enabled=True: turned_on.append(enabled))
+    rnn_trainer.train(make_config(data_dir, tmp_path / "run", "num_training_batches=1"))
+    assert turned_on == [True]
+
+
 @torch.no_grad()
 def test_compute_loss_is_clean_plus_gated_weighted_adversarial_terms(data_dir: Path, tmp_path: Path):
     # total = ctc_clean + gate * (noisy_loss_weight * ctc_noisy + noise_l2_weight * noise_l2), each
