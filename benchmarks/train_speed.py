@@ -27,7 +27,8 @@ triple and baseline at its widths, the recipe's baseline at 256 units x 3 layers
     training loop's step, logging and validation left out), on the same batches, same sizes and
     optimizer settings.
 Each as median and best over --steps steps after the first, and the time ratios from the best
-steps. Progress goes to stderr, one line per model; the JSON line to stdout.
+steps; upstream's over ours also from the medians and as the median of the per-step ratios (both
+steps ran on the same batch, so that one does not see how batch lengths vary). Progress goes to stderr, one line per model; the JSON line to stdout.
 """
 
 import os
@@ -279,6 +280,9 @@ def compare_kernels(args: argparse.Namespace) -> dict[str, Any]:
                 entry["train_step_upstream_over_fused"] = round(best["upstream"] / best["fused"], 3)
                 entry["train_step_upstream_over_fused_median"] = round(
                     statistics.median(step_ms["upstream"]) / statistics.median(step_ms["fused"]), 3)
+                # Paired: each step's batch is the same for both, so its ratio does not see batch lengths.
+                entry["train_step_upstream_over_fused_per_step_median"] = round(
+                    statistics.median(u / f for u, f in zip(step_ms["upstream"], step_ms["fused"])), 3)
             report["models"][name] = entry
             print(json.dumps({name: entry}), file=sys.stderr)
     print(json.dumps(report))
