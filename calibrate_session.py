@@ -114,7 +114,7 @@ from data_augmentations import augment_batch  # noqa: E402
 from dataset import (  # noqa: E402
     BLANK_ID, SIL_ID, BrainToTextDataset, DataError, day_sources, session_files, session_trial_index, train_test_split_indices,
 )
-from evaluate_model_helpers import BeamSearchOptions, Lexicon, WordBeamDecoder, count_edits  # noqa: E402
+from evaluate_model_helpers import BeamSearchOptions, Lexicon, WordBeamDecoder, count_edits, greedy_ctc_decode  # noqa: E402
 
 TRAIN_MODES = ("day", "day+head", "all")
 INITS = ("identity", "last", "nearest")
@@ -480,7 +480,7 @@ def lm_agreement(logits: Sequence[Tensor], decoder: WordBeamDecoder) -> dict[str
     """
     n_confirmed = n_greedy = n_frames = 0
     for frame_logits in logits:
-        greedy = [p for p in torch.unique_consecutive(frame_logits.argmax(dim=-1)).tolist() if p != BLANK_ID]
+        greedy = greedy_ctc_decode(frame_logits[None], torch.tensor([len(frame_logits)]), blank=BLANK_ID)[0]
         best = decoder.decode_nbest(frame_logits, 1)
         n_confirmed += _common_subsequence_length(greedy, best[0].phonemes if best else ())
         n_greedy += len(greedy)
@@ -630,7 +630,7 @@ class LatentAlignment:
         labels: list[PseudoLabel | None] = []
         for z in patch_latents(self.new, frames, patch_size, patch_stride):
             nearest = torch.cdist(z @ self.rotation.T, self.means).argmin(dim=-1).tolist()
-            target = [c for i, c in enumerate(nearest) if c != 0 and (i == 0 or c != nearest[i - 1])]
+            target = [c for i, c in enumerate(nearest) if c != BLANK_ID and (i == 0 or c != nearest[i - 1])]
             ok = target and ctc_frames_needed(target) <= len(z)
             labels.append(PseudoLabel("", target, math.nan, math.inf) if ok else None)
         return labels
@@ -1050,7 +1050,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             add_candidate(r + 1, per_round)
             confident = [fit_labels[i].confidence for i in kept] if select else []
             rounds.append({
-                "round": r + 1, "labels": "latent" if from_latent else "beam search" if targets is not None else None, "n_decoded": len(fit), "n_pseudo_labelled": sum(x is not None for x in fit_labels),
+                "round": r + 1, "labels": "latent" if from_latent else "beam search" if targets is not None else None,
+                "n_decoded": len(fit), "n_pseudo_labelled": sum(x is not None for x in fit_labels),
                 "n_kept": len(kept), "confidence_threshold": min(confident) if confident else None,
                 "n_holdout_labelled": sum(x is not None for x in held_labels), "per_last_step": per_last,
                 "per_after": per_round, "seconds": round_seconds, **figures,
@@ -1083,7 +1084,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lm_name = None
         if lm_dir is not None:
             all_trials = load_trials(train_index, cfg, device)
-        # Decoding is needed unless every round is the aligned latent's (align, one round, a fixed start).
         # Decoding is needed unless every round is the aligned latent's (align, one round, a fixed
         # start) and no held-out trials are scored (keep_better decodes them).
         decoder = lexicon = None

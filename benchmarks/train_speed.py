@@ -28,7 +28,8 @@ triple and baseline at its widths, the recipe's baseline at 256 units x 3 layers
     optimizer settings.
 Each as median and best over --steps steps after the first, and the time ratios from the best
 steps; upstream's over ours also from the medians and as the median of the per-step ratios (both
-steps ran on the same batch, so that one does not see how batch lengths vary). Progress goes to stderr, one line per model; the JSON line to stdout.
+steps ran on the same batch, so that one does not see how batch lengths vary). Progress goes to
+stderr, one line per model; the JSON line to stdout.
 """
 
 import os
@@ -100,10 +101,10 @@ def _host_batches(cfg: Any, n: int) -> list[dict[str, torch.Tensor]]:
     return [rnn_trainer._to_device(train_loader.dataset[i], torch.device("cpu")) for i in range(n)]
 
 
-def _ours(cfg: Any, *, accelerator: Any, n_days: int, fused: bool, sparse: bool = True) -> dict[str, Any]:
+def _ours(cfg: Any, *, accelerator: Any, n_days: int, fused: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = rnn_model.build_model(cfg.model, n_days=n_days)
-    rnn_model.use_sparse_day_gradients(model, sparse)  # as rnn_trainer.train in one CPU process
+    rnn_model.use_sparse_day_gradients(model)  # as rnn_trainer.train in one CPU process
     optimizer = rnn_trainer.build_optimizer(model=model, cfg_optimizer=cfg.optimizer)
     optimizer.fused = fused
     scheduler = rnn_trainer.build_lr_scheduler(optimizer=optimizer, cfg_optimizer=cfg.optimizer)
